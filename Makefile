@@ -1,0 +1,52 @@
+# Kiln developer commands. `make serve` and `make test` work on a fresh machine with
+# only Python 3.11 and make: they create .venv when missing and install what is needed.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The stamp changes whenever the dependency declarations change, so edits reinstall.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+SOURCES := server build_engines clients/python/kiln_client training tests benchmarks
+
+.PHONY: serve test lint typecheck unit protos check-protos engines bench clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade "pip>=24"
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	@# open_clip ships the CLIP BPE vocabulary the tokenizers are built from; only that
+	@# data file is used, so its dependencies (torchvision among them) stay out.
+	$(PIP) install --quiet --no-deps -c constraints.txt open_clip_torch
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+serve: $(STAMP)
+	$(BIN)/kiln serve $(ARGS)
+
+test: $(STAMP) lint typecheck check-protos
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy server/kiln_server build_engines/kiln_build clients/python/kiln_client training/kiln_training
+
+protos: $(STAMP)
+	$(BIN)/python -m kiln_client.protogen
+
+check-protos: $(STAMP)
+	$(BIN)/python -m kiln_client.protogen --check
+
+engines: $(STAMP)
+	$(BIN)/kiln build-engines --format onnx --out engines/
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/backends.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

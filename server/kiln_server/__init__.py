@@ -1,0 +1,1 @@
+"""Kiln's gRPC server: validation, batching, the SDXL pipeline and its engines."""

@@ -1,0 +1,1 @@
+"""Engines: the only layer that knows which runtime executes a model component's graph."""

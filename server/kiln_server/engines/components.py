@@ -1,0 +1,241 @@
+"""One declaration per model component: its tensors, their dtypes and symbolic shapes.
+
+ONNX export (names, dynamic axes), TensorRT builds (optimization profiles), and runtime
+buffer allocation all read these declarations; nothing else restates a shape. Shapes are
+written with symbolic dimensions that `ShapeRequest` resolves from a batch size and an image
+size, in the spirit of NVIDIA's TensorRT diffusion demo (one class per component).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+Dim = str | int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor: numpy dtype name and dims (ints are static, strings symbolic)."""
+
+    name: str
+    dtype: str
+    dims: tuple[Dim, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The dtype as a numpy dtype object."""
+        return np.dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes of one SDXL-family model that fix the static dims of its components."""
+
+    latent_channels: int = 4
+    vae_scale_factor: int = 8
+    text_hidden_size: int = 768
+    text_hidden_size_2: int = 1280
+    pooled_dim: int = 1280
+    max_tokens: int = 77
+    num_time_ids: int = 6
+    image_channels: int = 3
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the UNet's cross-attention context: both encoders' hidden states."""
+        return self.text_hidden_size + self.text_hidden_size_2
+
+
+@dataclass(frozen=True)
+class ShapeRequest:
+    """Concrete sizes for one call: rows in the batch and the image size in pixels."""
+
+    batch: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """Minimum, optimum and maximum of batch and image size, for an optimization profile."""
+
+    min: ShapeRequest
+    opt: ShapeRequest
+    max: ShapeRequest
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Declaration of one component: name, inputs and outputs in call order.
+
+    `image_sized` says whether the component's shapes depend on the image size (the text
+    encoders' do not, so their profiles vary only the batch).
+    """
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: ModelDims
+    image_sized: bool = True
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        """Inputs then outputs."""
+        return self.inputs + self.outputs
+
+    def tensor(self, name: str) -> TensorSpec:
+        """The input or output called `name` (KeyError when there is none)."""
+        for spec in self.tensors:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"{self.name} has no tensor named {name!r}")
+
+    def dim_values(self, request: ShapeRequest) -> dict[str, int]:
+        """Values of every symbolic dim for a concrete call."""
+        scale = self.dims.vae_scale_factor
+        return {
+            "batch": request.batch,
+            "image_height": request.height,
+            "image_width": request.width,
+            "latent_height": request.height // scale,
+            "latent_width": request.width // scale,
+        }
+
+    def shape(self, name: str, request: ShapeRequest) -> tuple[int, ...]:
+        """Concrete shape of tensor `name` for a call."""
+        values = self.dim_values(request)
+        return tuple(d if isinstance(d, int) else values[d] for d in self.tensor(name).dims)
+
+    def shapes(self, request: ShapeRequest) -> dict[str, tuple[int, ...]]:
+        """Concrete shapes of every input and output for a call."""
+        return {spec.name: self.shape(spec.name, request) for spec in self.tensors}
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes: for each tensor, the positions of its symbolic dims."""
+        return {
+            spec.name: {i: d for i, d in enumerate(spec.dims) if isinstance(d, str)}
+            for spec in self.tensors
+        }
+
+    def profile(self, shape_range: ShapeRange) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """Optimization profile: (min, opt, max) shape of every input."""
+        return {
+            spec.name: (
+                self.shape(spec.name, shape_range.min),
+                self.shape(spec.name, shape_range.opt),
+                self.shape(spec.name, shape_range.max),
+            )
+            for spec in self.inputs
+        }
+
+    def check_inputs(self, inputs: Mapping[str, object]) -> None:
+        """Raise ValueError unless `inputs` names exactly this component's inputs."""
+        expected = {spec.name for spec in self.inputs}
+        if set(inputs) != expected:
+            raise ValueError(
+                f"{self.name} takes inputs {sorted(expected)}, got {sorted(inputs)}"
+            )
+
+
+def text_encoder_spec(dims: ModelDims) -> ComponentSpec:
+    """First CLIP text encoder: token ids to its penultimate hidden states."""
+    return ComponentSpec(
+        name="text_encoder",
+        inputs=(TensorSpec("input_ids", "int32", ("batch", dims.max_tokens)),),
+        outputs=(
+            TensorSpec(
+                "hidden_states", "float32", ("batch", dims.max_tokens, dims.text_hidden_size)
+            ),
+        ),
+        dims=dims,
+        image_sized=False,
+    )
+
+
+def text_encoder_2_spec(dims: ModelDims) -> ComponentSpec:
+    """Second CLIP text encoder: penultimate hidden states and the projected pooled output."""
+    return ComponentSpec(
+        name="text_encoder_2",
+        inputs=(TensorSpec("input_ids", "int32", ("batch", dims.max_tokens)),),
+        outputs=(
+            TensorSpec(
+                "hidden_states", "float32", ("batch", dims.max_tokens, dims.text_hidden_size_2)
+            ),
+            TensorSpec("text_embeds", "float32", ("batch", dims.pooled_dim)),
+        ),
+        dims=dims,
+        image_sized=False,
+    )
+
+
+def unet_spec(dims: ModelDims) -> ComponentSpec:
+    """SDXL UNet: one noise prediction per row, each row with its own timestep."""
+    latent = ("batch", dims.latent_channels, "latent_height", "latent_width")
+    return ComponentSpec(
+        name="unet",
+        inputs=(
+            TensorSpec("sample", "float32", latent),
+            # Per-row timesteps let one call advance requests that are at different steps.
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec(
+                "encoder_hidden_states", "float32", ("batch", dims.max_tokens, dims.context_dim)
+            ),
+            TensorSpec("text_embeds", "float32", ("batch", dims.pooled_dim)),
+            TensorSpec("time_ids", "float32", ("batch", dims.num_time_ids)),
+        ),
+        outputs=(TensorSpec("noise_pred", "float32", latent),),
+        dims=dims,
+    )
+
+
+def vae_decoder_spec(dims: ModelDims) -> ComponentSpec:
+    """VAE decoder: latents (already divided by the scaling factor) to images in [-1, 1]."""
+    return ComponentSpec(
+        name="vae_decoder",
+        inputs=(
+            TensorSpec(
+                "latent", "float32", ("batch", dims.latent_channels, "latent_height", "latent_width")
+            ),
+        ),
+        outputs=(
+            TensorSpec(
+                "images", "float32", ("batch", dims.image_channels, "image_height", "image_width")
+            ),
+        ),
+        dims=dims,
+    )
+
+
+def vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
+    """VAE encoder: images in [-1, 1] to the mean of the latent distribution (unscaled)."""
+    return ComponentSpec(
+        name="vae_encoder",
+        inputs=(
+            TensorSpec(
+                "images", "float32", ("batch", dims.image_channels, "image_height", "image_width")
+            ),
+        ),
+        outputs=(
+            TensorSpec(
+                "latent", "float32", ("batch", dims.latent_channels, "latent_height", "latent_width")
+            ),
+        ),
+        dims=dims,
+    )
+
+
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+def sdxl_component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
+    """Every component of an SDXL-family model, keyed by name, in COMPONENT_NAMES order."""
+    return {
+        "text_encoder": text_encoder_spec(dims),
+        "text_encoder_2": text_encoder_2_spec(dims),
+        "unet": unet_spec(dims),
+        "vae_decoder": vae_decoder_spec(dims),
+        "vae_encoder": vae_encoder_spec(dims),
+    }

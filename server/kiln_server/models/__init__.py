@@ -1,0 +1,1 @@
+"""Model files: the registry of served models, their loader, and the embedded default."""
