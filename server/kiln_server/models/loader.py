@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from typing import Any
 import torch
 
 from kiln_server.engines.components import ModelDims
+
+# Kiln never reaches a model hub: every model is a local folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 REQUIRED_SUBFOLDERS = (
     "unet",
@@ -127,15 +132,27 @@ def load_modules(path: Path) -> SDXLModules:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     check_model_folder(path)
+    quiet_library_progress()
     modules = SDXLModules(
-        unet=UNet2DConditionModel.from_pretrained(path / "unet"),
-        vae=AutoencoderKL.from_pretrained(path / "vae"),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder"),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2"),
+        unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+            path / "text_encoder_2", dtype=torch.float32
+        ),
     )
     for module in (modules.unet, modules.vae, modules.text_encoder, modules.text_encoder_2):
-        module.to(dtype=torch.float32).eval().requires_grad_(False)
+        module.eval().requires_grad_(False)
     return modules
+
+
+def quiet_library_progress() -> None:
+    """Silence diffusers' and transformers' own progress bars (Kiln logs its own steps)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def model_content_hash(path: Path) -> str:

@@ -125,6 +125,9 @@ def write_tiny_sdxl(folder: Path) -> Path:
         CLIPTokenizer,
     )
 
+    from kiln_server.models.loader import quiet_library_progress
+
+    quiet_library_progress()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:

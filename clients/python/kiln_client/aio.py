@@ -1,0 +1,188 @@
+"""The asyncio Kiln client (`grpc.aio`): the same calls as `KilnClient`, awaited.
+
+Create it inside a running event loop. Example:
+
+    async with AsyncKilnClient("127.0.0.1:50051") as kiln:
+        await kiln.wait_until_ready(timeout=60)
+        async for event in kiln.generate_events(build_request("a teapot")):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kiln_client.client import DEFAULT_TARGET, HEALTH_SERVICE_NAME, channel_options
+from kiln_client.client import resolve_request as _resolve_request
+from kiln_client.errors import DeadlineExceeded, from_rpc_error
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_client.results import GenerationResult, ResultCollector
+
+__all__ = ["AsyncKilnClient"]
+
+_HEALTH_POLL_SECONDS = 0.1
+_HEALTH_POLL_MAX_SECONDS = 1.0
+
+EventCallback = Callable[[pb.GenerateResponse], Awaitable[object] | object]
+
+
+class AsyncKilnClient:
+    """An asyncio client for `kiln.v1.GenerationService` over one `grpc.aio` channel.
+
+    Arguments mean what they do for `KilnClient`. Use it as an async context manager, or
+    `await close()`. Cancelling a task that is awaiting any of its calls cancels the RPC on
+    the server. All failures raise `KilnError` (see `kiln_client.errors`).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        max_message_mb: int = 64,
+        secure: bool = False,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        options = channel_options(max_message_mb)
+        if secure:
+            credentials = grpc.ssl_channel_credentials()
+            self._channel: grpc.aio.Channel = grpc.aio.secure_channel(target, credentials, options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled. Safe to call twice."""
+        await self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def generate_events(
+        self, request: pb.GenerateRequest, *, timeout: float | None = None
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """Stream the events of one generation in the order the server sends them.
+
+        Use with `async for`. Cancelling the consuming task, or closing the generator
+        (`aclose()`, e.g. via `contextlib.aclosing` after a `break`), cancels the RPC.
+
+        Raises:
+            KilnError: when the RPC fails, raised from the iteration.
+        """
+        call = self._stub.Generate(request, timeout=self._deadline(timeout))
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()  # no-op when the stream already ended
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        request: pb.GenerateRequest | None = None,
+        timeout: float | None = None,
+        on_event: EventCallback | None = None,
+        **fields: Any,
+    ) -> GenerationResult:
+        """Run one generation to completion and return its images and timings.
+
+        Same arguments as `KilnClient.generate`; `on_event` may be a plain function or a
+        coroutine function (it is awaited).
+
+        Raises:
+            KilnError: the RPC failed, or the stream ended without a completed event.
+            TypeError / ValueError: bad arguments (see `build_request`).
+        """
+        message = _resolve_request(prompt, request, fields)
+        collector = ResultCollector()
+        events = self.generate_events(message, timeout=timeout)
+        try:
+            async for event in events:
+                if on_event is not None:
+                    outcome = on_event(event)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                collector.add(event)
+        finally:
+            await events.aclose()
+        return collector.result()
+
+    async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
+        """Every served model with its defaults and limits, and the server's default model.
+
+        Raises:
+            KilnError: when the RPC fails.
+        """
+        try:
+            response: pb.ListModelsResponse = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return response
+
+    async def wait_until_ready(self, timeout: float) -> None:
+        """Wait until the server's health check reports SERVING, for at most `timeout` s.
+
+        Same rules as `KilnClient.wait_until_ready`.
+
+        Raises:
+            DeadlineExceeded: not SERVING within `timeout` seconds.
+            KilnError: the server does not implement grpc.health.v1 or fails otherwise.
+        """
+        deadline = time.monotonic() + timeout
+        service = HEALTH_SERVICE_NAME
+        last = "no answer"
+        pause = _HEALTH_POLL_SECONDS
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"server at {self.target} not ready within {timeout:g} s ({last})",
+                )
+            try:
+                reply = await self._health.Check(
+                    health_pb2.HealthCheckRequest(service=service),
+                    timeout=remaining,
+                    wait_for_ready=True,
+                )
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.NOT_FOUND and service:
+                    service = ""
+                    continue
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(err) from None
+                last = f"{code.name}: {err.details()}"
+            else:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 2, _HEALTH_POLL_MAX_SECONDS)

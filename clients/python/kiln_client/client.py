@@ -1,0 +1,226 @@
+"""The synchronous Kiln client: one gRPC channel, typed calls, `KilnError` on failure.
+
+Example:
+
+    with KilnClient("127.0.0.1:50051") as kiln:
+        kiln.wait_until_ready(timeout=60)
+        result = kiln.generate("a teapot", seed=7, num_outputs=2)
+        for image in result.images:
+            image.save(f"teapot-{image.index}.png")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kiln_client.errors import DeadlineExceeded, from_rpc_error
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_client.requests import build_request
+from kiln_client.results import GenerationResult, ResultCollector
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "HEALTH_SERVICE_NAME",
+    "KilnClient",
+    "channel_options",
+    "resolve_request",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+"""Where `kiln serve` listens by default."""
+
+HEALTH_SERVICE_NAME = "kiln.v1.GenerationService"
+"""The health-check service name Kiln reports; "" (the whole server) is the fallback."""
+
+_HEALTH_POLL_SECONDS = 0.1
+_HEALTH_POLL_MAX_SECONDS = 1.0
+
+
+def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """gRPC channel options raising the send/receive size limits to `max_message_mb` MiB."""
+    size = int(max_message_mb * 1024 * 1024)
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+    ]
+
+
+def resolve_request(
+    prompt: str | None, request: pb.GenerateRequest | None, fields: dict[str, Any]
+) -> pb.GenerateRequest:
+    """The request `generate` sends: `request` as given, or one built from prompt + fields.
+
+    Raises:
+        TypeError: both or neither of `prompt` and `request` given, or `request` given
+            together with request fields.
+        ValueError: from `build_request`, naming a bad argument.
+    """
+    if request is not None:
+        if prompt is not None or fields:
+            raise TypeError("pass either request=... or a prompt with fields, not both")
+        return request
+    if prompt is None:
+        raise TypeError("generate() needs a prompt or request=...")
+    return build_request(prompt, **fields)
+
+
+class KilnClient:
+    """A synchronous client for `kiln.v1.GenerationService` over one gRPC channel.
+
+    `timeout` is the default deadline in seconds for each call (None: no deadline); every
+    method also takes its own `timeout`, which wins. `max_message_mb` raises gRPC's 4 MiB
+    default message limit both ways so that large images fit. `secure` uses TLS with the
+    system's root certificates. Use it as a context manager, or call `close()`.
+    All failures raise `KilnError` (see `kiln_client.errors`).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        max_message_mb: int = 64,
+        secure: bool = False,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        options = channel_options(max_message_mb)
+        if secure:
+            credentials = grpc.ssl_channel_credentials()
+            self._channel: grpc.Channel = grpc.secure_channel(target, credentials, options)
+        else:
+            self._channel = grpc.insecure_channel(target, options)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled. Safe to call twice."""
+        self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def generate_events(
+        self, request: pb.GenerateRequest, *, timeout: float | None = None
+    ) -> Generator[pb.GenerateResponse, None, None]:
+        """Stream the events of one generation in the order the server sends them.
+
+        The RPC starts at the first `next()`. Closing the iterator (breaking out of a `for`
+        loop, `close()`, garbage collection) cancels the RPC, and the server stops the work.
+
+        Raises:
+            KilnError: when the RPC fails, raised from the iteration.
+        """
+        call = self._stub.Generate(request, timeout=self._deadline(timeout))
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            call.cancel()  # no-op when the stream already ended
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        request: pb.GenerateRequest | None = None,
+        timeout: float | None = None,
+        on_event: Callable[[pb.GenerateResponse], object] | None = None,
+        **fields: Any,
+    ) -> GenerationResult:
+        """Run one generation to completion and return its images and timings.
+
+        Give either `prompt` plus any `build_request` keyword (`seed=7, width=768, ...`) or a
+        ready `request`. `on_event` is called with every event as it arrives (progress,
+        previews); an exception it raises cancels the RPC and propagates.
+
+        Raises:
+            KilnError: the RPC failed, or the stream ended without a completed event.
+            TypeError / ValueError: bad arguments (see `build_request`).
+        """
+        message = resolve_request(prompt, request, fields)
+        collector = ResultCollector()
+        events = self.generate_events(message, timeout=timeout)
+        try:
+            for event in events:
+                if on_event is not None:
+                    on_event(event)
+                collector.add(event)
+        finally:
+            events.close()
+        return collector.result()
+
+    def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
+        """Every served model with its defaults and limits, and the server's default model.
+
+        Raises:
+            KilnError: when the RPC fails.
+        """
+        try:
+            response: pb.ListModelsResponse = self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=self._deadline(timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return response
+
+    def wait_until_ready(self, timeout: float) -> None:
+        """Block until the server's health check reports SERVING, for at most `timeout` s.
+
+        Checks the "kiln.v1.GenerationService" health entry, falling back to the server-wide
+        entry ("") when the server does not register the service name. Connection failures
+        and NOT_SERVING are retried until the time is up.
+
+        Raises:
+            DeadlineExceeded: not SERVING within `timeout` seconds.
+            KilnError: the server does not implement grpc.health.v1 or fails otherwise.
+        """
+        deadline = time.monotonic() + timeout
+        service = HEALTH_SERVICE_NAME
+        last = "no answer"
+        pause = _HEALTH_POLL_SECONDS
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"server at {self.target} not ready within {timeout:g} s ({last})",
+                )
+            try:
+                reply = self._health.Check(
+                    health_pb2.HealthCheckRequest(service=service),
+                    timeout=remaining,
+                    wait_for_ready=True,
+                )
+            except grpc.RpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.NOT_FOUND and service:
+                    service = ""
+                    continue
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise from_rpc_error(err) from None
+                last = f"{code.name}: {err.details()}"
+            else:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 2, _HEALTH_POLL_MAX_SECONDS)

@@ -1,0 +1,466 @@
+"""`kiln generate` and `kiln models`: the command-line face of `KilnClient`.
+
+`register(subparsers)` adds both subcommands to the `kiln` dispatcher. `generate` streams
+one request with a progress bar on stderr, writes each final image (and optional previews)
+as it arrives, and prints "wrote PATH (seed N)" per image on stdout. Exit codes: 0 on
+success, 2 for a request the server (or this command) rejects as invalid, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from kiln_client.client import DEFAULT_TARGET, KilnClient
+from kiln_client.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    KilnError,
+    ModelNotFound,
+    QueueFull,
+    ServerUnreachable,
+    Unavailable,
+)
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_client.requests import build_request
+from kiln_client.results import GeneratedImage, extension_for_mime_type
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "ProgressReporter",
+    "describe_error",
+    "output_path",
+    "preview_path",
+    "register",
+    "run_generate",
+    "run_models",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+
+SERVER_ENV = "KILN_SERVER"
+
+# Extension (lower case, with dot) → --format value it implies.
+_FORMAT_BY_EXTENSION = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+_EXTENSION_BY_FORMAT = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+
+# GenerateRequest field → the flag that sets it, to point users at what to change.
+_FLAG_BY_FIELD = {
+    "prompt": "PROMPT",
+    "model": "--model",
+    "negative_prompt": "--negative-prompt",
+    "width": "--width",
+    "height": "--height",
+    "num_outputs": "--num-outputs",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "scheduler": "--scheduler",
+    "seed": "--seed",
+    "output_format": "--format",
+    "output_quality": "--quality",
+    "preview.every_n_steps": "--preview-every",
+    "preview.max_size": "--preview-size",
+    "priority": "--priority",
+}
+
+_OUT_HELP = """\
+output naming:
+  Image i of N is written to --out with "-i" before the extension for i > 0:
+  --out teapot.png with --num-outputs 3 writes teapot.png, teapot-1.png, teapot-2.png.
+  Without --out each image is written to kiln-<seed>.<ext> in the current directory
+  (each output has its own seed: seed, seed+1, ...); an --out that is a directory (or ends
+  in "/") gets those default names inside it. If --out has no image extension, the one
+  of the chosen --format is appended; an --out ending in .png/.jpg/.jpeg/.webp picks the
+  format when --format is not given. Previews go to DIR/step-0003.jpg (one per preview).
+
+environment:
+  KILN_SERVER   default for --server (otherwise 127.0.0.1:50051)
+"""
+
+
+class UsageError(Exception):
+    """A command-line mistake detected before contacting the server (exit code 2)."""
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        metavar="H:P",
+        default=None,
+        help=f"Kiln server address (default: ${SERVER_ENV} or {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        default=None,
+        help="give up after this many seconds (default: no limit)",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `generate` and `models` subcommands, each with its `handler`."""
+    gen = subparsers.add_parser(
+        "generate",
+        help="generate images from a prompt on a Kiln server",
+        description="Generate images from PROMPT on a running Kiln server, with a "
+        "progress bar on stderr. Prints 'wrote PATH (seed N)' for each image.",
+        epilog=_OUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gen.add_argument("prompt", metavar="PROMPT", help="what to draw")
+    _add_server_arguments(gen)
+    gen.add_argument("--out", metavar="FILE", help="output file (see 'output naming' below)")
+    gen.add_argument("--seed", type=_non_negative_int, help="seed of the first image")
+    gen.add_argument(
+        "--steps", type=_non_negative_int, default=0, help="denoising steps (model default)"
+    )
+    gen.add_argument("--width", type=_non_negative_int, default=0, help="pixels, multiple of 8")
+    gen.add_argument("--height", type=_non_negative_int, default=0, help="pixels, multiple of 8")
+    gen.add_argument(
+        "--num-outputs", type=_non_negative_int, default=0, help="images to make (default 1)"
+    )
+    gen.add_argument("--model", default="", help="model name (server default; see kiln models)")
+    gen.add_argument("--negative-prompt", default="", help="what to steer away from")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--scheduler", default="", help="scheduler name, e.g. K_EULER")
+    gen.add_argument(
+        "--format",
+        choices=["png", "jpeg", "webp"],
+        default=None,
+        help="image encoding (default: from --out's extension, else png)",
+    )
+    gen.add_argument("--quality", type=_non_negative_int, default=0, help="JPEG/WebP quality 1-100")
+    gen.add_argument("--previews", metavar="DIR", help="write step previews into DIR")
+    gen.add_argument(
+        "--preview-every",
+        metavar="N",
+        type=_non_negative_int,
+        default=None,
+        help="a preview every N steps (default 1 with --previews)",
+    )
+    gen.add_argument(
+        "--preview-size",
+        metavar="PX",
+        type=_non_negative_int,
+        default=0,
+        help="longest preview side in pixels (server default)",
+    )
+    gen.add_argument(
+        "--priority", choices=["low", "normal", "high"], default="normal", help="queue priority"
+    )
+    gen.set_defaults(handler=run_generate)
+
+    models = subparsers.add_parser(
+        "models",
+        help="list the models a Kiln server serves",
+        description="List the models a running Kiln server serves, with defaults and limits.",
+    )
+    _add_server_arguments(models)
+    models.set_defaults(handler=run_models)
+
+
+def resolve_server(flag: str | None) -> str:
+    """The server address: --server, else $KILN_SERVER, else 127.0.0.1:50051."""
+    return flag or os.environ.get(SERVER_ENV) or DEFAULT_TARGET
+
+
+def choose_format(format_flag: str | None, out: str | None) -> str:
+    """The output format: --format, else implied by --out's extension, else png.
+
+    Raises:
+        UsageError: --format contradicts --out's extension.
+    """
+    implied = None
+    if out is not None and not _is_directory_target(out):
+        implied = _FORMAT_BY_EXTENSION.get(Path(out).suffix.lower())
+    if format_flag is None:
+        return implied or "png"
+    if implied is not None and implied != format_flag:
+        raise UsageError(
+            f"--out {out} has a {Path(out or '').suffix} extension but --format is "
+            f"{format_flag}; change one of them"
+        )
+    return format_flag
+
+
+def _is_directory_target(out: str) -> bool:
+    return out.endswith(("/", os.sep)) or Path(out).is_dir()
+
+
+def output_path(out: str | None, image: GeneratedImage, format_name: str = "png") -> Path:
+    """Where image `image.index` goes (the rule in `kiln generate --help`).
+
+    No --out (or a directory): `kiln-<seed><ext>`. Otherwise --out for index 0 and
+    `<stem>-<index><ext>` for the others; `<ext>` is --out's image extension if it has one,
+    else the extension of `format_name`.
+    """
+    fallback = _EXTENSION_BY_FORMAT.get(format_name, ".png")
+    extension = extension_for_mime_type(image.mime_type, fallback)
+    if out is None or _is_directory_target(out):
+        directory = Path(out) if out is not None else Path()
+        return directory / f"kiln-{image.seed}{extension}"
+    base = Path(out)
+    if base.suffix.lower() in _FORMAT_BY_EXTENSION:
+        extension = base.suffix
+        base = base.with_suffix("")
+    name = base.name if image.index == 0 else f"{base.name}-{image.index}"
+    return base.with_name(name + extension)
+
+
+def preview_path(directory: Path, progress: pb.ProgressEvent) -> Path:
+    """`DIR/step-0003.jpg`: the step number, four digits, extension from the preview's MIME."""
+    extension = extension_for_mime_type(progress.preview_mime_type, ".jpg")
+    return directory / f"step-{progress.step:04d}{extension}"
+
+
+class ProgressReporter:
+    """A tqdm bar on `file` that follows a Generate stream.
+
+    While queued it shows the queue position; once started it advances one tick per
+    denoising step. With `enabled=None` it shows only when `file` is a terminal.
+    """
+
+    def __init__(self, file: TextIO, enabled: bool | None = None) -> None:
+        if enabled is None:
+            enabled = bool(getattr(file, "isatty", lambda: False)())
+        self._bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=None,
+                file=file,
+                desc="connecting",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+            )
+
+    def on_event(self, event: pb.GenerateResponse) -> None:
+        """Update the bar for one event."""
+        bar = self._bar
+        if bar is None:
+            return
+        kind = event.WhichOneof("event")
+        if kind == "queued":
+            bar.set_description(f"queued (position {event.queued.position})")
+        elif kind == "started":
+            bar.total = event.started.num_inference_steps or None
+            bar.set_description("generating")
+        elif kind == "progress":
+            progress = event.progress
+            if progress.total_steps and bar.total != progress.total_steps:
+                bar.total = progress.total_steps
+            bar.set_description("generating")
+            bar.update(max(0, progress.step - bar.n))
+        elif kind == "image":
+            bar.set_description(f"received image {event.image.index}")
+
+    @property
+    def position(self) -> int:
+        """Steps shown as done (0 when disabled)."""
+        return int(self._bar.n) if self._bar is not None else 0
+
+    @property
+    def description(self) -> str:
+        """The bar's current label ("" when disabled)."""
+        return str(self._bar.desc).rstrip(": ") if self._bar is not None else ""
+
+    def close(self) -> None:
+        """Remove the bar from the terminal. Safe to call twice."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@dataclass
+class _GenerateRun:
+    """Side effects of one `kiln generate` as events arrive: bar, previews, image files."""
+
+    out: str | None
+    format_name: str
+    previews: Path | None
+    progress: ProgressReporter
+    written: list[tuple[Path, int]] = field(default_factory=list)
+
+    def on_event(self, event: pb.GenerateResponse) -> None:
+        self.progress.on_event(event)
+        kind = event.WhichOneof("event")
+        if kind == "progress" and self.previews is not None and event.progress.preview:
+            path = preview_path(self.previews, event.progress)
+            path.write_bytes(event.progress.preview)
+        elif kind == "image":
+            image = GeneratedImage.from_event(event.image)
+            path = image.save(output_path(self.out, image, self.format_name))
+            self.written.append((path, image.seed))
+
+
+def _flag_for(field_path: str) -> str | None:
+    return _FLAG_BY_FIELD.get(field_path) or _FLAG_BY_FIELD.get(field_path.rsplit(".", 1)[-1])
+
+
+def describe_error(err: KilnError, server: str, timeout: float | None = None) -> str:
+    """A message for a failed call that names the field(s), flag(s) or address involved."""
+    if isinstance(err, ServerUnreachable):
+        return (
+            f"cannot reach a Kiln server at {server} ({err.message}).\n"
+            "Start one with `make serve` (or `kiln serve`), or point --server / "
+            f"${SERVER_ENV} at a running server."
+        )
+    if isinstance(err, InvalidArgument):
+        if not err.field_violations:
+            return f"the server rejected the request: {err.message}"
+        lines = ["the server rejected the request:"]
+        for field_path, description in err.field_violations:
+            flag = _flag_for(field_path)
+            where = f"{field_path} ({flag})" if flag else field_path
+            lines.append(f"  {where}: {description}")
+        return "\n".join(lines)
+    if isinstance(err, ModelNotFound):
+        return f"{err.message}; `kiln models --server {server}` lists the served models"
+    if isinstance(err, QueueFull):
+        wait = f"; retry in {err.retry_after:g} s" if err.retry_after is not None else ""
+        return f"the server at {server} is busy: {err.message}{wait}"
+    if isinstance(err, DeadlineExceeded):
+        limit = f" within {timeout:g} s (--timeout)" if timeout is not None else ""
+        return f"no result{limit}: {err.message}"
+    if isinstance(err, Unavailable):
+        return f"the server at {server} is unavailable: {err.message}"
+    if isinstance(err, Cancelled):
+        return f"the request was cancelled: {err.message}"
+    return f"the server at {server} failed the request: {err}"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"kiln: error: {message}", file=sys.stderr)
+    return code
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Handler of `kiln generate`: run one request and write its images; return the exit code."""
+    server = resolve_server(args.server)
+    try:
+        format_name = choose_format(args.format, args.out)
+        if args.preview_every is not None and args.preview_every > 0 and not args.previews:
+            raise UsageError("--preview-every needs --previews DIR to write the previews into")
+        preview_every = args.preview_every
+        if preview_every is None:
+            preview_every = 1 if args.previews else 0
+        request = build_request(
+            args.prompt,
+            model=args.model,
+            negative_prompt=args.negative_prompt,
+            width=args.width,
+            height=args.height,
+            num_outputs=args.num_outputs,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            scheduler=args.scheduler,
+            seed=args.seed,
+            output_format=format_name,
+            output_quality=args.quality,
+            preview_every=preview_every,
+            preview_max_size=args.preview_size,
+            priority=args.priority,
+        )
+    except (UsageError, ValueError) as exc:
+        return _fail(str(exc), EXIT_INVALID)
+
+    previews = Path(args.previews) if args.previews else None
+    if previews is not None:
+        try:
+            previews.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return _fail(f"cannot create --previews directory {previews}: {exc}", EXIT_FAILURE)
+
+    progress = ProgressReporter(sys.stderr)
+    run = _GenerateRun(args.out, format_name, previews, progress)
+    code = EXIT_OK
+    summary = ""
+    try:
+        with KilnClient(server, timeout=args.timeout) as client:
+            result = client.generate(request=request, on_event=run.on_event)
+        timings = result.timings
+        summary = (
+            f"done in {timings.total_seconds:.2f} s (queued {timings.queue_seconds:.2f} s, "
+            f"inference {timings.inference_seconds:.2f} s); request {result.request_id}"
+        )
+    except KilnError as err:
+        code = EXIT_INVALID if isinstance(err, InvalidArgument) else EXIT_FAILURE
+        summary = f"kiln: error: {describe_error(err, server, args.timeout)}"
+    except OSError as exc:
+        code = EXIT_FAILURE
+        name = exc.filename if exc.filename is not None else ""
+        summary = f"kiln: error: cannot write {name}: {exc.strerror or exc}"
+    finally:
+        progress.close()
+        for path, seed in run.written:
+            print(f"wrote {path} (seed {seed})")
+    print(summary, file=sys.stderr)
+    return code
+
+
+def format_models(response: pb.ListModelsResponse) -> str:
+    """Human-readable listing of the served models, their defaults and limits."""
+    if not response.models:
+        return "the server serves no models"
+    lines: list[str] = []
+    for model in response.models:
+        marker = " (default)" if model.name == response.default_model else ""
+        lines.append(f"{model.name}{marker}  [{model.family}, {model.backend}]")
+        lines.append(
+            f"  defaults: {model.default_width}x{model.default_height}, "
+            f"{model.default_num_inference_steps} steps, "
+            f"guidance {model.default_guidance_scale:g}, scheduler {model.default_scheduler}"
+        )
+        lines.append(
+            f"  limits:   size {model.min_size}-{model.max_size} px, "
+            f"steps <= {model.max_num_inference_steps}, outputs <= {model.max_num_outputs}, "
+            f"guidance <= {model.max_guidance_scale:g}, prompt <= {model.max_prompt_tokens} tokens"
+        )
+        if model.schedulers:
+            lines.append(f"  schedulers: {', '.join(model.schedulers)}")
+    return "\n".join(lines)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """Handler of `kiln models`: print the served models; return the exit code."""
+    server = resolve_server(args.server)
+    try:
+        with KilnClient(server, timeout=args.timeout) as client:
+            response = client.list_models()
+    except KilnError as err:
+        code = EXIT_INVALID if isinstance(err, InvalidArgument) else EXIT_FAILURE
+        return _fail(describe_error(err, server, args.timeout), code)
+    print(format_models(response))
+    return EXIT_OK

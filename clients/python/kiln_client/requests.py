@@ -1,0 +1,162 @@
+"""Building `GenerateRequest` messages from plain Python values.
+
+`build_request` is the one place that turns friendly arguments ("webp", "high", None for
+"model default") into the wire message. It checks only what the message itself cannot
+hold (negative sizes, unknown format names); limits that depend on the model are the
+server's to enforce, and it names the offending field when it does.
+"""
+
+from __future__ import annotations
+
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+
+__all__ = [
+    "OUTPUT_FORMATS",
+    "PREVIEW_FORMATS",
+    "PRIORITIES",
+    "build_request",
+    "output_format_value",
+    "preview_format_value",
+    "priority_value",
+]
+
+OUTPUT_FORMATS: dict[str, pb.OutputFormat.ValueType] = {
+    "png": pb.OUTPUT_FORMAT_PNG,
+    "jpeg": pb.OUTPUT_FORMAT_JPEG,
+    "jpg": pb.OUTPUT_FORMAT_JPEG,
+    "webp": pb.OUTPUT_FORMAT_WEBP,
+}
+"""Accepted `output_format` names (case-insensitive) and their enum values."""
+
+PREVIEW_FORMATS: dict[str, pb.PreviewFormat.ValueType] = {
+    "jpeg": pb.PREVIEW_FORMAT_JPEG,
+    "jpg": pb.PREVIEW_FORMAT_JPEG,
+    "webp": pb.PREVIEW_FORMAT_WEBP,
+}
+"""Accepted `preview_format` names (case-insensitive) and their enum values."""
+
+PRIORITIES: dict[str, pb.Priority.ValueType] = {
+    "low": pb.PRIORITY_LOW,
+    "normal": pb.PRIORITY_NORMAL,
+    "high": pb.PRIORITY_HIGH,
+}
+"""Accepted `priority` names (case-insensitive) and their enum values."""
+
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+
+
+def _enum_value(
+    argument: str,
+    value: str | int,
+    names: dict[str, int],
+    valid_numbers: list[int],
+) -> int:
+    if isinstance(value, str):
+        number = names.get(value.strip().lower())
+        if number is None:
+            choices = ", ".join(sorted({k for k in names if k != "jpg"}))
+            raise ValueError(f"{argument} must be one of {choices}; got {value!r}")
+        return number
+    if isinstance(value, int) and not isinstance(value, bool) and value in valid_numbers:
+        return value
+    raise ValueError(f"{argument} must be a name or one of the enum values; got {value!r}")
+
+
+def output_format_value(value: str | int) -> pb.OutputFormat.ValueType:
+    """The `OutputFormat` for "png" / "jpeg" / "webp" (or an enum value); ValueError if unknown."""
+    number = _enum_value(
+        "output_format", value, dict(OUTPUT_FORMATS), list(pb.OutputFormat.values())
+    )
+    return pb.OutputFormat.ValueType(number)
+
+
+def preview_format_value(value: str | int) -> pb.PreviewFormat.ValueType:
+    """The `PreviewFormat` for "jpeg" / "webp" (or an enum value); ValueError if unknown."""
+    number = _enum_value(
+        "preview_format", value, dict(PREVIEW_FORMATS), list(pb.PreviewFormat.values())
+    )
+    return pb.PreviewFormat.ValueType(number)
+
+
+def priority_value(value: str | int) -> pb.Priority.ValueType:
+    """The `Priority` for "low" / "normal" / "high" (or an enum value); ValueError if unknown."""
+    number = _enum_value("priority", value, dict(PRIORITIES), list(pb.Priority.values()))
+    return pb.Priority.ValueType(number)
+
+
+def _unsigned(argument: str, value: int, maximum: int = _UINT32_MAX) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{argument} must be an integer; got {value!r}")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{argument} must be between 0 and {maximum}; got {value}")
+    return value
+
+
+def build_request(
+    prompt: str,
+    *,
+    model: str = "",
+    negative_prompt: str = "",
+    width: int = 0,
+    height: int = 0,
+    num_outputs: int = 0,
+    num_inference_steps: int = 0,
+    guidance_scale: float | None = None,
+    scheduler: str = "",
+    seed: int | None = None,
+    output_format: str | int = "png",
+    output_quality: int = 0,
+    preview_every: int = 0,
+    preview_max_size: int = 0,
+    preview_format: str | int = "jpeg",
+    priority: str | int = "normal",
+    preview_quality: int = 0,
+) -> pb.GenerateRequest:
+    """Build a `GenerateRequest`; zero / empty / None arguments mean "the model's default".
+
+    `seed` and `guidance_scale` stay absent from the message when None (a random seed, the
+    model's guidance). Previews are requested only when `preview_every` > 0, every that many
+    steps, at most `preview_max_size` pixels on the long side (0 = server default).
+    `output_format`, `preview_format` and `priority` take a name or the enum value.
+
+    Raises:
+        ValueError: an argument the message cannot carry (unknown format or priority name,
+            negative or oversized integer); the message names the argument.
+    """
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string; got {type(prompt).__name__}")
+    request = pb.GenerateRequest(
+        model=model,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width=_unsigned("width", width),
+        height=_unsigned("height", height),
+        num_outputs=_unsigned("num_outputs", num_outputs),
+        num_inference_steps=_unsigned("num_inference_steps", num_inference_steps),
+        scheduler=scheduler,
+        output_format=output_format_value(output_format),
+        output_quality=_unsigned("output_quality", output_quality),
+        priority=priority_value(priority),
+    )
+    if guidance_scale is not None:
+        try:
+            request.guidance_scale = float(guidance_scale)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"guidance_scale must be a number; got {guidance_scale!r}") from exc
+    if seed is not None:
+        request.seed = _unsigned("seed", seed, _UINT64_MAX)
+    preview_every = _unsigned("preview_every", preview_every)
+    preview_max_size = _unsigned("preview_max_size", preview_max_size)
+    preview_quality = _unsigned("preview_quality", preview_quality)
+    preview_kind = preview_format_value(preview_format)
+    if preview_every > 0:
+        request.preview.CopyFrom(
+            pb.PreviewOptions(
+                every_n_steps=preview_every,
+                max_size=preview_max_size,
+                format=preview_kind,
+                quality=preview_quality,
+            )
+        )
+    return request

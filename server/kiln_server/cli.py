@@ -1,0 +1,72 @@
+"""`kiln serve`: start the gRPC server (flags documented in --help)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the `serve` subcommand to the `kiln` parser."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve models over gRPC",
+        description=(
+            "Start Kiln's gRPC server. Models are loaded and warmed up before health "
+            "reports SERVING. Every flag can also be set as KILN_<NAME> in the environment "
+            "(e.g. KILN_PORT) or in the [server] table of the config file; flags win."
+        ),
+    )
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 50051)")
+    parser.add_argument("--config", type=Path, help="TOML file with [server] and [[models]]")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="runtime for the models (default: the fastest available for --engines)",
+    )
+    parser.add_argument(
+        "--engines", type=Path, help="folder written by `kiln build-engines` (one subfolder per model)"
+    )
+    parser.add_argument("--cache-dir", type=Path, help="where built-in models are cached")
+    parser.add_argument("--max-queue", type=int, help="requests allowed to wait (default 64)")
+    parser.add_argument(
+        "--max-batch-rows", type=int, help="UNet rows per step when a model sets none (default 8)"
+    )
+    parser.add_argument(
+        "--drain-timeout", type=float, help="seconds to let requests finish on SIGTERM (default 60)"
+    )
+    parser.add_argument("--log-format", choices=("auto", "json", "text"), help="log style")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--port-file", type=Path, help="write the bound port to this file")
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Resolve settings and models, then run the server until it is told to stop."""
+    from kiln_server.logs import configure_logging
+    from kiln_server.models.loader import ModelFolderError
+    from kiln_server.models.registry import ModelRegistry, RegistryError
+    from kiln_server.server import run_server
+    from kiln_server.settings import SettingsError, load_settings
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    try:
+        settings, config = load_settings(flags)
+    except SettingsError as error:
+        print(f"kiln serve: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    log = logging.getLogger("kiln_server")
+    try:
+        registry = ModelRegistry.from_config(config, settings.cache_dir)
+        log.info("starting with models: %s", ", ".join(registry.models))
+        return asyncio.run(run_server(settings, registry, args.port_file))
+    except (RegistryError, ModelFolderError, OSError) as error:
+        log.error("cannot start: %s", error)
+        print(f"kiln serve: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,154 @@
+"""The models a server offers: names, folders, serving defaults and limits.
+
+A TOML config lists models (`[[models]]` tables); without one the registry holds just the
+embedded default model. Defaults come from, in order: the config entry, the model folder's
+kiln.json, and Kiln's built-in fallbacks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from kiln_server.models.tiny_sdxl import TINY_SDXL_NAME, ensure_tiny_sdxl
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+SHIPPED_MODEL_NAME = "kiln-shapes"
+BUILTIN_MODELS = (SHIPPED_MODEL_NAME, TINY_SDXL_NAME)
+
+
+class RegistryError(ValueError):
+    """The model configuration is invalid; the message names the entry and the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One servable model with its defaults and request limits."""
+
+    name: str
+    path: Path
+    family: str = "sdxl"
+    default_width: int = 1024
+    default_height: int = 1024
+    default_num_inference_steps: int = 30
+    default_guidance_scale: float = 7.5
+    default_scheduler: str = "K_EULER"
+    min_size: int = 256
+    max_size: int = 2048
+    max_num_inference_steps: int = 150
+    max_num_outputs: int = 8
+    max_guidance_scale: float = 50.0
+    max_batch_rows: int = 8
+
+
+SPEC_KEYS = {f.name for f in fields(ModelSpec)} - {"name", "path"}
+
+
+def default_cache_dir() -> Path:
+    """Where built models and engines are cached: $KILN_CACHE_DIR or ~/.cache/kiln."""
+    return Path(os.environ.get("KILN_CACHE_DIR", "~/.cache/kiln")).expanduser()
+
+
+def shipped_model_dir() -> Path:
+    """Folder of the trained model shipped in the repository ($KILN_MODELS_DIR overrides)."""
+    base = Path(os.environ.get("KILN_MODELS_DIR", REPO_ROOT / "models"))
+    return base / SHIPPED_MODEL_NAME
+
+
+def builtin_model_path(name: str, cache_dir: Path) -> Path:
+    """Folder of a built-in model, building the tiny random model on first use."""
+    if name == SHIPPED_MODEL_NAME:
+        folder = shipped_model_dir()
+        if not (folder / "model_index.json").is_file():
+            raise RegistryError(
+                f"the shipped model {SHIPPED_MODEL_NAME} is missing from {folder}; "
+                "train it with `python -m kiln_training.train` (see training/README.md)"
+            )
+        return folder
+    if name == TINY_SDXL_NAME:
+        return ensure_tiny_sdxl(cache_dir / "models")
+    raise RegistryError(f"unknown built-in model {name!r}; built-ins are {list(BUILTIN_MODELS)}")
+
+
+def default_builtin_name() -> str:
+    """The trained shipped model when present, else the tiny random-weight model."""
+    if (shipped_model_dir() / "model_index.json").is_file():
+        return SHIPPED_MODEL_NAME
+    return TINY_SDXL_NAME
+
+
+def _folder_defaults(path: Path) -> dict[str, Any]:
+    import json
+
+    kiln_file = path / "kiln.json"
+    if not kiln_file.is_file():
+        return {}
+    data = json.loads(kiln_file.read_text())
+    return {k: v for k, v in data.items() if k in SPEC_KEYS}
+
+
+def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
+    """A ModelSpec from the folder's kiln.json and explicit overrides (overrides win)."""
+    unknown = set(overrides) - SPEC_KEYS
+    if unknown:
+        raise RegistryError(
+            f"model {name!r}: unknown setting(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}"
+        )
+    values = {**_folder_defaults(path), **overrides}
+    spec = ModelSpec(name=name, path=path, **values)
+    for size_field in ("default_width", "default_height", "min_size", "max_size"):
+        if getattr(spec, size_field) % 8:
+            raise RegistryError(f"model {name!r}: {size_field} must be a multiple of 8")
+    return spec
+
+
+@dataclass
+class ModelRegistry:
+    """Served models by name, and which one an empty `model` field selects."""
+
+    models: dict[str, ModelSpec]
+    default_model: str
+
+    def get(self, name: str) -> ModelSpec | None:
+        """The spec for `name` ('' selects the default), or None when unknown."""
+        return self.models.get(name or self.default_model)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], cache_dir: Path) -> ModelRegistry:
+        """Build from a parsed TOML config (its `models` list and `server.default_model`).
+
+        Each entry has `name` and either `path` (a diffusers SDXL folder, relative paths
+        resolved against the config's directory via `_config_dir`) or `builtin`.
+        """
+        entries = config.get("models") or []
+        if not isinstance(entries, list):
+            raise RegistryError("`models` must be a list of [[models]] tables")
+        base = Path(config.get("_config_dir", "."))
+        models: dict[str, ModelSpec] = {}
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not entry.get("name"):
+                raise RegistryError(f"models[{index}] needs a `name`")
+            entry = dict(entry)
+            name = str(entry.pop("name"))
+            if name in models:
+                raise RegistryError(f"model {name!r} is listed twice")
+            if "path" in entry:
+                path = Path(str(entry.pop("path"))).expanduser()
+                path = path if path.is_absolute() else (base / path).resolve()
+            elif "builtin" in entry:
+                path = builtin_model_path(str(entry.pop("builtin")), cache_dir)
+            else:
+                raise RegistryError(f"model {name!r} needs `path` or `builtin`")
+            models[name] = make_spec(name, path, entry)
+        if not models:
+            name = default_builtin_name()
+            models[name] = make_spec(name, builtin_model_path(name, cache_dir), {})
+        server = config.get("server") or {}
+        default = str(server.get("default_model") or next(iter(models)))
+        if default not in models:
+            raise RegistryError(
+                f"server.default_model {default!r} is not among the models {sorted(models)}"
+            )
+        return cls(models=models, default_model=default)

@@ -1,0 +1,1 @@
+"""The SDXL pipeline: Kiln's own denoising loop over engines, one step at a time."""

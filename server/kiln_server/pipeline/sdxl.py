@@ -1,0 +1,205 @@
+"""Kiln's SDXL denoising loop, split into steps so requests can share UNet calls.
+
+`prepare` turns a request into a DenoiseState (prompt embeddings, seeded latents, its own
+scheduler); `denoise_step` advances any number of states that share a latent shape with a
+single UNet call, each row carrying its own timestep; `decode` runs the VAE. The result for
+one request equals diffusers' StableDiffusionXLPipeline on the same components, seeds and
+scheduler (tests compare them). The pipeline never knows which runtime runs its engines.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln_server.engines.base import EngineSet
+from kiln_server.models.loader import SDXLModelFiles
+from kiln_server.pipeline.params import GenerationParams, PreviewParams
+from kiln_server.pipeline.previews import EncodedPreview, LatentPreviewer
+from kiln_server.pipeline.prompts import EncodedPrompts, PromptEncoder
+from kiln_server.pipeline.schedulers import make_scheduler
+
+
+@dataclass
+class DenoiseState:
+    """One request's progress through the denoising loop.
+
+    Latents hold all of the request's outputs [num_outputs, C, h, w]; the scheduler and the
+    generators (one per output, seeded seed + i) belong to this request alone.
+    """
+
+    params: GenerationParams
+    scheduler: Any
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    generators: list[torch.Generator]
+    prompts: EncodedPrompts
+    time_ids: torch.Tensor
+    step_kwargs: dict[str, Any]
+    step_index: int = 0
+    denoised: torch.Tensor | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """UNet evaluations this request needs (Heun needs about two per step)."""
+        return len(self.timesteps)
+
+    @property
+    def finished(self) -> bool:
+        """True once every timestep has been taken."""
+        return self.step_index >= self.total_steps
+
+    @property
+    def rows(self) -> int:
+        """Rows this request adds to a UNet batch (doubled under guidance)."""
+        factor = 2 if self.params.do_classifier_free_guidance else 1
+        return self.params.num_outputs * factor
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one batched step cost: the UNet call's seconds and rows."""
+
+    engine_seconds: float
+    rows: int
+
+
+class SDXLPipeline:
+    """Runs SDXL-family models on an EngineSet, one denoising step at a time."""
+
+    def __init__(
+        self, files: SDXLModelFiles, engines: EngineSet, *, prompt_cache_size: int = 256
+    ) -> None:
+        self.files = files
+        self.engines = engines
+        self.dims = files.dims
+        self.prompt_encoder = PromptEncoder(
+            files.tokenizer,
+            files.tokenizer_2,
+            engines,
+            force_zeros_for_empty_prompt=files.force_zeros_for_empty_prompt,
+            cache_size=prompt_cache_size,
+        )
+        self.previewer = LatentPreviewer.for_model(files.kiln_config)
+
+    @property
+    def backend(self) -> str:
+        """Name of the runtime executing the engines."""
+        return self.engines.backend
+
+    def prepare(self, params: GenerationParams) -> DenoiseState:
+        """Encode prompts, seed latents and set up a scheduler for one request."""
+        prompts = self.prompt_encoder.encode(params.prompt, params.negative_prompt)
+        scheduler = make_scheduler(params.scheduler, self.files.scheduler_config)
+        scheduler.set_timesteps(params.num_inference_steps, device="cpu")
+        latent_shape = (
+            1,
+            self.dims.latent_channels,
+            params.height // self.dims.vae_scale_factor,
+            params.width // self.dims.vae_scale_factor,
+        )
+        generators = [torch.Generator().manual_seed(seed) for seed in params.seeds]
+        # One draw per output from its own generator, as diffusers does for a generator list.
+        latents = torch.cat(
+            [torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators]
+        )
+        latents = latents * scheduler.init_noise_sigma
+        step_signature = inspect.signature(scheduler.step).parameters
+        step_kwargs: dict[str, Any] = {}
+        if "eta" in step_signature:
+            step_kwargs["eta"] = 0.0
+        if "generator" in step_signature:
+            step_kwargs["generator"] = generators
+        # SDXL micro-conditioning: original size, crop top-left, target size.
+        time_ids = torch.tensor(
+            [[params.height, params.width, 0, 0, params.height, params.width]],
+            dtype=torch.float32,
+        )
+        return DenoiseState(
+            params=params,
+            scheduler=scheduler,
+            timesteps=scheduler.timesteps,
+            latents=latents,
+            generators=generators,
+            prompts=prompts,
+            time_ids=time_ids,
+            step_kwargs=step_kwargs,
+        )
+
+    def _unet_inputs(self, states: list[DenoiseState]) -> dict[str, torch.Tensor]:
+        """Stack every state's rows: per state [uncond x N, cond x N] under guidance."""
+        samples, timesteps, contexts, pooled, time_ids = [], [], [], [], []
+        for state in states:
+            t = state.timesteps[state.step_index]
+            model_input = state.scheduler.scale_model_input(state.latents, t)
+            n = state.params.num_outputs
+            branches = [state.prompts.positive]
+            if state.params.do_classifier_free_guidance:
+                branches = [state.prompts.negative, state.prompts.positive]
+            for embedding in branches:
+                samples.append(model_input)
+                contexts.append(embedding.hidden_states.expand(n, -1, -1))
+                pooled.append(embedding.pooled.expand(n, -1))
+            rows = state.rows
+            timesteps.append(torch.full((rows,), float(t), dtype=torch.float32))
+            time_ids.append(state.time_ids.expand(rows, -1))
+        return {
+            "sample": torch.cat(samples),
+            "timestep": torch.cat(timesteps),
+            "encoder_hidden_states": torch.cat(contexts),
+            "text_embeds": torch.cat(pooled),
+            "time_ids": torch.cat(time_ids),
+        }
+
+    def denoise_step(self, states: list[DenoiseState]) -> StepResult:
+        """Advance every state by one timestep with one UNet call.
+
+        All states must share a latent shape (the batcher groups them so). Each state's
+        scheduler then steps on its own slice of the prediction.
+        """
+        if not states:
+            return StepResult(0.0, 0)
+        inputs = self._unet_inputs(states)
+        started = time.perf_counter()
+        noise_pred = self.engines.unet.infer(inputs)["noise_pred"]
+        engine_seconds = time.perf_counter() - started
+        offset = 0
+        for state in states:
+            prediction = noise_pred[offset : offset + state.rows]
+            offset += state.rows
+            if state.params.do_classifier_free_guidance:
+                uncond, cond = prediction.chunk(2)
+                prediction = uncond + state.params.guidance_scale * (cond - uncond)
+            t = state.timesteps[state.step_index]
+            output = state.scheduler.step(
+                prediction, t, state.latents, **state.step_kwargs, return_dict=True
+            )
+            state.latents = output.prev_sample
+            state.denoised = getattr(output, "pred_original_sample", None)
+            state.step_index += 1
+        return StepResult(engine_seconds, int(inputs["sample"].shape[0]))
+
+    def decode(self, state: DenoiseState) -> np.ndarray:
+        """Final images of a finished state: uint8 [N, H, W, 3]."""
+        latents = state.latents / self.files.vae_scaling_factor
+        images = self.engines.vae_decoder.infer({"latent": latents})["images"]
+        images = (images / 2 + 0.5).clamp(0, 1)
+        array = images.permute(0, 2, 3, 1).float().numpy()
+        return np.asarray((array * 255).round().astype(np.uint8))
+
+    def preview(self, state: DenoiseState, options: PreviewParams) -> EncodedPreview:
+        """Cheap preview of the current prediction of the clean image (or the latents)."""
+        latents = state.denoised if state.denoised is not None else state.latents
+        return self.previewer.encode(latents, options.max_size, options.format, options.quality)
+
+    def generate(self, params: GenerationParams) -> list[np.ndarray]:
+        """Run one request start to finish, alone: the in-process reference path."""
+        state = self.prepare(params)
+        while not state.finished:
+            self.denoise_step([state])
+        return list(self.decode(state))

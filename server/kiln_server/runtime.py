@@ -1,0 +1,103 @@
+"""Loading served models into resident pipelines, and warming them up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln_server.engines.base import EngineSet
+from kiln_server.models.loader import SDXLModelFiles, read_model_files
+from kiln_server.models.registry import ModelRegistry, ModelSpec
+from kiln_server.pipeline.params import GenerationParams, PreviewParams
+from kiln_server.pipeline.sdxl import SDXLPipeline
+
+logger = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2
+
+
+@dataclass
+class LoadedModel:
+    """A served model: its registry entry and its resident pipeline."""
+
+    spec: ModelSpec
+    pipeline: SDXLPipeline
+
+
+def model_engines_dir(engines_root: Path | None, model_name: str) -> Path | None:
+    """Engines of one model live in <engines root>/<model name>/ (`kiln build-engines`)."""
+    if engines_root is None:
+        return None
+    return engines_root / model_name
+
+
+def load_engines(
+    backend: str | None, files: SDXLModelFiles, engines_dir: Path | None
+) -> EngineSet:
+    """Load one model's engines on the requested (or fastest available) backend."""
+    from kiln_server.engines.loading import load_engine_set, resolve_backend
+
+    chosen = resolve_backend(backend, engines_dir)
+    return load_engine_set(chosen, files, engines_dir)
+
+
+def load_model(spec: ModelSpec, backend: str | None, engines_root: Path | None) -> LoadedModel:
+    """Read the model folder, load its engines once, and build its pipeline."""
+    started = time.perf_counter()
+    files = read_model_files(spec.path)
+    engines = load_engines(backend, files, model_engines_dir(engines_root, spec.name))
+    pipeline = SDXLPipeline(files, engines)
+    logger.info(
+        "model loaded",
+        extra={
+            "model": spec.name,
+            "backend": engines.backend,
+            "path": str(spec.path),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
+    return LoadedModel(spec=spec, pipeline=pipeline)
+
+
+def warm_up(model: LoadedModel) -> float:
+    """Run a short generation at the model's default size (with a preview); return seconds.
+
+    The first call into an engine allocates buffers and (on a GPU) selects kernels; doing
+    it here keeps that cost out of the first user's request.
+    """
+    spec = model.spec
+    params = GenerationParams(
+        prompt="warm-up",
+        width=spec.default_width,
+        height=spec.default_height,
+        num_inference_steps=WARMUP_STEPS,
+        guidance_scale=spec.default_guidance_scale,
+        scheduler=spec.default_scheduler,
+        model=spec.name,
+        preview=PreviewParams(every_n_steps=1),
+    )
+    started = time.perf_counter()
+    pipeline = model.pipeline
+    state = pipeline.prepare(params)
+    while not state.finished:
+        pipeline.denoise_step([state])
+        pipeline.preview(state, params.preview)
+    pipeline.decode(state)
+    seconds = time.perf_counter() - started
+    logger.info("model warmed up", extra={"model": spec.name, "seconds": round(seconds, 3)})
+    return seconds
+
+
+def load_registry_models(
+    registry: ModelRegistry, backend: str | None, engines_root: Path | None
+) -> dict[str, LoadedModel]:
+    """Load and warm up every model of the registry, in registry order."""
+    loaded: dict[str, LoadedModel] = {}
+    for spec in registry.models.values():
+        logger.info("loading model", extra={"model": spec.name, "path": str(spec.path)})
+        loaded[spec.name] = load_model(spec, backend, engines_root)
+        logger.info("warming up model", extra={"model": spec.name})
+        warm_up(loaded[spec.name])
+    return loaded

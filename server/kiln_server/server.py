@@ -1,0 +1,133 @@
+"""The server process: listen, load and warm up models, serve, and drain on SIGTERM.
+
+The port opens first with health NOT_SERVING, so orchestrators can watch start-up; health
+turns SERVING only after every model is loaded and has run a warm-up generation. On SIGTERM
+or SIGINT health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish
+(up to the drain timeout), and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_server.batcher import Batcher, BatcherSettings
+from kiln_server.models.registry import ModelRegistry
+from kiln_server.runtime import load_registry_models
+from kiln_server.service import GenerationService
+from kiln_server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+class KilnServer:
+    """One gRPC server with its models, batcher and health status."""
+
+    def __init__(self, settings: ServerSettings, registry: ModelRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.batcher: Batcher | None = None
+        self.draining = False
+        self.health = health.aio.HealthServicer()
+        self.service = GenerationService(registry, is_draining=lambda: self.draining)
+        max_bytes = settings.max_message_mb * 1024 * 1024
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.max_receive_message_length", max_bytes),
+            ]
+        )
+        pb_grpc.add_GenerationServiceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Bind and start answering (NOT_SERVING); returns the bound port."""
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}: the address is in use or not local")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        logger.info(f"listening on {self.settings.host}:{self.port}", extra={"port": self.port})
+        return self.port
+
+    async def load(self) -> None:
+        """Load and warm up every model, start the batcher, then report SERVING."""
+        models = await asyncio.to_thread(
+            load_registry_models, self.registry, self.settings.backend, self.settings.engines
+        )
+        self.batcher = Batcher(
+            {name: model.pipeline for name, model in models.items()},
+            BatcherSettings(
+                max_queue=self.settings.max_queue,
+                max_batch_rows={name: m.spec.max_batch_rows for name, m in models.items()},
+                default_max_batch_rows=self.settings.max_batch_rows,
+                aging_seconds=self.settings.aging_seconds,
+            ),
+        )
+        self.batcher.start()
+        self.service.attach(models, self.batcher)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info("ready: SERVING", extra={"port": self.port})
+
+    async def shutdown(self) -> None:
+        """Drain: NOT_SERVING, refuse new work, let in-flight requests finish, stop."""
+        if self.draining:
+            return
+        self.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        in_flight = self.batcher.in_flight if self.batcher else 0
+        logger.info("draining", extra={"in_flight": in_flight})
+        if self.batcher is not None:
+            drained = await asyncio.to_thread(self.batcher.drain, self.settings.drain_timeout)
+            if not drained:
+                logger.warning("drain timeout reached; stopping with requests in flight")
+        # A short grace lets the last responses of finished jobs reach their clients.
+        await self.server.stop(grace=5.0)
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.stop)
+        logger.info("stopped")
+
+
+async def run_server(
+    settings: ServerSettings, registry: ModelRegistry, port_file: Path | None = None
+) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    server = KilnServer(settings, registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    port = await server.start()
+    if port_file is not None:
+        port_file.write_text(str(port))
+    loader = asyncio.create_task(server.load())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if loader in done and loader.exception() is not None:
+        logger.error("start-up failed: %s", loader.exception())
+        await server.server.stop(grace=None)
+        return 1
+    await stopper
+    if not loader.done():
+        loader.cancel()
+    await server.shutdown()
+    return 0

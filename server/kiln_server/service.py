@@ -1,0 +1,273 @@
+"""The gRPC API layer: validate, hand jobs to the batcher, stream its events back.
+
+Nothing here runs a model. Every way a request can end maps to one precise status:
+INVALID_ARGUMENT (with google.rpc.BadRequest), NOT_FOUND, RESOURCE_EXHAUSTED (with
+google.rpc.RetryInfo), UNAVAILABLE while loading or draining, INTERNAL for an engine fault
+(never a traceback text), or the client's own CANCELLED / DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_server.batcher import Batcher, Draining, Job, QueueFull
+from kiln_server.events import Decoded, Failed, Finished, JobEvent, Progress, Queued, Started
+from kiln_server.imaging import encode_image
+from kiln_server.models.registry import ModelRegistry
+from kiln_server.pipeline.params import GenerationParams
+from kiln_server.pipeline.schedulers import scheduler_names
+from kiln_server.runtime import LoadedModel
+from kiln_server.validation import ModelNotFound, RequestInvalid, validate_request
+
+logger = logging.getLogger(__name__)
+
+
+def _status_details(code: int, message: str, *details: Any) -> grpc.Status:
+    status = status_pb2.Status(code=code, message=message)
+    for detail in details:
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return rpc_status.to_status(status)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> NoReturn:
+    """End the RPC with a rich status (code, message, google.rpc details)."""
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def bad_request_status(error: RequestInvalid) -> grpc.Status:
+    """INVALID_ARGUMENT carrying one google.rpc.BadRequest violation per field."""
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ]
+    )
+    return _status_details(code_pb2.INVALID_ARGUMENT, str(error), bad_request)
+
+
+def queue_full_status(error: QueueFull) -> grpc.Status:
+    """RESOURCE_EXHAUSTED carrying google.rpc.RetryInfo."""
+    seconds = int(error.retry_after)
+    delay = duration_pb2.Duration(seconds=seconds, nanos=int((error.retry_after - seconds) * 1e9))
+    return _status_details(
+        code_pb2.RESOURCE_EXHAUSTED,
+        f"{error}; retry in {error.retry_after:g} s",
+        error_details_pb2.RetryInfo(retry_delay=delay),
+    )
+
+
+def png_parameters(params: GenerationParams, seed: int) -> dict[str, Any]:
+    """The generation parameters written into each PNG's text chunk."""
+    return {
+        "model": params.model,
+        "prompt": params.prompt,
+        "negative_prompt": params.negative_prompt or "",
+        "width": params.width,
+        "height": params.height,
+        "num_inference_steps": params.num_inference_steps,
+        "guidance_scale": params.guidance_scale,
+        "scheduler": params.scheduler,
+        "seed": seed,
+    }
+
+
+class GenerationService(pb_grpc.GenerationServiceServicer):
+    """kiln.v1.GenerationService over a registry, its loaded models and the batcher."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        batcher: Batcher | None = None,
+        models: dict[str, LoadedModel] | None = None,
+        is_draining: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.registry = registry
+        self.batcher = batcher
+        self.models = models or {}
+        self.is_draining = is_draining
+
+    def attach(self, models: dict[str, LoadedModel], batcher: Batcher) -> None:
+        """Make the loaded models and the batcher live (called once loading finished)."""
+        self.models = models
+        self.batcher = batcher
+
+    def _count_tokens(self, model: str, text: str) -> int:
+        return self.models[model].pipeline.prompt_encoder.count_tokens(text)
+
+    def _max_tokens(self, model: str) -> int:
+        return self.models[model].pipeline.prompt_encoder.max_tokens
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        """Every served model with its defaults and limits."""
+        infos = []
+        for spec in self.registry.models.values():
+            loaded = self.models.get(spec.name)
+            infos.append(
+                pb.ModelInfo(
+                    name=spec.name,
+                    family=spec.family,
+                    backend=loaded.pipeline.backend if loaded else "",
+                    default_width=spec.default_width,
+                    default_height=spec.default_height,
+                    default_num_inference_steps=spec.default_num_inference_steps,
+                    default_guidance_scale=spec.default_guidance_scale,
+                    default_scheduler=spec.default_scheduler,
+                    min_size=spec.min_size,
+                    max_size=spec.max_size,
+                    max_num_inference_steps=spec.max_num_inference_steps,
+                    max_num_outputs=spec.max_num_outputs,
+                    max_guidance_scale=spec.max_guidance_scale,
+                    max_prompt_tokens=self._max_tokens(spec.name) if loaded else 0,
+                    schedulers=scheduler_names(),
+                )
+            )
+        return pb.ListModelsResponse(models=infos, default_model=self.registry.default_model)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Validate, queue, and stream the request's events until images and completion."""
+        arrival = time.monotonic()
+        request_id = uuid.uuid4().hex[:16]
+        log = {"request_id": request_id}
+        if self.is_draining():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        if self.batcher is None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "models are still loading; retry when SERVING"
+            )
+        assert self.batcher is not None
+        try:
+            params = validate_request(request, self.registry, self._count_tokens, self._max_tokens)
+        except RequestInvalid as error:
+            logger.info("rejected invalid request: %s", error, extra=log)
+            await abort_with(context, bad_request_status(error))
+        except ModelNotFound as error:
+            logger.info("rejected unknown model", extra={**log, "model": error.name})
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[JobEvent] = asyncio.Queue()
+
+        def emit(event: JobEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(request_id=request_id, params=params, emit=emit)
+        try:
+            self.batcher.submit(job)
+        except QueueFull as error:
+            logger.warning("queue full; request refused", extra=log)
+            await abort_with(context, queue_full_status(error))
+        except Draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        logger.info(
+            "request accepted",
+            extra={**log, "model": params.model, "steps": params.num_inference_steps},
+        )
+        finished = False
+        try:
+            async for message in self._stream(job, events, arrival, context):
+                yield message
+            finished = True
+        finally:
+            if not finished:
+                self.batcher.cancel(job)
+                logger.info("request ended early; job dropped", extra=log)
+
+    async def _stream(
+        self,
+        job: Job,
+        events: asyncio.Queue[JobEvent],
+        arrival: float,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        params, request_id = job.params, job.request_id
+        encode_seconds = 0.0
+        while True:
+            event = await events.get()
+            if isinstance(event, Queued):
+                yield pb.GenerateResponse(
+                    request_id=request_id, queued=pb.QueuedEvent(position=event.position)
+                )
+            elif isinstance(event, Started):
+                yield pb.GenerateResponse(
+                    request_id=request_id,
+                    started=pb.StartedEvent(
+                        model=params.model,
+                        width=params.width,
+                        height=params.height,
+                        num_outputs=params.num_outputs,
+                        num_inference_steps=params.num_inference_steps,
+                        guidance_scale=params.guidance_scale,
+                        scheduler=params.scheduler,
+                        seed=params.seed,
+                    ),
+                )
+            elif isinstance(event, Progress):
+                progress = pb.ProgressEvent(step=event.step, total_steps=event.total_steps)
+                if event.preview is not None:
+                    progress.preview = event.preview.data
+                    progress.preview_mime_type = event.preview.mime_type
+                    progress.preview_width = event.preview.width
+                    progress.preview_height = event.preview.height
+                yield pb.GenerateResponse(request_id=request_id, progress=progress)
+            elif isinstance(event, Decoded):
+                started = time.perf_counter()
+                for index, (pixels, seed) in enumerate(zip(event.pixels, params.seeds, strict=True)):
+                    encoded = await asyncio.to_thread(
+                        encode_image,
+                        pixels,
+                        params.output_format,
+                        params.output_quality,
+                        png_parameters(params, seed),
+                    )
+                    yield pb.GenerateResponse(
+                        request_id=request_id,
+                        image=pb.ImageEvent(
+                            index=index,
+                            seed=seed,
+                            data=encoded.data,
+                            mime_type=encoded.mime_type,
+                            width=encoded.width,
+                            height=encoded.height,
+                        ),
+                    )
+                encode_seconds = time.perf_counter() - started
+            elif isinstance(event, Finished):
+                total = time.monotonic() - arrival
+                timings = asdict(event)
+                logger.info(
+                    "request completed",
+                    extra={"request_id": request_id, "seconds": round(total, 4)},
+                )
+                yield pb.GenerateResponse(
+                    request_id=request_id,
+                    completed=pb.CompletedEvent(
+                        queue_seconds=timings["queue_seconds"],
+                        inference_seconds=timings["inference_seconds"] + encode_seconds,
+                        engine_seconds=timings["engine_seconds"],
+                        total_seconds=total,
+                        num_images=params.num_outputs,
+                    ),
+                )
+                return
+            elif isinstance(event, Failed):
+                await context.abort(grpc.StatusCode[event.code], event.message)

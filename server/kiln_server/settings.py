@@ -1,0 +1,114 @@
+"""Server settings from flags, KILN_* environment variables and a TOML config file.
+
+Precedence: command-line flag, then environment variable, then the config file's
+`[server]` table, then the default here.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from kiln_server.models.registry import default_cache_dir
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the setting, its source and the fix."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `kiln serve` needs to start."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    config: Path | None = None
+    backend: str | None = None  # None picks the fastest available
+    engines: Path | None = None
+    cache_dir: Path = default_cache_dir()
+    max_queue: int = 64
+    max_batch_rows: int = 8
+    aging_seconds: float = 5.0
+    drain_timeout: float = 60.0
+    max_message_mb: int = 64
+    log_format: str = "auto"  # auto | json | text
+    log_level: str = "INFO"
+    warmup: bool = True
+
+
+_CONVERTERS: dict[str, Any] = {
+    "port": int,
+    "max_queue": int,
+    "max_batch_rows": int,
+    "max_message_mb": int,
+    "aging_seconds": float,
+    "drain_timeout": float,
+    "config": Path,
+    "engines": Path,
+    "cache_dir": Path,
+    "warmup": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes"),
+}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    try:
+        converter = _CONVERTERS.get(name, str)
+        return converter(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}: invalid value {value!r} for {name}: {exc}") from exc
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML config; the result remembers its folder for relative model paths."""
+    try:
+        config = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+    config["_config_dir"] = str(path.resolve().parent)
+    return config
+
+
+def load_settings(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> tuple[ServerSettings, dict[str, Any]]:
+    """Resolve settings (flags over env over config file) and return them with the config."""
+    environ = os.environ if environ is None else environ
+    names = [f.name for f in fields(ServerSettings)]
+    env_values = {
+        name: _convert(name, environ[f"KILN_{name.upper()}"], f"KILN_{name.upper()}")
+        for name in names
+        if environ.get(f"KILN_{name.upper()}")
+    }
+    flag_values = {k: v for k, v in flags.items() if k in names and v is not None}
+    config_path = flag_values.get("config") or env_values.get("config")
+    config: dict[str, Any] = {}
+    file_values: dict[str, Any] = {}
+    if config_path is not None:
+        config = read_config_file(Path(config_path))
+        server = config.get("server") or {}
+        unknown = set(server) - set(names) - {"default_model"}
+        if unknown:
+            raise SettingsError(
+                f"config file {config_path}: unknown [server] setting(s) {sorted(unknown)}"
+            )
+        file_values = {
+            k: _convert(k, v, f"config file {config_path}")
+            for k, v in server.items()
+            if k in names
+        }
+        if "engines" in file_values and not file_values["engines"].is_absolute():
+            file_values["engines"] = Path(config["_config_dir"]) / file_values["engines"]
+    settings = replace(ServerSettings(), **{**file_values, **env_values, **flag_values})
+    if settings.backend not in (None, "torch", "onnxruntime", "tensorrt"):
+        raise SettingsError(
+            f"unknown backend {settings.backend!r}: choose torch, onnxruntime or tensorrt"
+        )
+    if settings.max_queue < 1 or settings.max_batch_rows < 1:
+        raise SettingsError("max_queue and max_batch_rows must be at least 1")
+    return settings, config

@@ -1,0 +1,223 @@
+"""Request validation: every field checked before any work, every problem named.
+
+`validate_request` resolves a GenerateRequest against the model's defaults and limits into
+GenerationParams, or raises RequestInvalid listing one violation per offending field (the
+API turns it into INVALID_ARGUMENT with google.rpc.BadRequest), or ModelNotFound.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_server.models.registry import ModelRegistry, ModelSpec
+from kiln_server.pipeline.params import GenerationParams, PreviewParams
+from kiln_server.pipeline.schedulers import scheduler_names
+
+MAX_PROMPT_CHARS = 4096
+MAX_SEED = 2**64 - 1
+OUTPUT_FORMATS = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: "png",
+    pb.OUTPUT_FORMAT_PNG: "png",
+    pb.OUTPUT_FORMAT_JPEG: "jpeg",
+    pb.OUTPUT_FORMAT_WEBP: "webp",
+}
+PREVIEW_FORMATS = {
+    pb.PREVIEW_FORMAT_UNSPECIFIED: "jpeg",
+    pb.PREVIEW_FORMAT_JPEG: "jpeg",
+    pb.PREVIEW_FORMAT_WEBP: "webp",
+}
+PRIORITIES = {
+    pb.PRIORITY_UNSPECIFIED: 2,
+    pb.PRIORITY_LOW: 1,
+    pb.PRIORITY_NORMAL: 2,
+    pb.PRIORITY_HIGH: 3,
+}
+DEFAULT_OUTPUT_QUALITY = 90
+DEFAULT_PREVIEW_SIZE = 256
+DEFAULT_PREVIEW_QUALITY = 75
+MIN_PREVIEW_SIZE = 16
+MAX_PREVIEW_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field and why, as google.rpc.BadRequest.FieldViolation carries it."""
+
+    field: str
+    description: str
+
+
+class RequestInvalid(ValueError):
+    """The request has invalid fields; `violations` names each one."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {summary}")
+        self.violations = violations
+
+
+class ModelNotFound(LookupError):
+    """The requested model is not served here."""
+
+    def __init__(self, name: str, available: list[str]) -> None:
+        super().__init__(f"model {name!r} is not served here; available: {', '.join(available)}")
+        self.name = name
+
+
+TokenCounter = Callable[[str, str], int]
+
+
+def _check_size(name: str, value: int, spec: ModelSpec, errors: list[FieldViolation]) -> None:
+    if value % 8:
+        errors.append(FieldViolation(name, f"must be a multiple of 8, got {value}"))
+    elif not spec.min_size <= value <= spec.max_size:
+        errors.append(
+            FieldViolation(
+                name, f"must be between {spec.min_size} and {spec.max_size}, got {value}"
+            )
+        )
+
+
+def _check_prompt(
+    name: str, text: str, spec: ModelSpec, count_tokens: TokenCounter, max_tokens: int
+) -> FieldViolation | None:
+    if len(text) > MAX_PROMPT_CHARS:
+        return FieldViolation(name, f"is {len(text)} characters; at most {MAX_PROMPT_CHARS}")
+    tokens = count_tokens(spec.name, text)
+    if tokens > max_tokens:
+        return FieldViolation(
+            name, f"is {tokens} tokens; this model reads at most {max_tokens} (shorten it)"
+        )
+    return None
+
+
+def validate_request(
+    request: pb.GenerateRequest,
+    registry: ModelRegistry,
+    count_tokens: TokenCounter,
+    max_tokens: Callable[[str], int],
+) -> GenerationParams:
+    """Resolve defaults and check every field; raise RequestInvalid or ModelNotFound."""
+    spec = registry.get(request.model)
+    if spec is None:
+        raise ModelNotFound(request.model, sorted(registry.models))
+    errors: list[FieldViolation] = []
+    token_limit = max_tokens(spec.name)
+
+    if not request.prompt.strip():
+        errors.append(FieldViolation("prompt", "must not be empty"))
+    else:
+        problem = _check_prompt("prompt", request.prompt, spec, count_tokens, token_limit)
+        if problem:
+            errors.append(problem)
+    if request.negative_prompt:
+        problem = _check_prompt(
+            "negative_prompt", request.negative_prompt, spec, count_tokens, token_limit
+        )
+        if problem:
+            errors.append(problem)
+
+    width = request.width or spec.default_width
+    height = request.height or spec.default_height
+    _check_size("width", width, spec, errors)
+    _check_size("height", height, spec, errors)
+
+    num_outputs = request.num_outputs or 1
+    if num_outputs > spec.max_num_outputs:
+        errors.append(
+            FieldViolation(
+                "num_outputs", f"must be between 1 and {spec.max_num_outputs}, got {num_outputs}"
+            )
+        )
+
+    steps = request.num_inference_steps or spec.default_num_inference_steps
+    if steps > spec.max_num_inference_steps:
+        errors.append(
+            FieldViolation(
+                "num_inference_steps",
+                f"must be between 1 and {spec.max_num_inference_steps}, got {steps}",
+            )
+        )
+
+    guidance = (
+        request.guidance_scale
+        if request.HasField("guidance_scale")
+        else spec.default_guidance_scale
+    )
+    if not math.isfinite(guidance) or not 0.0 <= guidance <= spec.max_guidance_scale:
+        errors.append(
+            FieldViolation(
+                "guidance_scale",
+                f"must be between 0 and {spec.max_guidance_scale}, got {guidance}",
+            )
+        )
+
+    scheduler = request.scheduler or spec.default_scheduler
+    if scheduler not in scheduler_names():
+        errors.append(
+            FieldViolation(
+                "scheduler",
+                f"unknown scheduler {scheduler!r}; choose one of {', '.join(scheduler_names())}",
+            )
+        )
+
+    seed = request.seed if request.HasField("seed") else random.randrange(2**32)
+    if seed + num_outputs - 1 > MAX_SEED:
+        errors.append(FieldViolation("seed", f"seed + num_outputs - 1 must be below 2^64"))
+
+    if request.output_format not in OUTPUT_FORMATS:
+        errors.append(
+            FieldViolation("output_format", f"unknown output format {request.output_format}")
+        )
+    if request.output_quality > 100:
+        errors.append(
+            FieldViolation(
+                "output_quality", f"must be between 1 and 100, got {request.output_quality}"
+            )
+        )
+    if request.priority not in PRIORITIES:
+        errors.append(FieldViolation("priority", f"unknown priority {request.priority}"))
+
+    preview = request.preview
+    preview_size = preview.max_size or DEFAULT_PREVIEW_SIZE
+    if not MIN_PREVIEW_SIZE <= preview_size <= MAX_PREVIEW_SIZE:
+        errors.append(
+            FieldViolation(
+                "preview.max_size",
+                f"must be between {MIN_PREVIEW_SIZE} and {MAX_PREVIEW_SIZE}, got {preview_size}",
+            )
+        )
+    if preview.format not in PREVIEW_FORMATS:
+        errors.append(FieldViolation("preview.format", f"unknown preview format {preview.format}"))
+    if preview.quality > 100:
+        errors.append(
+            FieldViolation("preview.quality", f"must be between 1 and 100, got {preview.quality}")
+        )
+
+    if errors:
+        raise RequestInvalid(errors)
+    return GenerationParams(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        width=width,
+        height=height,
+        num_outputs=num_outputs,
+        num_inference_steps=steps,
+        guidance_scale=float(guidance),
+        scheduler=scheduler,
+        seed=seed,
+        model=spec.name,
+        output_format=OUTPUT_FORMATS[request.output_format],
+        output_quality=request.output_quality or DEFAULT_OUTPUT_QUALITY,
+        preview=PreviewParams(
+            every_n_steps=preview.every_n_steps,
+            max_size=preview_size,
+            format=PREVIEW_FORMATS[preview.format],
+            quality=preview.quality or DEFAULT_PREVIEW_QUALITY,
+        ),
+        priority=PRIORITIES[request.priority],
+    )
