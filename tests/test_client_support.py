@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -49,7 +50,7 @@ class Hang:
     """Block the call until the client cancels it or its deadline passes."""
 
 
-Step = pb.GenerateResponse | Abort | Hang
+Step: TypeAlias = pb.GenerateResponse | Abort | Hang
 
 
 @dataclass
@@ -63,7 +64,7 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
     # Set when a call that was hanging ended because the client went away.
     client_went_away: threading.Event = field(default_factory=threading.Event)
 
-    def Generate(self, request, context):
+    def Generate(self, request: pb.GenerateRequest, context: Any) -> Iterator[pb.GenerateResponse]:
         self.requests.append(request)
         ended = threading.Event()
         context.add_callback(ended.set)
@@ -77,7 +78,7 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
             else:
                 yield step
 
-    def ListModels(self, request, context):
+    def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         if self.list_models_abort is not None:
             context.abort_with_status(self.list_models_abort.status())
         return self.models

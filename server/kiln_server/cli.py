@@ -30,7 +30,9 @@ def register(subparsers: Any) -> None:
         help="runtime for the models (default: the fastest available for --engines)",
     )
     parser.add_argument(
-        "--engines", type=Path, help="folder written by `kiln build-engines` (one subfolder per model)"
+        "--engines",
+        type=Path,
+        help="folder written by `kiln build-engines` (one subfolder per model)",
     )
     parser.add_argument("--cache-dir", type=Path, help="where built-in models are cached")
     parser.add_argument("--max-queue", type=int, help="requests allowed to wait (default 64)")

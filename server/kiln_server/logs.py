@@ -19,6 +19,8 @@ STRUCTURED_FIELDS = (
     "port",
     "seconds",
     "steps",
+    "rows",
+    "jobs",
     "status",
     "in_flight",
     "path",

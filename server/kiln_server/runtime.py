@@ -33,9 +33,7 @@ def model_engines_dir(engines_root: Path | None, model_name: str) -> Path | None
     return engines_root / model_name
 
 
-def load_engines(
-    backend: str | None, files: SDXLModelFiles, engines_dir: Path | None
-) -> EngineSet:
+def load_engines(backend: str | None, files: SDXLModelFiles, engines_dir: Path | None) -> EngineSet:
     """Load one model's engines on the requested (or fastest available) backend."""
     from kiln_server.engines.loading import load_engine_set, resolve_backend
 

@@ -104,6 +104,11 @@ class KilnServer:
         await self.server.stop(grace=5.0)
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.stop)
+            stats = self.batcher.stats
+            logger.info(
+                "batcher stats",
+                extra={"steps": stats.steps, "rows": stats.rows, "jobs": stats.jobs_completed},
+            )
         logger.info("stopped")
 
 

@@ -231,7 +231,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 yield pb.GenerateResponse(request_id=request_id, progress=progress)
             elif isinstance(event, Decoded):
                 started = time.perf_counter()
-                for index, (pixels, seed) in enumerate(zip(event.pixels, params.seeds, strict=True)):
+                for index, (pixels, seed) in enumerate(
+                    zip(event.pixels, params.seeds, strict=True)
+                ):
                     encoded = await asyncio.to_thread(
                         encode_image,
                         pixels,

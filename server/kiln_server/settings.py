@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class ServerSettings:
     config: Path | None = None
     backend: str | None = None  # None picks the fastest available
     engines: Path | None = None
-    cache_dir: Path = default_cache_dir()
+    cache_dir: Path = field(default_factory=default_cache_dir)
     max_queue: int = 64
     max_batch_rows: int = 8
     aging_seconds: float = 5.0
@@ -98,9 +98,7 @@ def load_settings(
                 f"config file {config_path}: unknown [server] setting(s) {sorted(unknown)}"
             )
         file_values = {
-            k: _convert(k, v, f"config file {config_path}")
-            for k, v in server.items()
-            if k in names
+            k: _convert(k, v, f"config file {config_path}") for k, v in server.items() if k in names
         }
         if "engines" in file_values and not file_values["engines"].is_absolute():
             file_values["engines"] = Path(config["_config_dir"]) / file_values["engines"]

@@ -167,7 +167,7 @@ def validate_request(
 
     seed = request.seed if request.HasField("seed") else random.randrange(2**32)
     if seed + num_outputs - 1 > MAX_SEED:
-        errors.append(FieldViolation("seed", f"seed + num_outputs - 1 must be below 2^64"))
+        errors.append(FieldViolation("seed", "seed + num_outputs - 1 must be below 2^64"))
 
     if request.output_format not in OUTPUT_FORMATS:
         errors.append(

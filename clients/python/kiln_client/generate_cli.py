@@ -273,18 +273,19 @@ class ProgressReporter:
             return
         kind = event.WhichOneof("event")
         if kind == "queued":
-            bar.set_description(f"queued (position {event.queued.position})")
+            bar.set_description_str(f"queued (position {event.queued.position})")
         elif kind == "started":
-            bar.total = event.started.num_inference_steps or None
-            bar.set_description("generating")
+            bar.reset(total=event.started.num_inference_steps or None)  # restart the clock
+            bar.set_description_str("generating")
         elif kind == "progress":
             progress = event.progress
             if progress.total_steps and bar.total != progress.total_steps:
                 bar.total = progress.total_steps
-            bar.set_description("generating")
+            bar.set_description_str("generating")
             bar.update(max(0, progress.step - bar.n))
+            bar.refresh()  # steps are seconds apart: show each one, whatever tqdm's throttle
         elif kind == "image":
-            bar.set_description(f"received image {event.image.index}")
+            bar.set_description_str(f"received image {event.image.index}")
 
     @property
     def position(self) -> int:
@@ -294,7 +295,7 @@ class ProgressReporter:
     @property
     def description(self) -> str:
         """The bar's current label ("" when disabled)."""
-        return str(self._bar.desc).rstrip(": ") if self._bar is not None else ""
+        return str(self._bar.desc) if self._bar is not None else ""
 
     def close(self) -> None:
         """Remove the bar from the terminal. Safe to call twice."""

@@ -65,9 +65,8 @@ def differences(expected: Path, actual: Path) -> list[str]:
         if p.is_file() and "__pycache__" not in p.parts
     }
     for rel in sorted(expected_files | actual_files):
-        if rel not in actual_files or rel not in expected_files:
-            diffs.append(str(rel))
-        elif not filecmp.cmp(expected / rel, actual / rel, shallow=False):
+        present = rel in actual_files and rel in expected_files
+        if not present or not filecmp.cmp(expected / rel, actual / rel, shallow=False):
             diffs.append(str(rel))
     return diffs
 

@@ -135,9 +135,7 @@ class ComponentSpec:
         """Raise ValueError unless `inputs` names exactly this component's inputs."""
         expected = {spec.name for spec in self.inputs}
         if set(inputs) != expected:
-            raise ValueError(
-                f"{self.name} takes inputs {sorted(expected)}, got {sorted(inputs)}"
-            )
+            raise ValueError(f"{self.name} takes inputs {sorted(expected)}, got {sorted(inputs)}")
 
 
 def text_encoder_spec(dims: ModelDims) -> ComponentSpec:
@@ -197,7 +195,9 @@ def vae_decoder_spec(dims: ModelDims) -> ComponentSpec:
         name="vae_decoder",
         inputs=(
             TensorSpec(
-                "latent", "float32", ("batch", dims.latent_channels, "latent_height", "latent_width")
+                "latent",
+                "float32",
+                ("batch", dims.latent_channels, "latent_height", "latent_width"),
             ),
         ),
         outputs=(
@@ -220,7 +220,9 @@ def vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
         ),
         outputs=(
             TensorSpec(
-                "latent", "float32", ("batch", dims.latent_channels, "latent_height", "latent_width")
+                "latent",
+                "float32",
+                ("batch", dims.latent_channels, "latent_height", "latent_width"),
             ),
         ),
         dims=dims,

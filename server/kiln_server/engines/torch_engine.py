@@ -31,5 +31,7 @@ class TorchEngine:
 def load_torch_engines(modules: Any, dims: Any) -> EngineSet:
     """Wrap loaded SDXLModules as an EngineSet on the torch backend."""
     specs = sdxl_component_specs(dims)
-    engines = {name: TorchEngine(spec, component_module(spec, modules)) for name, spec in specs.items()}
+    engines = {
+        name: TorchEngine(spec, component_module(spec, modules)) for name, spec in specs.items()
+    }
     return EngineSet(backend="torch", **engines)

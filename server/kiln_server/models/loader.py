@@ -70,7 +70,8 @@ def check_model_folder(path: Path) -> None:
     missing = [name for name in REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
     if missing:
         raise ModelFolderError(
-            f"{path} lacks {', '.join(missing)}: an SDXL folder needs {', '.join(REQUIRED_SUBFOLDERS)}"
+            f"{path} lacks {', '.join(missing)}: "
+            f"an SDXL folder needs {', '.join(REQUIRED_SUBFOLDERS)}"
         )
 
 

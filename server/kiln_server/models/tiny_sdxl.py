@@ -15,7 +15,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -132,9 +132,11 @@ def write_tiny_sdxl(folder: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         torch.manual_seed(WEIGHT_SEED)
-        UNet2DConditionModel(**UNET_CONFIG).save_pretrained(staging / "unet")
+        unet: Any = UNet2DConditionModel(**UNET_CONFIG)
+        unet.save_pretrained(staging / "unet")
         torch.manual_seed(WEIGHT_SEED + 1)
-        AutoencoderKL(**VAE_CONFIG).save_pretrained(staging / "vae")
+        vae: Any = AutoencoderKL(**VAE_CONFIG)
+        vae.save_pretrained(staging / "vae")
         text_config = CLIPTextConfig(**TEXT_ENCODER_CONFIG)
         torch.manual_seed(WEIGHT_SEED + 2)
         CLIPTextModel(text_config).save_pretrained(staging / "text_encoder")
@@ -145,13 +147,12 @@ def write_tiny_sdxl(folder: Path) -> Path:
             # SDXL's second tokenizer pads with "!" (id 0); the first with the end token.
             CLIPTokenizer(
                 vocab=vocabulary.vocab,
-                merges=vocabulary.merges,
+                # transformers 5's fast tokenizer takes merges as (left, right) pairs.
+                merges=cast(Any, vocabulary.merges),
                 pad_token=pad_token,
                 model_max_length=77,
             ).save_pretrained(staging / subfolder)
-        EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(
-            staging / "scheduler"
-        )
+        EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
         write_model_index(staging)
         (staging / "kiln.json").write_text(
             json.dumps({**KILN_DEFAULTS, "fingerprint": config_fingerprint()}, indent=2)

@@ -1,0 +1,358 @@
+"""Load benchmark: a real `kiln serve` driven by N concurrent asyncio clients.
+
+For each concurrency N it starts a fresh server (so batch statistics are per run), keeps N
+requests in flight (closed loop) for a bounded time, and reports images/second, latency
+percentiles, queue time, and the server's mean UNet batch (rows per step, read from its
+shutdown log). It also measures the service's overhead: one request end to end over gRPC
+against the same generation called in-process.
+
+    .venv/bin/python benchmarks/load.py --concurrency 1 4 8 16 --duration 30
+
+Results go to stdout as a Markdown table; `--write-results` replaces this benchmark's
+section of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## Throughput under load (benchmarks/load.py)"
+PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow triangle on a purple background",
+    "a green square on a white background",
+    "a blue star on an orange background",
+    "a product photo of a teapot on marble",
+    "a white mug on a wooden table",
+]
+
+
+@dataclass
+class RunResult:
+    """Measurements of one concurrency level."""
+
+    concurrency: int
+    requests: int
+    images: int
+    seconds: float
+    latencies: list[float]
+    queue_seconds: list[float]
+    mean_batch_rows: float
+    errors: int
+
+    @property
+    def images_per_second(self) -> float:
+        """Completed images per wall-clock second."""
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class ServerProcess:
+    """A `kiln serve` subprocess on an ephemeral port, stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], workdir: Path) -> None:
+        self.port_file = workdir / "port"
+        self.log_file = workdir / "server.log"
+        command = [
+            sys.executable,
+            "-m",
+            "kiln_client.cli",
+            "serve",
+            "--port",
+            "0",
+            "--port-file",
+            str(self.port_file),
+            "--log-format",
+            "json",
+            *args,
+        ]
+        with self.log_file.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.address = ""
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Block until the server logs that it is SERVING."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_file.read_text()}")
+            if self.port_file.exists() and "ready: SERVING" in self.log_file.read_text():
+                self.address = f"127.0.0.1:{self.port_file.read_text().strip()}"
+                return
+            time.sleep(0.1)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> dict[str, float]:
+        """SIGTERM, wait, and return the batch statistics the server logged on exit."""
+        self.process.terminate()
+        self.process.wait(timeout=120)
+        stats: dict[str, float] = {}
+        for line in self.log_file.read_text().splitlines():
+            if '"batcher stats"' in line:
+                record = json.loads(line)
+                stats = {k: float(v) for k, v in record.items() if k in ("steps", "rows")}
+        return stats
+
+
+def make_request(index: int, args: argparse.Namespace) -> pb.GenerateRequest:
+    """The index-th request of the workload: its own prompt and seed."""
+    return pb.GenerateRequest(
+        model=args.model,
+        prompt=PROMPTS[index % len(PROMPTS)],
+        num_outputs=args.num_outputs,
+        seed=1000 + index,
+        num_inference_steps=args.steps,
+    )
+
+
+async def closed_loop(address: str, concurrency: int, args: argparse.Namespace) -> RunResult:
+    """Keep `concurrency` requests in flight until the duration or request budget ends."""
+    latencies: list[float] = []
+    queue_times: list[float] = []
+    counter = {"next": 0, "images": 0, "errors": 0}
+    deadline = time.monotonic() + args.duration
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+
+        async def worker() -> None:
+            while time.monotonic() < deadline and counter["next"] < args.max_requests:
+                index = counter["next"]
+                counter["next"] += 1
+                started = time.perf_counter()
+                try:
+                    async for event in stub.Generate(make_request(index, args), timeout=600):
+                        if event.HasField("image"):
+                            counter["images"] += 1
+                        elif event.HasField("completed"):
+                            queue_times.append(event.completed.queue_seconds)
+                    latencies.append(time.perf_counter() - started)
+                except grpc.aio.AioRpcError:
+                    counter["errors"] += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    return RunResult(
+        concurrency,
+        len(latencies),
+        counter["images"],
+        elapsed,
+        latencies,
+        queue_times,
+        0.0,
+        counter["errors"],
+    )
+
+
+def server_args(args: argparse.Namespace, config: Path) -> list[str]:
+    """Flags for the benchmarked server."""
+    flags = ["--config", str(config), "--max-queue", "256"]
+    if args.backend:
+        flags += ["--backend", args.backend]
+    if args.engines:
+        flags += ["--engines", str(args.engines)]
+    return flags
+
+
+def write_config(workdir: Path, args: argparse.Namespace) -> Path:
+    """Config serving one model with the benchmark's batch cap."""
+    config = workdir / "kiln.toml"
+    model = args.model or "kiln-tiny-sdxl"
+    source = f'builtin = "{model}"' if not args.model_path else f'path = "{args.model_path}"'
+    config.write_text(
+        f'[server]\ndefault_model = "{model}"\n\n'
+        f'[[models]]\nname = "{model}"\n{source}\nmax_batch_rows = {args.max_batch_rows}\n'
+    )
+    return config
+
+
+def measure_overhead(args: argparse.Namespace, address: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of one request over gRPC and of the same generation in-process."""
+    from kiln_server.engines.loading import load_engine_set, resolve_backend
+    from kiln_server.models.registry import ModelRegistry
+    from kiln_server.models.loader import read_model_files
+    from kiln_server.pipeline.sdxl import SDXLPipeline
+    from kiln_server.service import png_parameters
+    from kiln_server.imaging import encode_image
+    from kiln_server.settings import load_settings
+    from kiln_server.validation import validate_request
+
+    settings, config = load_settings({"config": write_config(Path(args.workdir), args)})
+    registry = ModelRegistry.from_config(config, settings.cache_dir)
+    spec = next(iter(registry.models.values()))
+    files = read_model_files(spec.path)
+    engines_dir = args.engines / spec.name if args.engines else None
+    backend = resolve_backend(args.backend, engines_dir)
+    pipeline = SDXLPipeline(files, load_engine_set(backend, files, engines_dir))
+    request = make_request(0, args)
+    params = validate_request(
+        request,
+        registry,
+        lambda _m, text: pipeline.prompt_encoder.count_tokens(text),
+        lambda _m: pipeline.prompt_encoder.max_tokens,
+    )
+
+    def in_process() -> None:
+        for pixels, seed in zip(pipeline.generate(params), params.seeds, strict=True):
+            encode_image(pixels, "png", 90, png_parameters(params, seed))
+
+    in_process()  # warm-up
+    local = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        in_process()
+        local.append(time.perf_counter() - started)
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+    stub = pb_grpc.GenerationServiceStub(channel)
+    list(stub.Generate(request))  # warm-up
+    remote = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        list(stub.Generate(request))
+        remote.append(time.perf_counter() - started)
+    channel.close()
+    return statistics.median(remote), statistics.median(local)
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run every concurrency level and the overhead measurement; return the report."""
+    results: list[RunResult] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        args.workdir = tmp
+        config = write_config(Path(tmp), args)
+        for concurrency in args.concurrency:
+            workdir = Path(tmp) / f"n{concurrency}"
+            workdir.mkdir()
+            server = ServerProcess(server_args(args, config), workdir)
+            try:
+                server.wait_ready()
+                result = asyncio.run(closed_loop(server.address, concurrency, args))
+            finally:
+                stats = server.stop()
+            if stats.get("steps"):
+                result.mean_batch_rows = stats["rows"] / stats["steps"]
+            results.append(result)
+            print(
+                f"N={concurrency}: {result.images_per_second:.2f} img/s, "
+                f"p50 {percentile(result.latencies, 50):.3f}s, "
+                f"batch {result.mean_batch_rows:.2f} rows",
+                file=sys.stderr,
+            )
+        workdir = Path(tmp) / "overhead"
+        workdir.mkdir()
+        server = ServerProcess(server_args(args, config), workdir)
+        try:
+            server.wait_ready()
+            remote, local = measure_overhead(args, server.address, args.overhead_repeats)
+        finally:
+            server.stop()
+    return report(results, remote, local, args)
+
+
+def report(
+    results: list[RunResult], remote: float, local: float, args: argparse.Namespace
+) -> str:
+    """Markdown section with the machine, the command and the table."""
+    baseline = next((r for r in results if r.concurrency == 1), results[0])
+    lines = [
+        SECTION,
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; measured {time.strftime('%Y-%m-%d')}.",
+        f"Command: `.venv/bin/python benchmarks/load.py {' '.join(sys.argv[1:])}`",
+        f"Workload: model `{args.model or 'kiln-tiny-sdxl'}` at its default size, "
+        f"{args.steps or 'default'} steps, {args.num_outputs} image(s) per request, distinct "
+        f"prompts and seeds, closed loop for {args.duration:g} s per level, "
+        f"max_batch_rows {args.max_batch_rows}, backend {args.backend or 'auto'}.",
+        "",
+        "| clients | requests | images/s | vs sequential | p50 s | p95 s | p99 s "
+        "| mean queue s | mean batch rows | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        ratio = r.images_per_second / baseline.images_per_second if baseline else 0.0
+        queue = statistics.mean(r.queue_seconds) if r.queue_seconds else 0.0
+        lines.append(
+            f"| {r.concurrency} | {r.requests} | {r.images_per_second:.2f} | {ratio:.2f}x "
+            f"| {percentile(r.latencies, 50):.3f} | {percentile(r.latencies, 95):.3f} "
+            f"| {percentile(r.latencies, 99):.3f} | {queue:.3f} | {r.mean_batch_rows:.2f} "
+            f"| {r.errors} |"
+        )
+    overhead = (remote - local) / local * 100 if local else 0.0
+    lines += [
+        "",
+        "Sequential = 1 client (one request at a time). Mean batch rows counts UNet rows per "
+        "step (a request under guidance adds 2 rows per image).",
+        "",
+        f"Service overhead, one request alone (median of {args.overhead_repeats}): "
+        f"gRPC end to end {remote * 1000:.1f} ms vs the same generation + PNG encoding "
+        f"in-process {local * 1000:.1f} ms: {overhead:+.1f}%.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def replace_section(text: str, section: str) -> str:
+    """`text` with this benchmark's section replaced (or appended)."""
+    start = text.find(SECTION)
+    if start < 0:
+        return text.rstrip() + "\n\n" + section
+    end = text.find("\n## ", start + len(SECTION))
+    return text[:start] + section + ("" if end < 0 else text[end + 1 :])
+
+
+def main() -> int:
+    """Parse flags, run the benchmark, print (and optionally record) the report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per level")
+    parser.add_argument("--max-requests", type=int, default=2000, help="cap per level")
+    parser.add_argument("--model", default="", help="built-in model name (default tiny)")
+    parser.add_argument("--model-path", type=Path, help="serve this SDXL folder instead")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"))
+    parser.add_argument("--engines", type=Path, help="engines folder for the backend")
+    parser.add_argument("--steps", type=int, default=0, help="0 = the model default")
+    parser.add_argument("--num-outputs", type=int, default=1)
+    parser.add_argument("--max-batch-rows", type=int, default=16)
+    parser.add_argument("--overhead-repeats", type=int, default=20)
+    parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
+    args = parser.parse_args()
+    section = run(args)
+    print(section)
+    if args.write_results:
+        existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+        RESULTS.write_text(replace_section(existing, section))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

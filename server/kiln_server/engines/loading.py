@@ -1,0 +1,167 @@
+"""Choosing a backend and loading a model's engines on it, once, at start-up.
+
+`resolve_backend` picks the fastest backend the machine and the engines directory allow.
+`load_engine_set` checks the engines directory's manifest against the served model and
+this machine before it loads anything, then loads every engine once; `warm_up` runs each
+engine at the model's default shape so the first request pays no first-call costs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kiln_server.engines.base import BACKENDS, Engine, EngineError, EngineSet
+from kiln_server.engines.buffers import ROWS_PER_IMAGE
+from kiln_server.engines.components import ComponentSpec, ShapeRequest, sdxl_component_specs
+from kiln_server.engines.manifest import (
+    MANIFEST_NAME,
+    CheckContext,
+    Manifest,
+    check_onnx_engines,
+    check_tensorrt_engines,
+    read_manifest,
+)
+from kiln_server.engines.sample_inputs import sample_inputs
+
+if TYPE_CHECKING:
+    from kiln_server.models.loader import SDXLModelFiles
+
+log = logging.getLogger(__name__)
+
+# The pipeline cannot run without these; the VAE encoder (img2img) is loaded when present.
+REQUIRED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+def _manifest_if_present(engines_dir: Path | None) -> Manifest | None:
+    if engines_dir is None or not (engines_dir / MANIFEST_NAME).is_file():
+        return None
+    return read_manifest(engines_dir)
+
+
+def resolve_backend(requested: str | None, engines_dir: Path | None) -> str:
+    """The backend to serve with.
+
+    An explicit `requested` backend is returned as is (EngineError when it is not one of
+    BACKENDS; whether it can load is `load_engine_set`'s concern). Otherwise the fastest
+    available: `tensorrt` when TensorRT and CUDA work here and the manifest in
+    `engines_dir` has engines built for this machine, else `onnxruntime` when it has ONNX
+    graphs, else `torch`. A corrupt manifest raises EngineError rather than being ignored.
+    """
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise EngineError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+        return requested
+    manifest = _manifest_if_present(engines_dir)
+    if manifest is None:
+        return "torch"
+    if manifest.tensorrt:
+        from kiln_server.engines.machine import probe_machine, tensorrt_missing
+
+        if not tensorrt_missing() and manifest.tensorrt_build_for(probe_machine()) is not None:
+            return "tensorrt"
+    if manifest.onnx:
+        return "onnxruntime"
+    return "torch"
+
+
+def load_engine_set(
+    backend: str,
+    files: SDXLModelFiles,
+    engines_dir: Path | None,
+    *,
+    model_name: str | None = None,
+    verify_hashes: bool = True,
+) -> EngineSet:
+    """Load every engine of the model in `files` on `backend`, once.
+
+    torch: the model's weights in eager mode (engines_dir unused). onnxruntime and tensorrt:
+    the manifest in `engines_dir` is checked first (model content hash, graph interfaces,
+    file sizes and hashes, and for TensorRT this machine's GPU, compute capability,
+    TensorRT and CUDA versions); any mismatch, missing or corrupt file raises EngineError
+    naming the differing value and the `kiln build-engines` command that fixes it, before
+    any engine is loaded. `model_name` (the registry name) makes that command use
+    `--model NAME` instead of `--model-path`.
+    """
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    specs = sdxl_component_specs(files.dims)
+    if backend == "torch":
+        from kiln_server.engines.torch_engine import load_torch_engines
+        from kiln_server.models.loader import load_modules
+
+        return load_torch_engines(load_modules(files.path), files.dims)
+    if engines_dir is None:
+        raise EngineError(
+            f"the {backend} backend serves prebuilt engines: pass --engines DIR (build them "
+            f"with `kiln build-engines --format {'onnx' if backend == 'onnxruntime' else backend}"
+            " --out DIR`)"
+        )
+    from kiln_server.models.loader import model_content_hash
+
+    manifest = read_manifest(engines_dir)
+    ctx = CheckContext(
+        engines_dir=engines_dir,
+        model_hash=model_content_hash(files.path),
+        model_path=files.path,
+        model_name=model_name,
+    )
+    engines: dict[str, Engine] = {}
+    if backend == "onnxruntime":
+        from kiln_server.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+        paths = check_onnx_engines(
+            manifest, specs, ctx, required=REQUIRED_COMPONENTS, verify_hash=verify_hashes
+        )
+        for name, path in paths.items():
+            engines[name] = OnnxRuntimeEngine(specs[name], path)
+    else:
+        from kiln_server.engines.machine import probe_machine
+        from kiln_server.engines.tensorrt_engine import TensorRTRuntime
+
+        machine = probe_machine()  # EngineError naming what is missing when TRT/CUDA absent
+        found = check_tensorrt_engines(
+            manifest, specs, ctx, machine, required=REQUIRED_COMPONENTS, verify_hash=verify_hashes
+        )
+        runtime = TensorRTRuntime()
+        for name, (path, _) in found.items():
+            engines[name] = runtime.load(specs[name], path)
+        size = runtime.share_device_memory()
+        log.info("TensorRT engines share %.1f MiB of device scratch memory", size / 2**20)
+    return EngineSet(
+        backend=backend,
+        text_encoder=engines["text_encoder"],
+        text_encoder_2=engines["text_encoder_2"],
+        unet=engines["unet"],
+        vae_decoder=engines["vae_decoder"],
+        vae_encoder=engines.get("vae_encoder"),
+    )
+
+
+def default_request(files: SDXLModelFiles) -> ShapeRequest:
+    """One image at the model's default size (kiln.json, else SDXL's 1024x1024)."""
+    config = files.kiln_config or {}
+    return ShapeRequest(
+        batch=1,
+        height=int(config.get("default_height", 1024)),
+        width=int(config.get("default_width", 1024)),
+    )
+
+
+def warm_up(engines: EngineSet, files: SDXLModelFiles, *, runs: int = 2) -> None:
+    """Run every engine `runs` times at the model's default shape, discarding the results.
+
+    First calls pay for lazy initialization, buffer allocation and (TensorRT) CUDA graph
+    capture on the second call; the server warms up before it reports SERVING.
+    """
+    request = default_request(files)
+    specs: dict[str, ComponentSpec] = sdxl_component_specs(files.dims)
+    for name, spec in specs.items():
+        engine: Engine | None = getattr(engines, name)
+        if engine is None:
+            continue
+        rows = request.batch * ROWS_PER_IMAGE.get(name, 1)
+        inputs = sample_inputs(spec, ShapeRequest(rows, request.height, request.width), seed=0)
+        for _ in range(runs):
+            engine.infer(inputs)

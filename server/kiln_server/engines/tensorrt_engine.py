@@ -1,0 +1,287 @@
+"""The TensorRT backend: serialized TensorRT 10 engines, resident on the GPU.
+
+All engines of a model share one `TensorRTRuntime`: one `trt.Runtime`, one CUDA stream
+that every call is enqueued on, and one block of device scratch memory that every
+execution context uses (contexts created with the USER_MANAGED allocation strategy), which
+is safe because calls are serialized on that stream. Each call:
+
+1. solves the call's sizes from the inputs and picks the engine profile that admits them
+   (an exact static profile first);
+2. copies the inputs into input buffers preallocated for that shape (reused across calls)
+   and binds every tensor by address (`set_tensor_address`) when the shape changes;
+3. runs `execute_async_v3` on the stream, or, for a static profile, replays a CUDA graph
+   captured on the second call of that shape;
+4. makes the caller's current stream wait for the result and returns the output buffers.
+
+TensorRT is imported only when an engine is created, so this module imports anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln_server.engines.base import EngineError
+from kiln_server.engines.buffers import (
+    BufferCache,
+    ProfileShapes,
+    Shape,
+    plan_buffers,
+    profile_is_static,
+    request_from_shapes,
+    select_profile,
+)
+from kiln_server.engines.components import ComponentSpec, ShapeRequest
+from kiln_server.engines.machine import require_tensorrt
+
+log = logging.getLogger(__name__)
+
+
+class TensorRTRuntime:
+    """What the engines of one model share: TensorRT runtime, CUDA stream, scratch memory."""
+
+    def __init__(self, device: int = 0) -> None:
+        """Import TensorRT and create the runtime and stream (EngineError when unavailable)."""
+        self.trt = require_tensorrt("serve with --backend tensorrt")
+        self.device = torch.device("cuda", device)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)
+        self.stream = torch.cuda.Stream(device=self.device)
+        self.scratch: torch.Tensor | None = None
+        self.engines: list[TensorRTEngine] = []
+
+    def deserialize(self, path: Path, component: str) -> Any:
+        """Deserialize the engine file at `path`; EngineError when unreadable or rejected."""
+        try:
+            plan = path.read_bytes()
+        except OSError as exc:
+            raise EngineError(f"cannot read TensorRT engine {path} for {component!r}: {exc}") from exc
+        engine = self.runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise EngineError(
+                f"TensorRT rejected the engine file {path} for {component!r} (see the TensorRT "
+                "log above): it is corrupt or was built for another GPU or TensorRT version; "
+                "rebuild it on this machine with `kiln build-engines --format tensorrt`"
+            )
+        return engine
+
+    def load(self, spec: ComponentSpec, path: Path, *, cuda_graphs: bool = True) -> TensorRTEngine:
+        """Deserialize `path` into a resident engine bound to this runtime's stream."""
+        engine = TensorRTEngine(spec, self.deserialize(path, spec.name), self, cuda_graphs)
+        self.engines.append(engine)
+        return engine
+
+    def share_device_memory(self) -> int:
+        """Give every loaded engine's context one scratch block sized for the largest.
+
+        Returns the block's size in bytes. Must be called after the last `load` and before
+        the first call; the engines then share the memory, which is safe because all of
+        them run on this runtime's one stream.
+        """
+        size = max((e.device_memory_size for e in self.engines), default=0)
+        # torch's allocator aligns blocks to 512 bytes; TensorRT needs 256.
+        self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        for engine in self.engines:
+            engine.set_device_memory(self.scratch.data_ptr(), size)
+        return size
+
+
+@dataclass
+class _ShapeBuffers:
+    """Device buffers for one call shape, and the CUDA graph replaying it when captured."""
+
+    request: ShapeRequest
+    profile: int
+    static: bool
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    runs: int = 0
+    graph: Any = None
+    graph_failed: bool = False
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, np.dtype(name).name)  # type: ignore[no-any-return]
+
+
+class TensorRTEngine:
+    """One component's TensorRT engine with its execution context and per-shape buffers."""
+
+    def __init__(
+        self, spec: ComponentSpec, engine: Any, runtime: TensorRTRuntime, cuda_graphs: bool
+    ) -> None:
+        trt = runtime.trt
+        self.spec = spec
+        self.engine = engine
+        self.runtime = runtime
+        self.cuda_graphs = cuda_graphs
+        self._check_interface(trt)
+        self.profiles: list[ProfileShapes] = [
+            {
+                t.name: tuple(  # type: ignore[misc]
+                    tuple(int(d) for d in shape)
+                    for shape in engine.get_tensor_profile_shape(t.name, index)
+                )
+                for t in spec.inputs
+            }
+            for index in range(engine.num_optimization_profiles)
+        ]
+        self.context = engine.create_execution_context(
+            trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        )
+        if self.context is None:
+            raise EngineError(f"TensorRT could not create an execution context for {spec.name}")
+        self.device_memory_size = int(engine.device_memory_size_v2)
+        self._buffers: BufferCache[_ShapeBuffers] = BufferCache(capacity=4)
+        self._bound: _ShapeBuffers | None = None
+        self._has_memory = False
+
+    def _check_interface(self, trt: Any) -> None:
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        expected = [t.name for t in self.spec.tensors]
+        if sorted(names) != sorted(expected):
+            raise EngineError(
+                f"TensorRT engine for {self.spec.name} has tensors {names}, the declaration "
+                f"needs {expected}; rebuild it with `kiln build-engines --format tensorrt`"
+            )
+        for tensor in self.spec.tensors:
+            is_input = self.engine.get_tensor_mode(tensor.name) == trt.TensorIOMode.INPUT
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(tensor.name)))
+            if is_input != (tensor in self.spec.inputs) or dtype != tensor.numpy_dtype:
+                raise EngineError(
+                    f"TensorRT engine for {self.spec.name}: tensor {tensor.name!r} is "
+                    f"{'an input' if is_input else 'an output'} of dtype {dtype}, the "
+                    f"declaration says {tensor.dtype}; rebuild it with `kiln build-engines`"
+                )
+
+    def set_device_memory(self, pointer: int, size: int) -> None:
+        """Use `size` bytes at device address `pointer` as this context's scratch memory."""
+        self.context.set_device_memory(pointer, size)
+        self._has_memory = True
+
+    def _allocate(self, request: ShapeRequest) -> _ShapeBuffers:
+        plan = plan_buffers(self.spec, request)
+        shapes: dict[str, Shape] = {b.name: b.shape for b in plan.inputs}
+        profile = select_profile(self.profiles, shapes)
+        if profile is None:
+            raise EngineError(
+                f"the TensorRT engine for {self.spec.name} has no profile for batch "
+                f"{request.batch} at {request.width}x{request.height} (profiles: "
+                f"{describe_profiles(self.profiles)}); rebuild it with wider ranges, e.g. "
+                "`kiln build-engines --format tensorrt --batch-sizes 1,4 --min-size 512 "
+                "--max-size 1536`"
+            )
+        device = self.runtime.device
+
+        def empty(buffer: Any) -> torch.Tensor:
+            return torch.empty(buffer.shape, dtype=_torch_dtype(buffer.dtype), device=device)
+
+        return _ShapeBuffers(
+            request=request,
+            profile=profile,
+            static=profile_is_static(self.profiles[profile]),
+            inputs={b.name: empty(b) for b in plan.inputs},
+            outputs={b.name: empty(b) for b in plan.outputs},
+        )
+
+    def _bind(self, buffers: _ShapeBuffers) -> None:
+        """Point the context at `buffers`: profile, input shapes, every tensor address."""
+        stream = self.runtime.stream.cuda_stream
+        if self._bound is not None:
+            self._bound.graph = None  # a graph is only valid for the bindings it captured
+        if self.context.active_optimization_profile != buffers.profile and not (
+            self.context.set_optimization_profile_async(buffers.profile, stream)
+        ):
+            raise EngineError(f"TensorRT refused profile {buffers.profile} for {self.spec.name}")
+        for name, tensor in buffers.inputs.items():
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise EngineError(
+                    f"TensorRT refused shape {tuple(tensor.shape)} for {self.spec.name}.{name}"
+                )
+        for name, tensor in {**buffers.inputs, **buffers.outputs}.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        for name, tensor in buffers.outputs.items():
+            shape = tuple(self.context.get_tensor_shape(name))
+            if shape != tuple(tensor.shape):
+                raise EngineError(
+                    f"TensorRT computes shape {shape} for {self.spec.name}.{name}, the "
+                    f"declaration gives {tuple(tensor.shape)}"
+                )
+        self._bound = buffers
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.runtime.stream.cuda_stream):
+            raise EngineError(f"TensorRT failed to run {self.spec.name} (see the TensorRT log)")
+
+    def _capture(self, buffers: _ShapeBuffers) -> None:
+        """Record this shape's enqueue as a CUDA graph; fall back to plain calls on failure."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(
+                graph, stream=self.runtime.stream, capture_error_mode="thread_local"
+            ):
+                self._execute()
+        except Exception as exc:  # capture is an optimization: never fail the call for it
+            log.warning("CUDA graph capture failed for %s: %s", self.spec.name, exc)
+            buffers.graph_failed = True
+            self._execute()
+            return
+        buffers.graph = graph
+        graph.replay()
+
+    def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the engine once; returns device tensors in buffers reused by later calls.
+
+        Raises EngineError when the inputs do not fit the declaration or any profile.
+        """
+        if not self._has_memory:
+            raise EngineError(
+                f"TensorRT engine for {self.spec.name} has no device memory: call "
+                "TensorRTRuntime.share_device_memory() after loading"
+            )
+        try:
+            self.spec.check_inputs(inputs)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+        request = request_from_shapes(self.spec, {k: tuple(v.shape) for k, v in inputs.items()})
+        buffers = self._buffers.get(request, self._allocate)
+        stream = self.runtime.stream
+        stream.wait_stream(torch.cuda.current_stream(self.runtime.device))
+        with torch.cuda.stream(stream):
+            for name, target in buffers.inputs.items():
+                value = inputs[name]
+                if value.is_cuda:
+                    value.record_stream(stream)
+                target.copy_(value, non_blocking=True)
+            if self._bound is not buffers:
+                self._bind(buffers)
+            buffers.runs += 1
+            if buffers.graph is not None:
+                buffers.graph.replay()
+            elif (
+                self.cuda_graphs and buffers.static and buffers.runs >= 2 and not buffers.graph_failed
+            ):
+                # The first run did TensorRT's deferred set-up; now the enqueue is capturable.
+                self._capture(buffers)
+            else:
+                self._execute()
+        torch.cuda.current_stream(self.runtime.device).wait_stream(stream)
+        return dict(buffers.outputs)
+
+
+def describe_profiles(profiles: Sequence[ProfileShapes]) -> str:
+    """What each profile accepts, input by input, for error messages."""
+    parts = []
+    for index, profile in enumerate(profiles):
+        ranges = ", ".join(
+            f"{name} {list(low)}" if low == high else f"{name} {list(low)}..{list(high)}"
+            for name, (low, _, high) in profile.items()
+        )
+        parts.append(f"#{index}: {ranges}")
+    return "; ".join(parts) or "none"
