@@ -9,6 +9,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     KILN_CACHE_DIR=/var/cache/kiln \
+    KILN_MODELS_DIR=/app/models \
     HF_HUB_OFFLINE=1
 
 WORKDIR /app
@@ -22,12 +23,14 @@ COPY build_engines build_engines
 COPY clients clients
 COPY training training
 COPY models models
-# torch is pinned by constraints.txt; the CPU wheel index keeps the image small. For GPU
-# hosts, swap the index for the CUDA one and add the TensorRT extra:
-#   pip install --extra-index-url https://pypi.nvidia.com '.[tensorrt]'
-RUN pip install --no-cache-dir -c constraints.txt \
-        --extra-index-url https://download.pytorch.org/whl/cpu . \
-    && pip install --no-cache-dir --no-deps -c constraints.txt open_clip_torch
+# torch is pinned by constraints.txt (PyPI's Linux wheel is the CUDA build a GPU host
+# needs). TensorRT comes from NVIDIA's index: build with --build-arg WITH_TENSORRT=1.
+ARG WITH_TENSORRT=0
+RUN pip install --no-cache-dir -c constraints.txt . \
+    && pip install --no-cache-dir --no-deps -c constraints.txt open_clip_torch \
+    && if [ "$WITH_TENSORRT" = "1" ]; then \
+        pip install --no-cache-dir --extra-index-url https://pypi.nvidia.com "tensorrt-cu12>=10,<11"; \
+    fi
 
 EXPOSE 50051
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s \

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from results_file import write_section
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS = REPO_ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Throughput under load (benchmarks/load.py)"
 PROMPTS = [
     "a red circle on a blue background",
@@ -198,11 +197,11 @@ def write_config(workdir: Path, args: argparse.Namespace) -> Path:
 def measure_overhead(args: argparse.Namespace, address: str, repeats: int) -> tuple[float, float]:
     """Median seconds of one request over gRPC and of the same generation in-process."""
     from kiln_server.engines.loading import load_engine_set, resolve_backend
-    from kiln_server.models.registry import ModelRegistry
+    from kiln_server.imaging import encode_image
     from kiln_server.models.loader import read_model_files
+    from kiln_server.models.registry import ModelRegistry
     from kiln_server.pipeline.sdxl import SDXLPipeline
     from kiln_server.service import png_parameters
-    from kiln_server.imaging import encode_image
     from kiln_server.settings import load_settings
     from kiln_server.validation import validate_request
 
@@ -231,7 +230,9 @@ def measure_overhead(args: argparse.Namespace, address: str, repeats: int) -> tu
         started = time.perf_counter()
         in_process()
         local.append(time.perf_counter() - started)
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+    channel = grpc.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
     stub = pb_grpc.GenerationServiceStub(channel)
     list(stub.Generate(request))  # warm-up
     remote = []
@@ -278,9 +279,7 @@ def run(args: argparse.Namespace) -> str:
     return report(results, remote, local, args)
 
 
-def report(
-    results: list[RunResult], remote: float, local: float, args: argparse.Namespace
-) -> str:
+def report(results: list[RunResult], remote: float, local: float, args: argparse.Namespace) -> str:
     """Markdown section with the machine, the command and the table."""
     baseline = next((r for r in results if r.concurrency == 1), results[0])
     lines = [
@@ -321,15 +320,6 @@ def report(
     return "\n".join(lines)
 
 
-def replace_section(text: str, section: str) -> str:
-    """`text` with this benchmark's section replaced (or appended)."""
-    start = text.find(SECTION)
-    if start < 0:
-        return text.rstrip() + "\n\n" + section
-    end = text.find("\n## ", start + len(SECTION))
-    return text[:start] + section + ("" if end < 0 else text[end + 1 :])
-
-
 def main() -> int:
     """Parse flags, run the benchmark, print (and optionally record) the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -349,8 +339,7 @@ def main() -> int:
     section = run(args)
     print(section)
     if args.write_results:
-        existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        RESULTS.write_text(replace_section(existing, section))
+        write_section(SECTION, section)
     return 0
 
 

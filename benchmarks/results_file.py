@@ -1,0 +1,31 @@
+"""Shared by the benchmark scripts: update one section of benchmarks/RESULTS.md.
+
+Each benchmark owns one `## ` section (its heading names the script). Writing replaces that
+section in place and leaves every other section untouched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = (
+    "# Benchmark results\n\n"
+    "Every number here comes from a script in benchmarks/; each section names its command.\n"
+)
+
+
+def replace_section(text: str, heading: str, section: str) -> str:
+    """`text` with the section starting at `heading` replaced by `section` (or appended)."""
+    start = text.find(heading)
+    if start < 0:
+        return text.rstrip() + "\n\n" + section.rstrip() + "\n"
+    end = text.find("\n## ", start + len(heading))
+    rest = "" if end < 0 else "\n" + text[end + 1 :]
+    return text[:start] + section.rstrip() + "\n" + rest
+
+
+def write_section(heading: str, section: str) -> None:
+    """Replace (or add) one benchmark's section of RESULTS.md."""
+    existing = RESULTS.read_text() if RESULTS.exists() else HEADER
+    RESULTS.write_text(replace_section(existing, heading, section))
