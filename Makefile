@@ -45,7 +45,7 @@ lint-protos: $(BUF)
 	$(BUF) lint
 
 typecheck: $(STAMP)
-	$(BIN)/mypy server/kiln_server build_engines/kiln_build clients/python/kiln_client training/kiln_training
+	$(BIN)/mypy server/kiln_server server/kiln_gateway build_engines/kiln_build clients/python/kiln_client training/kiln_training
 
 protos: $(STAMP)
 	$(BIN)/python -m kiln_client.protogen

@@ -61,22 +61,32 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
     requests: list[pb.GenerateRequest] = field(default_factory=list)
     models: pb.ListModelsResponse = field(default_factory=pb.ListModelsResponse)
     list_models_abort: Abort | None = None
-    # Set when a call that was hanging ended because the client went away.
+    # Set when a call ended before the script did: the client cancelled or its deadline passed.
     client_went_away: threading.Event = field(default_factory=threading.Event)
 
     def Generate(self, request: pb.GenerateRequest, context: Any) -> Iterator[pb.GenerateResponse]:
         self.requests.append(request)
         ended = threading.Event()
-        context.add_callback(ended.set)
+        server_finished = False  # the script ran to its end or aborted: not the client's doing
+
+        def on_termination() -> None:
+            ended.set()
+            if not server_finished:
+                self.client_went_away.set()
+
+        # Runs when the RPC ends for any reason, even if the server never pulls another
+        # response from this generator after the client cancelled.
+        context.add_callback(on_termination)
         for step in self.script:
             if isinstance(step, Abort):
+                server_finished = True
                 context.abort_with_status(step.status())
             elif isinstance(step, Hang):
-                if ended.wait(timeout=10) and not context.is_active():
-                    self.client_went_away.set()
+                ended.wait(timeout=10)
                 return
             else:
                 yield step
+        server_finished = True
 
     def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         if self.list_models_abort is not None:

@@ -54,7 +54,9 @@ def export_component(
     fails.
     """
     if opset < MIN_OPSET:
-        raise EngineError(f"--opset {opset} is too old: Kiln exports with opset {MIN_OPSET} or newer")
+        raise EngineError(
+            f"--opset {opset} is too old: Kiln exports with opset {MIN_OPSET} or newer"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = sample_inputs(spec, request, seed=1)
     args = tuple(inputs[t.name] for t in spec.inputs)

@@ -33,19 +33,31 @@ def model_engines_dir(engines_root: Path | None, model_name: str) -> Path | None
     return engines_root / model_name
 
 
-def load_engines(backend: str | None, files: SDXLModelFiles, engines_dir: Path | None) -> EngineSet:
+def load_engines(
+    backend: str | None,
+    files: SDXLModelFiles,
+    engines_dir: Path | None,
+    model_name: str,
+    config: Path | None = None,
+) -> EngineSet:
     """Load one model's engines on the requested (or fastest available) backend."""
     from kiln_server.engines.loading import load_engine_set, resolve_backend
 
     chosen = resolve_backend(backend, engines_dir)
-    return load_engine_set(chosen, files, engines_dir)
+    return load_engine_set(chosen, files, engines_dir, model_name=model_name, config=config)
 
 
-def load_model(spec: ModelSpec, backend: str | None, engines_root: Path | None) -> LoadedModel:
+def load_model(
+    spec: ModelSpec,
+    backend: str | None,
+    engines_root: Path | None,
+    config: Path | None = None,
+) -> LoadedModel:
     """Read the model folder, load its engines once, and build its pipeline."""
     started = time.perf_counter()
     files = read_model_files(spec.path)
-    engines = load_engines(backend, files, model_engines_dir(engines_root, spec.name))
+    engines_dir = model_engines_dir(engines_root, spec.name)
+    engines = load_engines(backend, files, engines_dir, spec.name, config)
     pipeline = SDXLPipeline(files, engines)
     logger.info(
         "model loaded",
@@ -89,13 +101,16 @@ def warm_up(model: LoadedModel) -> float:
 
 
 def load_registry_models(
-    registry: ModelRegistry, backend: str | None, engines_root: Path | None
+    registry: ModelRegistry,
+    backend: str | None,
+    engines_root: Path | None,
+    config: Path | None = None,
 ) -> dict[str, LoadedModel]:
     """Load and warm up every model of the registry, in registry order."""
     loaded: dict[str, LoadedModel] = {}
     for spec in registry.models.values():
         logger.info("loading model", extra={"model": spec.name, "path": str(spec.path)})
-        loaded[spec.name] = load_model(spec, backend, engines_root)
+        loaded[spec.name] = load_model(spec, backend, engines_root, config)
         logger.info("warming up model", extra={"model": spec.name})
         warm_up(loaded[spec.name])
     return loaded

@@ -21,13 +21,24 @@ from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
 from kiln_server.batcher import Batcher, BatcherSettings
 from kiln_server.models.registry import ModelRegistry
-from kiln_server.runtime import load_registry_models
+from kiln_server.runtime import LoadedModel, load_registry_models
 from kiln_server.service import GenerationService
 from kiln_server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def batch_row_limit(model: LoadedModel, server_default: int) -> int:
+    """UNet rows per step: the model's setting (else the server's), capped by the engine.
+
+    A TensorRT engine's profiles bound the batch one call accepts; torch and onnxruntime
+    engines accept any batch.
+    """
+    limit = model.spec.max_batch_rows or server_default
+    engine_max = model.pipeline.engines.unet.max_batch
+    return limit if engine_max is None else min(limit, engine_max)
 
 
 class KilnServer:
@@ -72,13 +83,20 @@ class KilnServer:
     async def load(self) -> None:
         """Load and warm up every model, start the batcher, then report SERVING."""
         models = await asyncio.to_thread(
-            load_registry_models, self.registry, self.settings.backend, self.settings.engines
+            load_registry_models,
+            self.registry,
+            self.settings.backend,
+            self.settings.engines,
+            self.settings.config,
         )
         self.batcher = Batcher(
             {name: model.pipeline for name, model in models.items()},
             BatcherSettings(
                 max_queue=self.settings.max_queue,
-                max_batch_rows={name: m.spec.max_batch_rows for name, m in models.items()},
+                max_batch_rows={
+                    name: batch_row_limit(m, self.settings.max_batch_rows)
+                    for name, m in models.items()
+                },
                 default_max_batch_rows=self.settings.max_batch_rows,
                 aging_seconds=self.settings.aging_seconds,
             ),

@@ -13,7 +13,6 @@ import copy
 from typing import Any
 
 from kiln_server.models.tiny_sdxl import KILN_DEFAULTS, SCHEDULER_CONFIG
-
 from kiln_training.dataset import IMAGE_SIZE
 
 MODEL_NAME = "kiln-shapes"

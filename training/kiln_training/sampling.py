@@ -81,7 +81,8 @@ class Sampler:
         with torch.no_grad():
             result = self.pipe(
                 prompt=list(prompts),
-                num_inference_steps=steps or int(self.defaults.get("default_num_inference_steps", 20)),
+                num_inference_steps=steps
+                or int(self.defaults.get("default_num_inference_steps", 20)),
                 guidance_scale=(
                     guidance_scale
                     if guidance_scale is not None

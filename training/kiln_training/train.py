@@ -50,6 +50,7 @@ from kiln_training.dataset import (
 )
 
 STATE_DIR = ".train-state"
+INITIAL_LOGVAR = -6.0
 VAE_STAGE = 1
 POOL_STAGE = 2
 UNET_STAGE = 3
@@ -62,13 +63,13 @@ class TrainSettings:
     out: Path
     seed: int = 0
     threads: int = 2
-    vae_steps: int = 600
-    vae_batch: int = 32
+    vae_steps: int = 1000
+    vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-3
-    latent_pool: int = 16384
-    unet_steps: int = 3000
-    unet_batch: int = 64
+    latent_pool: int = 8192
+    unet_steps: int = 2400
+    unet_batch: int = 48
     unet_lr: float = 5e-4
     warmup_steps: int = 100
     uncond_prob: float = 0.1
@@ -76,13 +77,15 @@ class TrainSettings:
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     resume: bool = False
+    stop_after: int | None = None
     keep_state: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """The settings that shape the weights, as JSON-ready values."""
-        skip = {"out", "resume", "keep_state", "progress", "extra", "checkpoint_every"}
+        skip = {"out", "resume", "stop_after", "keep_state", "progress", "extra"}
+        skip.add("checkpoint_every")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -93,6 +96,7 @@ class TrainResult:
     folder: Path
     seconds: dict[str, float]
     losses: dict[str, float]
+    done: bool = True
 
 
 # --------------------------------------------------------------------------- helpers
@@ -122,8 +126,9 @@ def build_tokenizers() -> tuple[Any, Any]:
 
     The first pads with the end token, the second with "!" (id 0), as SDXL base does.
     """
-    from kiln_server.models.clip_vocabulary import load_clip_vocabulary
     from transformers import CLIPTokenizer
+
+    from kiln_server.models.clip_vocabulary import load_clip_vocabulary
 
     vocabulary = load_clip_vocabulary()
     return tuple(  # type: ignore[return-value]
@@ -175,6 +180,10 @@ def new_models(seed: int) -> tuple[Any, Any, Any, Any]:
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**arch.VAE_CONFIG)
+    with torch.no_grad():
+        # Start with a narrow posterior (std ≈ 0.05): with unit std the sampled
+        # latents are mostly noise and the decoder learns nothing for hundreds of steps.
+        vae.encoder.conv_out.bias[arch.VAE_CONFIG["latent_channels"] :].fill_(INITIAL_LOGVAR)
     text_encoder = CLIPTextModel(CLIPTextConfig(**arch.TEXT_ENCODER_CONFIG))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch.TEXT_ENCODER_2_CONFIG))
     unet = UNet2DConditionModel(**arch.UNET_CONFIG)
@@ -241,7 +250,7 @@ def train_vae(vae: Any, settings: TrainSettings, state_dir: Path) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        last_loss = float(l1)
+        last_loss = l1.item()
         bar.update(1)
         bar.set_postfix(l1=f"{last_loss:.4f}")
         done = step + 1
@@ -350,8 +359,12 @@ def train_unet(
     tokens: tuple[torch.Tensor, torch.Tensor],
     settings: TrainSettings,
     state_dir: Path,
-) -> tuple[nn.Module, TextConditioner, float]:
-    """Train UNet and text encoders jointly; returns their EMA copies and the last loss."""
+) -> tuple[nn.Module, TextConditioner, float, bool]:
+    """Train UNet and text encoders jointly from the last checkpoint.
+
+    Returns their EMA copies, the last loss, and whether all steps are done (False when
+    `stop_after` ended the run early, its state saved for `--resume`).
+    """
     from diffusers import DDPMScheduler
 
     noise_schedule = DDPMScheduler.from_config(arch.scheduler_config())
@@ -378,9 +391,10 @@ def train_unet(
     batch = settings.unet_batch
     time_ids = torch.tensor([arch.time_ids()] * batch)
     total = settings.unet_steps
+    end = total if settings.stop_after is None else max(start, min(total, settings.stop_after))
     bar = _progress(total, start, "UNet+text", settings.progress)
     running = last_loss
-    for step in range(start, total):
+    for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = settings.unet_lr * lr_factor(step, total, settings.warmup_steps)
         rng = step_rng(settings.seed, UNET_STAGE, step)
@@ -418,12 +432,12 @@ def train_unet(
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text, decay)
 
-        last_loss = float(loss)
+        last_loss = loss.item()
         running = last_loss if math.isnan(running) else 0.98 * running + 0.02 * last_loss
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
         done = step + 1
-        if done % settings.checkpoint_every == 0 or done == total:
+        if done % settings.checkpoint_every == 0 or done == end:
             _save_state(
                 checkpoint,
                 {
@@ -437,7 +451,7 @@ def train_unet(
                 },
             )
     bar.close()
-    return ema_unet.eval(), ema_text.eval(), last_loss
+    return ema_unet.eval(), ema_text.eval(), last_loss, end == total
 
 
 # --------------------------------------------------------------------------- writing
@@ -458,6 +472,7 @@ def write_model_folder(
     once the new one is complete (its `.train-state/` is carried over when present).
     """
     from diffusers import EulerDiscreteScheduler
+
     from kiln_server.models.tiny_sdxl import write_model_index
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -521,10 +536,14 @@ def train(settings: TrainSettings) -> TrainResult:
     tokenizers = build_tokenizers()
     texts = all_captions()
     tokens = (tokenize(tokenizers[0], texts), tokenize(tokenizers[1], texts))
-    ema_unet, ema_text, unet_loss = train_unet(
+    ema_unet, ema_text, unet_loss, finished = train_unet(
         unet, text, pool, scaling_factor, tokens, settings, state_dir
     )
     seconds["unet"] = time.perf_counter() - began
+    if not finished:
+        return TrainResult(
+            folder=out, seconds=seconds, losses={"vae_l1": vae_l1, "unet": unet_loss}, done=False
+        )
 
     kiln_config = {
         **arch.SHAPES_KILN_DEFAULTS,
@@ -575,6 +594,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         "--resume", action="store_true", help="continue from <out>/.train-state/ checkpoints"
     )
     parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many UNet steps, keeping the state for --resume",
+    )
+    parser.add_argument(
         "--keep-state", action="store_true", help="keep <out>/.train-state/ after finishing"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -597,6 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = train(settings)
     total = time.perf_counter() - began
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    if not result.done:
+        print(f"stopped early after {total / 60:.1f} min ({stages}); continue with --resume")
+        return 0
     print(f"wrote {result.folder} in {total / 60:.1f} min ({stages})")
     return 0
 

@@ -140,26 +140,50 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     gen.add_argument("prompt", metavar="PROMPT", help="what to draw")
     _add_server_arguments(gen)
     gen.add_argument("--out", metavar="FILE", help="output file (see 'output naming' below)")
-    gen.add_argument("--seed", type=_non_negative_int, help="seed of the first image")
+    gen.add_argument("--seed", metavar="N", type=_non_negative_int, help="seed of the first image")
     gen.add_argument(
-        "--steps", type=_non_negative_int, default=0, help="denoising steps (model default)"
+        "--steps",
+        metavar="N",
+        type=_non_negative_int,
+        default=0,
+        help="denoising steps (model default)",
     )
-    gen.add_argument("--width", type=_non_negative_int, default=0, help="pixels, multiple of 8")
-    gen.add_argument("--height", type=_non_negative_int, default=0, help="pixels, multiple of 8")
     gen.add_argument(
-        "--num-outputs", type=_non_negative_int, default=0, help="images to make (default 1)"
+        "--width", metavar="W", type=_non_negative_int, default=0, help="pixels, multiple of 8"
     )
-    gen.add_argument("--model", default="", help="model name (server default; see kiln models)")
-    gen.add_argument("--negative-prompt", default="", help="what to steer away from")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    gen.add_argument("--scheduler", default="", help="scheduler name, e.g. K_EULER")
+    gen.add_argument(
+        "--height", metavar="H", type=_non_negative_int, default=0, help="pixels, multiple of 8"
+    )
+    gen.add_argument(
+        "--num-outputs",
+        metavar="N",
+        type=_non_negative_int,
+        default=0,
+        help="images to make (default 1)",
+    )
+    gen.add_argument(
+        "--model", metavar="NAME", default="", help="model name (server default; see kiln models)"
+    )
+    gen.add_argument(
+        "--negative-prompt", metavar="TEXT", default="", help="what to steer away from"
+    )
+    gen.add_argument(
+        "--guidance",
+        metavar="SCALE",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale",
+    )
+    gen.add_argument("--scheduler", metavar="NAME", default="", help="scheduler name, e.g. K_EULER")
     gen.add_argument(
         "--format",
         choices=["png", "jpeg", "webp"],
         default=None,
         help="image encoding (default: from --out's extension, else png)",
     )
-    gen.add_argument("--quality", type=_non_negative_int, default=0, help="JPEG/WebP quality 1-100")
+    gen.add_argument(
+        "--quality", metavar="Q", type=_non_negative_int, default=0, help="JPEG/WebP quality 1-100"
+    )
     gen.add_argument("--previews", metavar="DIR", help="write step previews into DIR")
     gen.add_argument(
         "--preview-every",

@@ -26,6 +26,8 @@ class Engine(Protocol):
     """
 
     spec: ComponentSpec
+    # Largest batch one call accepts (a TensorRT profile's maximum); None for any.
+    max_batch: int | None
 
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the component once."""

@@ -2,8 +2,8 @@
 
 `resolve_backend` picks the fastest backend the machine and the engines directory allow.
 `load_engine_set` checks the engines directory's manifest against the served model and
-this machine before it loads anything, then loads every engine once; `warm_up` runs each
-engine at the model's default shape so the first request pays no first-call costs.
+this machine before it loads anything, then loads every engine once (the server's warm-up
+generation then pays the first-call costs before it reports SERVING).
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiln_server.engines.base import BACKENDS, Engine, EngineError, EngineSet
-from kiln_server.engines.buffers import ROWS_PER_IMAGE
-from kiln_server.engines.components import ComponentSpec, ShapeRequest, sdxl_component_specs
+from kiln_server.engines.components import ShapeRequest, sdxl_component_specs
 from kiln_server.engines.manifest import (
     MANIFEST_NAME,
     CheckContext,
     Manifest,
+    build_command,
     check_onnx_engines,
     check_tensorrt_engines,
     read_manifest,
 )
-from kiln_server.engines.sample_inputs import sample_inputs
 
 if TYPE_CHECKING:
     from kiln_server.models.loader import SDXLModelFiles
@@ -72,6 +71,7 @@ def load_engine_set(
     engines_dir: Path | None,
     *,
     model_name: str | None = None,
+    config: Path | None = None,
     verify_hashes: bool = True,
 ) -> EngineSet:
     """Load every engine of the model in `files` on `backend`, once.
@@ -81,8 +81,10 @@ def load_engine_set(
     file sizes and hashes, and for TensorRT this machine's GPU, compute capability,
     TensorRT and CUDA versions); any mismatch, missing or corrupt file raises EngineError
     naming the differing value and the `kiln build-engines` command that fixes it, before
-    any engine is loaded. `model_name` (the registry name) makes that command use
-    `--model NAME` instead of `--model-path`.
+    any engine is loaded. For tensorrt, missing TensorRT or CUDA is reported first.
+    `model_name` is the model's name in that command (default: the engines directory's
+    name, as engines of model NAME live in <engines root>/NAME/); `config` is the server's
+    config file that defines NAME, added to the command as `--config`.
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -92,15 +94,25 @@ def load_engine_set(
         from kiln_server.models.loader import load_modules
 
         return load_torch_engines(load_modules(files.path), files.dims)
+    fmt = "onnx" if backend == "onnxruntime" else "tensorrt"
     if engines_dir is None:
         raise EngineError(
             f"the {backend} backend serves prebuilt engines: pass --engines DIR (build them "
-            f"with `kiln build-engines --format {'onnx' if backend == 'onnxruntime' else backend}"
-            " --out DIR`)"
+            f"with `kiln build-engines --format {fmt} --out DIR`)"
         )
     from kiln_server.models.loader import model_content_hash
 
-    manifest = read_manifest(engines_dir)
+    machine = None
+    if backend == "tensorrt":
+        from kiln_server.engines.machine import probe_machine
+
+        # Missing TensorRT or CUDA is reported before anything else is checked.
+        machine = probe_machine("serve with --backend tensorrt")
+    config_arg = str(config) if config is not None else None
+    fix = build_command(fmt, engines_dir, model_name=model_name, config=config_arg)
+    manifest = read_manifest(engines_dir, fix)
+    if config_arg is not None:
+        manifest.config = config_arg
     ctx = CheckContext(
         engines_dir=engines_dir,
         model_hash=model_content_hash(files.path),
@@ -117,10 +129,9 @@ def load_engine_set(
         for name, path in paths.items():
             engines[name] = OnnxRuntimeEngine(specs[name], path)
     else:
-        from kiln_server.engines.machine import probe_machine
         from kiln_server.engines.tensorrt_engine import TensorRTRuntime
 
-        machine = probe_machine()  # EngineError naming what is missing when TRT/CUDA absent
+        assert machine is not None
         found = check_tensorrt_engines(
             manifest, specs, ctx, machine, required=REQUIRED_COMPONENTS, verify_hash=verify_hashes
         )
@@ -147,21 +158,3 @@ def default_request(files: SDXLModelFiles) -> ShapeRequest:
         height=int(config.get("default_height", 1024)),
         width=int(config.get("default_width", 1024)),
     )
-
-
-def warm_up(engines: EngineSet, files: SDXLModelFiles, *, runs: int = 2) -> None:
-    """Run every engine `runs` times at the model's default shape, discarding the results.
-
-    First calls pay for lazy initialization, buffer allocation and (TensorRT) CUDA graph
-    capture on the second call; the server warms up before it reports SERVING.
-    """
-    request = default_request(files)
-    specs: dict[str, ComponentSpec] = sdxl_component_specs(files.dims)
-    for name, spec in specs.items():
-        engine: Engine | None = getattr(engines, name)
-        if engine is None:
-            continue
-        rows = request.batch * ROWS_PER_IMAGE.get(name, 1)
-        inputs = sample_inputs(spec, ShapeRequest(rows, request.height, request.width), seed=0)
-        for _ in range(runs):
-            engine.infer(inputs)

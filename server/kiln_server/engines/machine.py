@@ -54,12 +54,12 @@ def require_tensorrt(purpose: str) -> Any:
     return importlib.import_module("tensorrt")
 
 
-def probe_machine(device: int = 0) -> MachineInfo:
+def probe_machine(purpose: str = "use TensorRT", device: int = 0) -> MachineInfo:
     """GPU name, compute capability, TensorRT and CUDA versions of this machine.
 
-    Requires TensorRT and CUDA (EngineError from `require_tensorrt` otherwise).
+    Requires TensorRT and CUDA (EngineError from `require_tensorrt(purpose)` otherwise).
     """
-    trt = require_tensorrt("identify this machine for TensorRT")
+    trt = require_tensorrt(purpose)
     import torch
 
     major, minor = torch.cuda.get_device_capability(device)

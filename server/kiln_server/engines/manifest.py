@@ -83,6 +83,9 @@ class OnnxComponent:
     outputs: tuple[TensorEntry, ...]
     # Shapes the graph was checked against torch at, with the worst relative error seen.
     validated: list[dict[str, Any]] = field(default_factory=list)
+    # Weights of graphs over 2 GB live in one file beside the graph.
+    external_data: str | None = None
+    external_data_bytes: int = 0
 
 
 @dataclass
@@ -120,6 +123,8 @@ class Manifest:
     tensorrt: list[TensorRTBuild] = field(default_factory=list)
     # Extra `build-engines` flags the engines were built with (profiles), for rebuild hints.
     build_args: list[str] = field(default_factory=list)
+    # The `--config` file that defined the model's name, when one was used.
+    config: str | None = None
     version: int = MANIFEST_VERSION
 
     def tensorrt_build_for(self, machine: MachineInfo) -> TensorRTBuild | None:
@@ -153,12 +158,22 @@ def _component_to_json(component: OnnxComponent | TensorRTComponent) -> dict[str
     return data
 
 
+def _lists(value: Any) -> Any:
+    """`value` with every tuple turned into a list, recursively (JSON's own shapes)."""
+    if isinstance(value, list | tuple):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value
+
+
 def manifest_to_json(manifest: Manifest) -> dict[str, Any]:
-    """The manifest as a JSON-ready dict."""
-    return {
+    """The manifest as a JSON-ready dict (lists, dicts, strings, numbers, booleans, None)."""
+    data: dict[str, Any] = {
         "version": manifest.version,
         "model": asdict(manifest.model),
         "build_args": list(manifest.build_args),
+        "config": manifest.config,
         "onnx": {name: _component_to_json(c) for name, c in manifest.onnx.items()},
         "tensorrt": [
             {
@@ -169,18 +184,19 @@ def manifest_to_json(manifest: Manifest) -> dict[str, Any]:
             for build in manifest.tensorrt
         ],
     }
+    return _lists(data)
 
 
 class _Reader:
     """Typed access to parsed JSON that turns any structural problem into one EngineError."""
 
-    def __init__(self, source: Path) -> None:
+    def __init__(self, source: Path, fix: str) -> None:
         self.source = source
+        self.fix = fix
 
     def fail(self, where: str, problem: str) -> EngineError:
         return EngineError(
-            f"engine manifest {self.source} is corrupt: {where} {problem}; "
-            "rebuild the engines with `kiln build-engines`"
+            f"engine manifest {self.source} is corrupt: {where} {problem}; rebuild with: {self.fix}"
         )
 
     def obj(self, data: Any, where: str) -> dict[str, Any]:
@@ -231,15 +247,22 @@ class _Reader:
         )
 
 
-def manifest_from_json(data: Any, source: Path) -> Manifest:
+def _optional_str(r: _Reader, data: dict[str, Any], key: str, where: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise r.fail(f"{where}.{key}", "has the wrong type")
+    return value
+
+
+def manifest_from_json(data: Any, source: Path, fix: str | None = None) -> Manifest:
     """Parse a manifest dict; EngineError naming the field when anything is malformed."""
-    r = _Reader(source)
+    r = _Reader(source, fix or build_command("onnx", source.parent))
     data = r.obj(data, "the manifest")
     version = r.get(data, "version", int, "the manifest")
     if version != MANIFEST_VERSION:
         raise EngineError(
             f"engine manifest {source} has format version {version}, this Kiln reads version "
-            f"{MANIFEST_VERSION}; rebuild the engines with `kiln build-engines`"
+            f"{MANIFEST_VERSION}; rebuild with: {r.fix}"
         )
     model_data = r.obj(data.get("model"), "model")
     name = model_data.get("name")
@@ -264,6 +287,8 @@ def manifest_from_json(data: Any, source: Path) -> Manifest:
             inputs=r.tensors(item.get("inputs"), f"{where}.inputs"),
             outputs=r.tensors(item.get("outputs"), f"{where}.outputs"),
             validated=list(item.get("validated") or []),
+            external_data=_optional_str(r, item, "external_data", where),
+            external_data_bytes=int(item.get("external_data_bytes") or 0),
         )
     builds: list[TensorRTBuild] = []
     trt_data = data.get("tensorrt", [])
@@ -310,30 +335,37 @@ def manifest_from_json(data: Any, source: Path) -> Manifest:
     build_args = data.get("build_args", [])
     if not isinstance(build_args, list) or not all(isinstance(a, str) for a in build_args):
         raise r.fail("build_args", "is not a list of strings")
-    return Manifest(model=model, onnx=onnx, tensorrt=builds, build_args=build_args)
+    return Manifest(
+        model=model,
+        onnx=onnx,
+        tensorrt=builds,
+        build_args=build_args,
+        config=_optional_str(r, data, "config", "the manifest"),
+    )
 
 
-def read_manifest(engines_dir: Path) -> Manifest:
-    """Read `engines_dir/manifest.json`; EngineError when missing, unreadable or malformed."""
+def read_manifest(engines_dir: Path, fix: str | None = None) -> Manifest:
+    """Read `engines_dir/manifest.json`; EngineError when missing, unreadable or malformed.
+
+    `fix` is the command the messages recommend (default: an ONNX build for the model the
+    directory is named after).
+    """
+    fix = fix or build_command("onnx", engines_dir)
     path = engines_dir / MANIFEST_NAME
     if not engines_dir.is_dir():
-        raise EngineError(
-            f"engines directory {engines_dir} does not exist; build engines with "
-            f"`kiln build-engines --out {shlex.quote(str(engines_dir))}`"
-        )
+        raise EngineError(f"engines directory {engines_dir} does not exist; build with: {fix}")
     if not path.is_file():
         raise EngineError(
-            f"{engines_dir} has no {MANIFEST_NAME}: it was not written by `kiln build-engines`; "
-            f"build engines with `kiln build-engines --out {shlex.quote(str(engines_dir))}`"
+            f"{engines_dir} has no {MANIFEST_NAME} (it was not written by `kiln build-engines`);"
+            f" build with: {fix}"
         )
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EngineError(
-            f"engine manifest {path} is corrupt ({exc}); rebuild the engines with "
-            f"`kiln build-engines --out {shlex.quote(str(engines_dir))}`"
+            f"engine manifest {path} is corrupt ({exc}); rebuild with: {fix}"
         ) from exc
-    return manifest_from_json(data, path)
+    return manifest_from_json(data, path, fix)
 
 
 def write_manifest(engines_dir: Path, manifest: Manifest) -> Path:
@@ -365,16 +397,20 @@ def build_command(
     engines_dir: Path,
     *,
     model_name: str | None = None,
-    model_path: Path | str | None = None,
+    config: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> str:
-    """The `kiln build-engines` command line that (re)builds engines of `fmt` into the dir."""
+    """The `kiln build-engines` command line that (re)builds `fmt` engines into `engines_dir`.
+
+    Engines of model NAME live in <root>/NAME/ (the layout `kiln serve --engines <root>`
+    reads), so the command is `--model NAME --out <root>`, with NAME defaulting to the
+    directory's name; `config` adds the `--config` file that defines NAME.
+    """
     parts = ["kiln", "build-engines"]
-    if model_name:
-        parts += ["--model", model_name]
-    elif model_path is not None:
-        parts += ["--model-path", str(model_path)]
-    parts += ["--format", fmt, "--out", str(engines_dir), *extra_args]
+    if config:
+        parts += ["--config", config]
+    parts += ["--model", model_name or engines_dir.name, "--format", fmt]
+    parts += ["--out", str(engines_dir.parent), *extra_args]
     return shlex.join(parts)
 
 
@@ -399,13 +435,10 @@ def machine_mismatches(built: MachineInfo, here: MachineInfo) -> list[str]:
         )
     if built.tensorrt_version != here.tensorrt_version:
         problems.append(
-            f"TensorRT version {built.tensorrt_version} "
-            f"(this machine has {here.tensorrt_version})"
+            f"TensorRT version {built.tensorrt_version} (this machine has {here.tensorrt_version})"
         )
     if cuda_major(built.cuda_version) != cuda_major(here.cuda_version):
-        problems.append(
-            f"CUDA version {built.cuda_version} (this machine has {here.cuda_version})"
-        )
+        problems.append(f"CUDA version {built.cuda_version} (this machine has {here.cuda_version})")
     return problems
 
 
@@ -439,7 +472,7 @@ class CheckContext:
             fmt,
             self.engines_dir,
             model_name=self.model_name,
-            model_path=self.model_path,
+            config=manifest.config,
             extra_args=extra,
         )
 
@@ -533,6 +566,18 @@ def check_onnx_engines(
         files[name] = _check_file(
             ctx, manifest, "onnx", name, entry.file, entry.size_bytes, entry.sha256, verify_hash
         )
+        if entry.external_data is not None:
+            # Weights beside the graph: checked by size (hashing gigabytes adds little).
+            _check_file(
+                ctx,
+                manifest,
+                "onnx",
+                name,
+                entry.external_data,
+                entry.external_data_bytes,
+                "",
+                verify_hash=False,
+            )
     return files
 
 

@@ -73,7 +73,11 @@ class _Binding:
 
 
 class OnnxRuntimeEngine:
-    """Runs one component's ONNX graph with onnxruntime, reusing per-shape output buffers."""
+    """Runs one component's ONNX graph with onnxruntime, reusing per-shape output buffers.
+
+    One call at a time (the batcher's single worker): the returned outputs are this
+    engine's buffers and the next call of the same shape overwrites them.
+    """
 
     def __init__(
         self,
@@ -90,6 +94,7 @@ class OnnxRuntimeEngine:
         import onnxruntime as ort
 
         self.spec = spec
+        self.max_batch: int | None = None  # dynamic axes: any batch
         self.path = path
         self.providers = providers or default_providers()
         try:
@@ -141,6 +146,9 @@ class OnnxRuntimeEngine:
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the graph once; returns the declared outputs in buffers reused by later calls.
 
+        With the CUDA provider, outputs stay on the GPU when any input is there and are
+        copied to the host otherwise.
+
         Inputs are converted to the declared dtype and made contiguous when they are not.
         Raises EngineError when the inputs' shapes do not fit the declaration or the run fails.
         """
@@ -173,6 +181,9 @@ class OnnxRuntimeEngine:
         except Exception as exc:
             raise EngineError(f"onnxruntime failed running {self.spec.name}: {exc}") from exc
         del keep_alive
+        if self.device is not None and not any(v.is_cuda for v in inputs.values()):
+            # CUDA provider, CPU caller: hand back host copies like the CPU provider does.
+            return {name: tensor.cpu() for name, tensor in entry.outputs.items()}
         return dict(entry.outputs)
 
 

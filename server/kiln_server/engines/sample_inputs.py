@@ -34,7 +34,9 @@ def _time_ids(rows: int, request: ShapeRequest, count: int) -> torch.Tensor:
     return torch.tensor([values] * rows, dtype=torch.float32)
 
 
-def sample_inputs(spec: ComponentSpec, request: ShapeRequest, seed: int = 0) -> dict[str, torch.Tensor]:
+def sample_inputs(
+    spec: ComponentSpec, request: ShapeRequest, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Fresh inputs for one call of `spec` at `request`'s size, identical for equal seeds.
 
     Every declared input is present, with its declared dtype and shape, contiguous on the CPU.

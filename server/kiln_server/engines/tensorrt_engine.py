@@ -11,7 +11,8 @@ is safe because calls are serialized on that stream. Each call:
    and binds every tensor by address (`set_tensor_address`) when the shape changes;
 3. runs `execute_async_v3` on the stream, or, for a static profile, replays a CUDA graph
    captured on the second call of that shape;
-4. makes the caller's current stream wait for the result and returns the output buffers.
+4. returns the output buffers: on the GPU (the caller's stream waits for them) when the
+   caller passes GPU tensors, else copied to pinned host buffers after a synchronize.
 
 TensorRT is imported only when an engine is created, so this module imports anywhere.
 """
@@ -61,7 +62,9 @@ class TensorRTRuntime:
         try:
             plan = path.read_bytes()
         except OSError as exc:
-            raise EngineError(f"cannot read TensorRT engine {path} for {component!r}: {exc}") from exc
+            raise EngineError(
+                f"cannot read TensorRT engine {path} for {component!r}: {exc}"
+            ) from exc
         engine = self.runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise EngineError(
@@ -104,14 +107,30 @@ class _ShapeBuffers:
     runs: int = 0
     graph: Any = None
     graph_failed: bool = False
+    # Pinned host copies of the outputs, for callers that pass CPU tensors.
+    host_outputs: dict[str, torch.Tensor] | None = None
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, np.dtype(name).name)  # type: ignore[no-any-return]
+    dtype = getattr(torch, np.dtype(name).name)
+    assert isinstance(dtype, torch.dtype)
+    return dtype
+
+
+def _profile_bounds(engine: Any, name: str, profile: int) -> tuple[Shape, Shape, Shape]:
+    """(min, opt, max) shape of input `name` in `profile`, as stored in the engine."""
+    low, opt, high = (
+        tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(name, profile)
+    )
+    return low, opt, high
 
 
 class TensorRTEngine:
-    """One component's TensorRT engine with its execution context and per-shape buffers."""
+    """One component's TensorRT engine with its execution context and per-shape buffers.
+
+    One call at a time: engines of a runtime share a stream and scratch memory, and the
+    returned outputs are this engine's buffers, overwritten by its next call.
+    """
 
     def __init__(
         self, spec: ComponentSpec, engine: Any, runtime: TensorRTRuntime, cuda_graphs: bool
@@ -123,21 +142,22 @@ class TensorRTEngine:
         self.cuda_graphs = cuda_graphs
         self._check_interface(trt)
         self.profiles: list[ProfileShapes] = [
-            {
-                t.name: tuple(  # type: ignore[misc]
-                    tuple(int(d) for d in shape)
-                    for shape in engine.get_tensor_profile_shape(t.name, index)
-                )
-                for t in spec.inputs
-            }
+            {t.name: _profile_bounds(engine, t.name, index) for t in spec.inputs}
             for index in range(engine.num_optimization_profiles)
         ]
+        first_input = spec.inputs[0].name
+        # Rows one call can take: the largest batch any profile admits.
+        self.max_batch: int | None = max(p[first_input][2][0] for p in self.profiles)
         self.context = engine.create_execution_context(
             trt.ExecutionContextAllocationStrategy.USER_MANAGED
         )
         if self.context is None:
             raise EngineError(f"TensorRT could not create an execution context for {spec.name}")
-        self.device_memory_size = int(engine.device_memory_size_v2)
+        # TensorRT 10.1+ reports the scratch size with device_memory_size_v2; 10.0 without.
+        if hasattr(engine, "device_memory_size_v2"):
+            self.device_memory_size = int(engine.device_memory_size_v2)
+        else:
+            self.device_memory_size = int(engine.device_memory_size)
         self._buffers: BufferCache[_ShapeBuffers] = BufferCache(capacity=4)
         self._bound: _ShapeBuffers | None = None
         self._has_memory = False
@@ -162,7 +182,10 @@ class TensorRTEngine:
 
     def set_device_memory(self, pointer: int, size: int) -> None:
         """Use `size` bytes at device address `pointer` as this context's scratch memory."""
-        self.context.set_device_memory(pointer, size)
+        if hasattr(self.context, "set_device_memory"):  # TensorRT 10.1+: address and size
+            self.context.set_device_memory(pointer, size)
+        else:
+            self.context.device_memory = pointer
         self._has_memory = True
 
     def _allocate(self, request: ShapeRequest) -> _ShapeBuffers:
@@ -236,9 +259,11 @@ class TensorRTEngine:
         graph.replay()
 
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the engine once; returns device tensors in buffers reused by later calls.
+        """Run the engine once; returns the outputs in buffers reused by later calls.
 
-        Raises EngineError when the inputs do not fit the declaration or any profile.
+        Outputs are on the GPU when any input is, else in pinned host memory (copied back
+        and synchronized), so a CPU pipeline drives the engine unchanged. Raises EngineError
+        when the inputs do not fit the declaration or any profile.
         """
         if not self._has_memory:
             raise EngineError(
@@ -265,12 +290,25 @@ class TensorRTEngine:
             if buffers.graph is not None:
                 buffers.graph.replay()
             elif (
-                self.cuda_graphs and buffers.static and buffers.runs >= 2 and not buffers.graph_failed
+                self.cuda_graphs
+                and buffers.static
+                and buffers.runs >= 2
+                and not buffers.graph_failed
             ):
                 # The first run did TensorRT's deferred set-up; now the enqueue is capturable.
                 self._capture(buffers)
             else:
                 self._execute()
+            if not any(value.is_cuda for value in inputs.values()):
+                if buffers.host_outputs is None:
+                    buffers.host_outputs = {
+                        name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                        for name, t in buffers.outputs.items()
+                    }
+                for name, host in buffers.host_outputs.items():
+                    host.copy_(buffers.outputs[name], non_blocking=True)
+                stream.synchronize()
+                return dict(buffers.host_outputs)
         torch.cuda.current_stream(self.runtime.device).wait_stream(stream)
         return dict(buffers.outputs)
 

@@ -18,6 +18,7 @@ class TorchEngine:
     def __init__(self, spec: ComponentSpec, module: torch.nn.Module) -> None:
         self.spec = spec
         self.module = module
+        self.max_batch: int | None = None  # eager torch takes any batch
 
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the module on the declared inputs, in declared order."""

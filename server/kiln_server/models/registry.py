@@ -40,7 +40,8 @@ class ModelSpec:
     max_num_inference_steps: int = 150
     max_num_outputs: int = 8
     max_guidance_scale: float = 50.0
-    max_batch_rows: int = 8
+    # None: the server-wide setting (`--max-batch-rows`, KILN_MAX_BATCH_ROWS) applies.
+    max_batch_rows: int | None = None
 
 
 SPEC_KEYS = {f.name for f in fields(ModelSpec)} - {"name", "path"}

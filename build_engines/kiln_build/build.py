@@ -1,0 +1,308 @@
+"""The build-engines stages in order: export, clean, validate, (TensorRT) build, manifest.
+
+For `--format tensorrt` the TensorRT and CUDA check runs first, before any model is read, so
+a host without them fails in a second. Graphs are exported, cleaned and validated in a
+staging folder and only moved into the output directory once every one of them passed, so a
+failed build never leaves graphs that do not match the manifest. A TensorRT build reuses
+the ONNX graphs already in the directory when they belong to the same model and opset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kiln_build.profiles import ProfileFlags, check_flags, component_profiles
+from kiln_server.engines.base import EngineError
+from kiln_server.engines.components import (
+    COMPONENT_NAMES,
+    ComponentSpec,
+    ShapeRequest,
+    sdxl_component_specs,
+)
+from kiln_server.engines.manifest import (
+    MANIFEST_NAME,
+    CheckContext,
+    MachineInfo,
+    Manifest,
+    ModelRecord,
+    OnnxComponent,
+    TensorRTBuild,
+    TensorRTComponent,
+    check_onnx_engines,
+    file_sha256,
+    read_manifest,
+    tensor_entries,
+    write_manifest,
+)
+
+T = TypeVar("T")
+# Image sizes must be multiples of this: SDXL's 8x VAE times its UNet's 4x downsampling.
+SIZE_MULTIPLE = 32
+
+
+@dataclass
+class BuildOptions:
+    """Everything `kiln build-engines` was asked for."""
+
+    model_path: Path
+    out_dir: Path  # this model's own engines directory (<root>/<model name>)
+    fmt: str = "onnx"
+    model_name: str | None = None
+    config: str | None = None  # the --config file that named the model, for rebuild hints
+    default_size: tuple[int, int] | None = None  # (height, width); default: the model's
+    opset: int = 17
+    flags: ProfileFlags = field(default_factory=ProfileFlags)
+    validate: bool = True
+    rtol: float = 1e-3
+    timing_cache: Path | None = None
+    workspace_bytes: int = 8 << 30
+    progress: bool = True
+
+
+@dataclass
+class BuildSummary:
+    """What a build produced, for the CLI's report and the benchmark."""
+
+    manifest_path: Path
+    reused_onnx: bool = False
+    export_seconds: float = 0.0
+    validate_seconds: float = 0.0
+    tensorrt_seconds: float = 0.0
+    file_sizes: dict[str, int] = field(default_factory=dict)
+    validation: list[str] = field(default_factory=list)
+    node_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _stage(items: Iterable[T], desc: str, enabled: bool, total: int) -> Iterator[T]:
+    from tqdm import tqdm
+
+    return iter(
+        tqdm(
+            items,
+            desc=f"{desc:>8}",
+            unit="graph",
+            total=total,
+            disable=not enabled,
+            file=sys.stderr,
+        )
+    )
+
+
+def _existing_manifest(
+    out_dir: Path, model_hash: str, say: Callable[[str], None]
+) -> Manifest | None:
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = read_manifest(out_dir)
+    except EngineError as exc:
+        say(f"replacing the unreadable manifest in {out_dir}: {exc}")
+        return None
+    if manifest.model.content_hash != model_hash:
+        say(f"{out_dir} held engines of another model ({manifest.model.path}); replacing them")
+        return None
+    return manifest
+
+
+def _reusable_onnx(
+    manifest: Manifest | None, specs: dict[str, ComponentSpec], ctx: CheckContext, opset: int
+) -> bool:
+    if manifest is None or any(c.opset != opset for c in manifest.onnx.values()):
+        return False
+    try:
+        check_onnx_engines(manifest, specs, ctx, required=tuple(specs))
+    except EngineError:
+        return False
+    return True
+
+
+def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -> BuildSummary:
+    """Run every stage for `options`; returns the summary, raises EngineError on any failure.
+
+    Failure paths (missing TensorRT or CUDA, unusable flags, a graph that fails the checker
+    or differs from torch, a TensorRT build error) raise EngineError with a message naming
+    what failed; nothing in the output directory changes for a failed ONNX stage.
+    """
+    report = say or (lambda text: print(text, file=sys.stderr))
+    trt: Any = None
+    machine: MachineInfo | None = None
+    if options.fmt == "tensorrt":
+        from kiln_server.engines.machine import probe_machine, require_tensorrt
+
+        trt = require_tensorrt("build TensorRT engines")
+        machine = probe_machine("build TensorRT engines")
+    elif options.fmt != "onnx":
+        raise EngineError(f"--format {options.fmt!r}: choose onnx or tensorrt")
+
+    from kiln_server.engines.loading import default_request
+    from kiln_server.models.loader import ModelFolderError, model_content_hash, read_model_files
+
+    try:
+        files = read_model_files(options.model_path)
+    except ModelFolderError as exc:
+        raise EngineError(str(exc)) from exc
+    default = default_request(files)
+    if options.default_size is not None:
+        default = ShapeRequest(1, *options.default_size)
+    check_flags(options.flags, default, SIZE_MULTIPLE)
+    specs = sdxl_component_specs(files.dims)
+    model_hash = model_content_hash(options.model_path)
+    out_dir = options.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = CheckContext(out_dir, model_hash, options.model_path, options.model_name)
+    manifest = _existing_manifest(out_dir, model_hash, report) or Manifest(
+        model=ModelRecord(options.model_name, str(options.model_path), model_hash)
+    )
+    manifest.model = ModelRecord(options.model_name, str(options.model_path), model_hash)
+    manifest.config = options.config
+    summary = BuildSummary(manifest_path=out_dir / MANIFEST_NAME)
+
+    if options.fmt == "tensorrt" and _reusable_onnx(manifest, specs, ctx, options.opset):
+        summary.reused_onnx = True
+        report(f"reusing the ONNX graphs in {out_dir} (same model, opset {options.opset})")
+    else:
+        _onnx_stages(options, files, specs, default, model_hash, manifest, summary)
+        write_manifest(out_dir, manifest)
+
+    for name, entry in manifest.onnx.items():
+        summary.file_sizes[entry.file] = entry.size_bytes + entry.external_data_bytes
+        summary.validation += [
+            f"{name} batch {v.get('batch')} at {v.get('width')}x{v.get('height')}: "
+            f"rel {float(v.get('max_rel_error', 0.0)):.2e}"
+            for v in entry.validated
+        ]
+
+    if trt is not None and machine is not None:
+        _tensorrt_stage(options, trt, machine, specs, default, model_hash, manifest, summary)
+        write_manifest(out_dir, manifest)
+    return summary
+
+
+def _onnx_stages(
+    options: BuildOptions,
+    files: Any,
+    specs: dict[str, ComponentSpec],
+    default: Any,
+    model_hash: str,
+    manifest: Manifest,
+    summary: BuildSummary,
+) -> None:
+    from kiln_build.export import export_component, export_request
+    from kiln_build.graph_cleanup import cleanup_graph
+    from kiln_build.validate import validate_graph, validation_requests
+    from kiln_server.engines.torch_modules import component_module
+    from kiln_server.models.loader import load_modules
+
+    modules = load_modules(options.model_path)
+    torch_modules = {name: component_module(spec, modules) for name, spec in specs.items()}
+    out_dir = options.out_dir
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        cleaned: dict[str, Any] = {}
+        start = time.perf_counter()
+        for name in _stage(COMPONENT_NAMES, "export", options.progress, len(COMPONENT_NAMES)):
+            raw = export_component(
+                specs[name],
+                torch_modules[name],
+                staging / "raw" / name / f"{name}.onnx",
+                request=export_request(default),
+                opset=options.opset,
+            )
+            cleaned[name] = cleanup_graph(specs[name], raw.path, staging / f"{name}.onnx")
+            summary.node_counts[name] = (cleaned[name].nodes_before, cleaned[name].nodes_after)
+        summary.export_seconds = time.perf_counter() - start
+
+        checks: dict[str, list[dict[str, object]]] = {name: [] for name in COMPONENT_NAMES}
+        if options.validate:
+            start = time.perf_counter()
+            for name in _stage(COMPONENT_NAMES, "validate", options.progress, len(COMPONENT_NAMES)):
+                results = validate_graph(
+                    specs[name],
+                    torch_modules[name],
+                    cleaned[name].path,
+                    validation_requests(specs[name], default),
+                    rtol=options.rtol,
+                )
+                checks[name] = [c.to_json() for c in results]
+            summary.validate_seconds = time.perf_counter() - start
+
+        for name in COMPONENT_NAMES:
+            report = cleaned[name]
+            target = out_dir / f"{name}.onnx"
+            external = None
+            if report.external_data is not None:
+                external = out_dir / report.external_data.name
+                os.replace(report.external_data, external)
+            os.replace(report.path, target)
+            manifest.onnx[name] = OnnxComponent(
+                name=name,
+                file=target.name,
+                sha256=file_sha256(target),
+                size_bytes=target.stat().st_size,
+                opset=options.opset,
+                model_content_hash=model_hash,
+                inputs=tensor_entries(specs[name].inputs),
+                outputs=tensor_entries(specs[name].outputs),
+                validated=checks[name],
+                external_data=external.name if external else None,
+                external_data_bytes=external.stat().st_size if external else 0,
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _tensorrt_stage(
+    options: BuildOptions,
+    trt: Any,
+    machine: MachineInfo,
+    specs: dict[str, ComponentSpec],
+    default: Any,
+    model_hash: str,
+    manifest: Manifest,
+    summary: BuildSummary,
+) -> None:
+    from kiln_build.tensorrt_build import build_engine, engine_file_name, timing_cache_name
+
+    out_dir = options.out_dir
+    cache = options.timing_cache or out_dir / timing_cache_name(machine)
+    components: dict[str, TensorRTComponent] = {}
+    start = time.perf_counter()
+    for name in _stage(COMPONENT_NAMES, "build", options.progress, len(COMPONENT_NAMES)):
+        spec = specs[name]
+        onnx_entry = manifest.onnx[name]
+        result = build_engine(
+            trt,
+            spec,
+            out_dir / onnx_entry.file,
+            out_dir / engine_file_name(name, machine),
+            component_profiles(spec, default, options.flags),
+            timing_cache=cache,
+            workspace_bytes=options.workspace_bytes,
+        )
+        components[name] = TensorRTComponent(
+            name=name,
+            file=result.path.name,
+            sha256=file_sha256(result.path),
+            size_bytes=result.path.stat().st_size,
+            model_content_hash=model_hash,
+            onnx_sha256=onnx_entry.sha256,
+            precision=result.precision,
+            refittable=True,
+            inputs=tensor_entries(spec.inputs),
+            outputs=tensor_entries(spec.outputs),
+            profiles=result.profiles,
+        )
+        summary.file_sizes[result.path.name] = result.path.stat().st_size
+    summary.tensorrt_seconds = time.perf_counter() - start
+    manifest.build_args = options.flags.as_args()
+    manifest.replace_tensorrt_build(
+        TensorRTBuild(machine=machine, components=components, timing_cache=cache.name)
+    )

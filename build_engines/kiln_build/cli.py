@@ -1,0 +1,209 @@
+"""`kiln build-engines`: export a model's components to ONNX and (on a GPU host) TensorRT.
+
+    kiln build-engines [--model NAME | --model-path DIR] [--format onnx|tensorrt] [--out DIR]
+                       [--batch-sizes 1,2,4] [--min-size PX] [--max-size PX] ...
+
+Heavy imports (torch, onnx, TensorRT) happen inside the handler so `kiln --help` stays fast.
+Every failure prints one `error:` line naming what is wrong and what to do, and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUT = Path("engines")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model to build: its name (engines go to <out>/<name>), folder and defaults."""
+
+    name: str
+    path: Path
+    default_size: tuple[int, int] | None = None  # (height, width) from the registry
+
+
+def resolve_model(name: str | None, path: Path | None, config: Path | None) -> ResolvedModel:
+    """Map `--model NAME`, `--model-path DIR` and `--config FILE` to the model to build.
+
+    The one place that knows how a NAME becomes a folder: the server's model registry
+    (the config's [[models]], else the built-in default), plus every built-in model by name.
+    With `--model-path` the folder is built as NAME (default: the folder's name). Raises
+    ValueError (RegistryError/SettingsError) naming an unknown model or a bad config.
+    """
+    from kiln_server.models.registry import (
+        BUILTIN_MODELS,
+        ModelRegistry,
+        RegistryError,
+        builtin_model_path,
+        default_cache_dir,
+    )
+    from kiln_server.settings import read_config_file
+
+    if path is not None:
+        folder = path.expanduser().resolve()
+        return ResolvedModel(name or folder.name, folder)
+    cache_dir = (
+        Path(os.environ["KILN_CACHE_DIR"]).expanduser()
+        if os.environ.get("KILN_CACHE_DIR")
+        else default_cache_dir()
+    )
+    registry = ModelRegistry.from_config(read_config_file(config) if config else {}, cache_dir)
+    spec = registry.get(name or "")
+    if spec is not None:
+        return ResolvedModel(spec.name, spec.path, (spec.default_height, spec.default_width))
+    if name in BUILTIN_MODELS:
+        return ResolvedModel(name, builtin_model_path(name, cache_dir))
+    known = sorted({*registry.models, *BUILTIN_MODELS})
+    raise RegistryError(
+        f"unknown model {name!r}: known models are {', '.join(known)}; pass --config FILE "
+        "for models defined there, or --model-path DIR for a diffusers SDXL folder"
+    )
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 1,2,4"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("batch sizes must be positive integers, e.g. 1,2,4")
+    return sizes
+
+
+def register(subparsers: Any) -> None:
+    """Add the `build-engines` subcommand to the `kiln` parser."""
+    parser = subparsers.add_parser(
+        "build-engines",
+        help="export a model to ONNX (and TensorRT engines on a GPU host)",
+        description=(
+            "Export every component of an SDXL model to ONNX, clean and validate the graphs "
+            "against torch, and with --format tensorrt build TensorRT engines for this GPU. "
+            "Writes the engines and a manifest.json into OUT/<model name>/."
+        ),
+    )
+    parser.add_argument(
+        "--model",
+        metavar="NAME",
+        help="model to build, by name (default: the server's default model)",
+    )
+    parser.add_argument(
+        "--model-path",
+        metavar="DIR",
+        type=Path,
+        help="build this diffusers SDXL folder (as --model NAME, default the folder's name)",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", type=Path, help="the server's TOML config naming the models"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "tensorrt"),
+        default="onnx",
+        help="onnx: graphs for the onnxruntime backend; tensorrt: also TensorRT engines",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="engines root: writes DIR/<model name>/, what `kiln serve --engines DIR` reads",
+    )
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
+    parser.add_argument(
+        "--batch-sizes",
+        metavar="N,N",
+        type=_batch_sizes,
+        help="TensorRT: images per call to support (adds a dynamic batch profile)",
+    )
+    parser.add_argument(
+        "--min-size", metavar="PX", type=int, help="TensorRT: smallest image side to support"
+    )
+    parser.add_argument(
+        "--max-size", metavar="PX", type=int, help="TensorRT: largest image side to support"
+    )
+    parser.add_argument(
+        "--timing-cache",
+        metavar="FILE",
+        type=Path,
+        help="TensorRT timing cache (default: one per machine in --out)",
+    )
+    parser.add_argument(
+        "--workspace-gib", type=float, default=8.0, help="TensorRT builder workspace (GiB)"
+    )
+    parser.add_argument(
+        "--no-validate", action="store_true", help="skip comparing the graphs against torch"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handle `kiln build-engines`; returns the exit code (0 ok, 1 on any failure)."""
+    from kiln_server.engines.base import EngineError
+
+    try:
+        return _run(args)
+    except (EngineError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kiln_server.engines.machine import require_tensorrt
+
+    if args.format == "tensorrt":
+        require_tensorrt("build TensorRT engines")  # before any model is read or built
+
+    from kiln_build.build import BuildOptions, run_build
+    from kiln_build.profiles import ProfileFlags
+
+    model = resolve_model(args.model, args.model_path, args.config)
+    options = BuildOptions(
+        model_path=model.path,
+        out_dir=args.out / model.name,
+        fmt=args.format,
+        model_name=model.name,
+        config=str(args.config.resolve()) if args.config else None,
+        default_size=model.default_size,
+        opset=args.opset,
+        flags=ProfileFlags(args.batch_sizes, args.min_size, args.max_size),
+        validate=not args.no_validate,
+        timing_cache=args.timing_cache,
+        workspace_bytes=int(args.workspace_gib * (1 << 30)),
+        progress=not args.quiet,
+    )
+    summary = run_build(options)
+    out = sys.stdout
+    if summary.reused_onnx:
+        print("onnx: reused the graphs already built for this model", file=out)
+    else:
+        print(f"export: {summary.export_seconds:.1f} s", file=out)
+        if summary.validate_seconds:
+            print(f"validate: {summary.validate_seconds:.1f} s", file=out)
+            for line in summary.validation:
+                print(f"  {line}", file=out)
+    if summary.tensorrt_seconds:
+        print(f"tensorrt build: {summary.tensorrt_seconds:.1f} s", file=out)
+    for file, size in summary.file_sizes.items():
+        print(f"  {file}: {_human(size)}", file=out)
+    backend = "tensorrt" if args.format == "tensorrt" else "onnxruntime"
+    print(f"wrote {summary.manifest_path}", file=out)
+    print(f"serve with: kiln serve --backend {backend} --engines {args.out}", file=out)
+    return 0

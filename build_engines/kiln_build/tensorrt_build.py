@@ -1,0 +1,142 @@
+"""TensorRT 10 engine builds from the cleaned ONNX graphs, one engine file per component.
+
+Precision: the UNet and text encoders build in fp16 (TensorRT picks fp16 kernels where they
+are faster; inputs and outputs stay fp32 as declared); the VAE stays fp32, because SDXL's VAE
+overflows fp16 and decodes black images. Every engine is refittable (LoRA weights can be
+swapped in later without a rebuild), uses the optimization profiles from `profiles.py`, and
+reads and extends one timing cache per machine so rebuilds skip kernel timing.
+
+File names carry the GPU, compute capability, TensorRT and CUDA major versions, so builds
+for two machines never overwrite each other. Only `build_engine` touches TensorRT (imported
+inside it); the naming and precision logic is pure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln_server.engines.base import EngineError
+from kiln_server.engines.components import ComponentSpec, ShapeRange
+from kiln_server.engines.manifest import MachineInfo, cuda_major
+
+PRECISION = {
+    "text_encoder": "fp16",
+    "text_encoder_2": "fp16",
+    "unet": "fp16",
+    "vae_decoder": "fp32",
+    "vae_encoder": "fp32",
+}
+DEFAULT_WORKSPACE_BYTES = 8 << 30
+
+
+def precision_for(component: str) -> str:
+    """ "fp16" or "fp32" for a component (fp32 for anything not listed: the safe choice)."""
+    return PRECISION.get(component, "fp32")
+
+
+def machine_tag(machine: MachineInfo) -> str:
+    """Filename-safe tag naming everything an engine is tied to.
+
+    E.g. 'nvidia-h100-80gb-hbm3.sm90.trt10.3.0.cu12'. Distinct GPU names, compute
+    capabilities, TensorRT versions or CUDA major versions give distinct tags.
+    """
+    gpu = re.sub(r"[^a-z0-9]+", "-", machine.gpu_name.lower()).strip("-") or "gpu"
+    capability = machine.compute_capability.replace(".", "")
+    version = re.sub(r"[^A-Za-z0-9.]+", "-", machine.tensorrt_version)
+    cuda = re.sub(r"[^A-Za-z0-9]+", "-", cuda_major(machine.cuda_version))
+    return f"{gpu}.sm{capability}.trt{version}.cu{cuda}"
+
+
+def engine_file_name(component: str, machine: MachineInfo) -> str:
+    """The engine file of `component` built on `machine`: '<component>.<machine tag>.plan'."""
+    return f"{component}.{machine_tag(machine)}.plan"
+
+
+def timing_cache_name(machine: MachineInfo) -> str:
+    """The timing cache file shared by every build on `machine`."""
+    return f"timing-cache.{machine_tag(machine)}.bin"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """One built engine: its file, precision, profiles, and how long the build took."""
+
+    component: str
+    path: Path
+    precision: str
+    profiles: tuple[ShapeRange, ...]
+    seconds: float
+
+
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build_engine(
+    trt: Any,
+    spec: ComponentSpec,
+    onnx_path: Path,
+    engine_path: Path,
+    profiles: Sequence[ShapeRange],
+    *,
+    timing_cache: Path | None = None,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> BuildResult:
+    """Build and serialize the engine of `spec` from `onnx_path` into `engine_path`.
+
+    `trt` is the imported tensorrt module (see machine.require_tensorrt). One optimization
+    profile per ShapeRange, in order (the first, static, is the default). The timing cache
+    file is read when present and rewritten with what this build timed. Raises EngineError
+    with TensorRT's parser or builder errors when the build fails.
+    """
+    precision = precision_for(spec.name)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10 networks are always explicit-batch
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT cannot parse the {spec.name} graph {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    config.set_flag(trt.BuilderFlag.REFIT)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    for shape_range in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in spec.profile(shape_range).items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(
+            f"TensorRT failed to build the {spec.name} engine (see the TensorRT log above)"
+        )
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(engine_path, memoryview(serialized))
+    if timing_cache is not None:
+        _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    return BuildResult(
+        spec.name, engine_path, precision, tuple(profiles), time.perf_counter() - start
+    )

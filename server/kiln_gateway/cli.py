@@ -1,0 +1,134 @@
+"""`kiln gateway`: run the Replicate-compatible HTTP API in front of a Kiln gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the `gateway` subcommand to the `kiln` parser (heavy imports wait for the handler)."""
+    parser = subparsers.add_parser(
+        "gateway",
+        help="serve Replicate's HTTP predictions API in front of a Kiln server",
+        description=(
+            "Serve Replicate's predictions API (the official clients work unchanged once "
+            "REPLICATE_BASE_URL points here) and forward every prediction to the Kiln gRPC "
+            "server at --upstream. Accepted bearer tokens come from KILN_API_TOKENS "
+            "(comma-separated); without tokens the gateway only listens on loopback. Other "
+            "settings can also come from KILN_GATEWAY_<NAME> variables or the [gateway] "
+            "table of --config; flags win."
+        ),
+    )
+    parser.add_argument(
+        "--upstream", metavar="H:P", help="Kiln gRPC server (default 127.0.0.1:50051)"
+    )
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 8080)")
+    parser.add_argument("--config", type=Path, help="TOML file with a [gateway] table")
+    parser.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="base URL clients use to reach the gateway, for prediction and file URLs "
+        "(default: the URL each request came in on)",
+    )
+    parser.add_argument(
+        "--retention-seconds",
+        type=float,
+        help="how long output files and prediction data stay available (default 3600)",
+    )
+    parser.add_argument(
+        "--alias",
+        action="append",
+        metavar="OWNER/NAME[:VERSION]=MODEL",
+        help="serve OWNER/NAME (optionally a pinned Replicate version id) with Kiln model MODEL; "
+        "repeatable, e.g. --alias stability-ai/sdxl=sdxl-base",
+    )
+    parser.add_argument(
+        "--output-mode",
+        choices=("url", "data-uri"),
+        help="return outputs as gateway file URLs (default) or inline data URIs",
+    )
+    parser.add_argument("--files-dir", type=Path, help="folder for output files (default: temp)")
+    parser.add_argument("--tls-certfile", type=Path, help="serve HTTPS with this certificate")
+    parser.add_argument("--tls-keyfile", type=Path, help="private key of --tls-certfile")
+    parser.add_argument("--log-format", choices=("auto", "json", "text"), help="log style")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--port-file", type=Path, help="write the bound port to this file")
+    parser.set_defaults(handler=run_gateway)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived; raised once uvicorn has shut down gracefully (or before it started)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    """Resolve settings, refuse unsafe ones, then serve until interrupted; returns the exit code."""
+    from kiln_gateway.settings import SettingsError, is_loopback, load_settings
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    try:
+        settings = load_settings(flags)
+    except SettingsError as error:
+        print(f"kiln gateway: {error}", file=sys.stderr)
+        return 2
+    if not settings.auth_enabled and not is_loopback(settings.host):
+        print(
+            f"kiln gateway: refusing to listen on {settings.host} without API tokens: anyone "
+            "who can reach it could run generations. Set KILN_API_TOKENS=token1,token2 "
+            "(comma-separated bearer tokens) or bind to 127.0.0.1.",
+            file=sys.stderr,
+        )
+        return 2
+    for path in (settings.tls_certfile, settings.tls_keyfile):
+        if path is not None and not path.is_file():
+            print(f"kiln gateway: TLS file {path} does not exist", file=sys.stderr)
+            return 2
+
+    import asyncio
+    import logging
+
+    from kiln_gateway.server import serve
+    from kiln_server.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    log = logging.getLogger("kiln_gateway")
+    if not settings.auth_enabled:
+        log.warning(
+            "no API tokens configured (KILN_API_TOKENS is empty): authentication is OFF and "
+            "the gateway listens on loopback %s only",
+            settings.host,
+        )
+    # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal; this handler
+    # turns that into a clean exit (0) instead of death by signal.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        asyncio.run(serve(settings, port_file=args.port_file))
+    except OSError as error:
+        log.error("cannot start: %s", error)
+        print(f"kiln gateway: {error}", file=sys.stderr)
+        return 1
+    except _Terminated:
+        log.info("gateway stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `kiln gateway` on its own (`python -m kiln_gateway.cli`)."""
+    parser = argparse.ArgumentParser(prog="kiln")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["gateway", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

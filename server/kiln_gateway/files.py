@@ -1,0 +1,119 @@
+"""Output files: written to disk, served at unguessable URLs, deleted after the retention time.
+
+Each prediction gets its own random folder token; its images are `out-<index>.<ext>`, so
+an output URL looks like `<base>/files/<token>/out-0.png`. As with Replicate's delivery
+URLs, knowing the URL is the permission: file URLs need no token, which lets them be used
+directly in `<img src>` and read by the official client's `FileOutput`. After the
+retention time the prediction's files are deleted and their URLs answer 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse
+
+from kiln_gateway.errors import ApiError, ProblemDetail
+from kiln_gateway.state import GatewayState, gateway_state
+
+__all__ = ["FileStore", "data_uri", "extension_for", "router"]
+
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+_MIME_TYPES = {ext: mime for mime, ext in _EXTENSIONS.items()}
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_NAME = re.compile(r"^out-[0-9]{1,4}\.(png|jpg|webp)$")
+
+
+def extension_for(mime_type: str) -> str:
+    """File extension for an image MIME type ("bin" when unknown)."""
+    return _EXTENSIONS.get(mime_type, "bin")
+
+
+def data_uri(data: bytes, mime_type: str) -> str:
+    """`data:<mime>;base64,<data>`, which the official client's FileOutput decodes."""
+    return (
+        f"data:{mime_type or 'application/octet-stream'};base64,{base64.b64encode(data).decode()}"
+    )
+
+
+class FileStore:
+    """Prediction output files under one root folder (a private temp folder by default)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._owned = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="kiln-gateway-files-")) if root is None else root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def new_token() -> str:
+        """A fresh unguessable folder token for one prediction."""
+        return secrets.token_urlsafe(18)
+
+    async def save(self, token: str, index: int, data: bytes, mime_type: str) -> str:
+        """Write one output and return its URL path (`/files/<token>/out-<index>.<ext>`)."""
+        name = f"out-{index}.{extension_for(mime_type)}"
+        folder = self.root / token
+        await asyncio.to_thread(_write, folder, name, data)
+        return f"/files/{token}/{name}"
+
+    def path_of(self, token: str, name: str) -> Path | None:
+        """The file behind `/files/<token>/<name>`, or None when unknown, invalid or expired."""
+        if not _TOKEN.match(token) or not _NAME.match(name):
+            return None
+        path = self.root / token / name
+        return path if path.is_file() else None
+
+    async def delete(self, token: str) -> None:
+        """Delete every file of one prediction (idempotent)."""
+        if _TOKEN.match(token):
+            await asyncio.to_thread(shutil.rmtree, self.root / token, True)
+
+    def close(self) -> None:
+        """Remove the root folder when this store created it (a temporary one)."""
+        if self._owned:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _write(folder: Path, name: str, data: bytes) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{name}.partial"
+    partial.write_bytes(data)
+    partial.replace(folder / name)
+
+
+router = APIRouter(tags=["files"])
+
+
+@router.get(
+    "/files/{token}/{name}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        404: {"model": ProblemDetail},
+    },
+)
+async def get_file(
+    token: str, name: str, state: Annotated[GatewayState, Depends(gateway_state)]
+) -> FileResponse:
+    """One output image; 404 once the retention time has passed."""
+    path = state.files.path_of(token, name)
+    if path is None:
+        raise ApiError(
+            404,
+            "File not found",
+            "this output file does not exist or has expired (outputs are kept for "
+            f"{state.settings.retention_seconds:g} s)",
+        )
+    return FileResponse(
+        path,
+        media_type=_MIME_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"),
+        headers={"Cache-Control": f"private, max-age={int(state.settings.retention_seconds)}"},
+    )

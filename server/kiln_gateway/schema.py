@@ -1,0 +1,466 @@
+"""The input schema of Replicate's `stability-ai/sdxl`, checked and turned into a GenerateRequest.
+
+One table (`input_fields`) declares every input: it drives validation, the OpenAPI
+`openapi_schema` each model version reports, and the translation to Kiln's request. Its
+limits and defaults come from the Kiln model itself (`ModelInfo` from ListModels), so a
+script sees the same numbers the server enforces.
+
+Fields fall in four groups:
+- generation: `prompt`, `negative_prompt`, `width`, `height`, `num_outputs`, `scheduler`
+  (Replicate's names), `num_inference_steps`, `guidance_scale`, `seed`;
+- not available yet, answered with a validation error naming the field: `image`, `mask`
+  (img2img and inpainting), `refine` other than `no_refiner`, `replicate_weights` (LoRA);
+- accepted and documented as no-ops: `prompt_strength` and `high_noise_frac`,
+  `refine_steps` (they only act with an image or a refiner), `lora_scale` (only with LoRA
+  weights), `apply_watermark` (Kiln never watermarks), `disable_safety_checker` (Kiln runs
+  no safety checker);
+- Kiln's own: `output_format` (png, jpg, webp), `output_quality`, `priority` (low, normal,
+  high), `output_as_data_uri` (return data URIs instead of file URLs).
+
+Errors use Replicate's words: `Invalid type. Expected: integer, given: string`,
+`Must be less than or equal to 4`, `scheduler must be one of the following: ...`.
+Unknown input names are ignored rather than rejected (each is noted in the prediction's
+logs), so an input written for a slightly different model version still runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_client.requests import build_request
+from kiln_gateway.errors import InvalidField
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "InputField",
+    "InputInvalid",
+    "ParsedInput",
+    "input_fields",
+    "openapi_schema",
+    "parse_input",
+    "violations_to_fields",
+]
+
+Kind = Literal["string", "integer", "number", "boolean"]
+Role = Literal["generate", "unsupported", "noop", "kiln"]
+
+DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
+"""Replicate's SDXL default prompt, used when the input has none (as on Replicate)."""
+
+MAX_SEED = 2**64 - 1
+OUTPUT_FORMATS = ("png", "jpg", "webp")
+PRIORITIES = ("low", "normal", "high")
+REFINERS = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
+
+
+@dataclass(frozen=True)
+class InputField:
+    """One input as the version's OpenAPI schema declares it and the gateway checks it."""
+
+    name: str
+    kind: Kind
+    description: str
+    role: Role = "generate"
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    format: str | None = None
+    nullable: bool = False
+    unsupported_reason: str = ""
+
+    def schema(self, order: int) -> dict[str, Any]:
+        """This field as a JSON-schema property (with Cog's `x-order`)."""
+        prop: dict[str, Any] = {
+            "type": self.kind,
+            "title": self.name.replace("_", " ").title(),
+            "description": self.description,
+            "x-order": order,
+        }
+        if self.default is not None:
+            prop["default"] = self.default
+        if self.minimum is not None:
+            prop["minimum"] = self.minimum
+        if self.maximum is not None:
+            prop["maximum"] = self.maximum
+        if self.choices is not None:
+            prop["enum"] = list(self.choices)
+        if self.format is not None:
+            prop["format"] = self.format
+        return prop
+
+
+class InputInvalid(ValueError):
+    """The input breaks the schema; `fields` lists every problem (field names `input.x`)."""
+
+    def __init__(self, fields: list[InvalidField]) -> None:
+        super().__init__("; ".join(f"{f.field}: {f.description}" for f in fields))
+        self.fields = fields
+
+
+@dataclass
+class ParsedInput:
+    """A valid input: the request for Kiln, how to return outputs, and notes for the logs."""
+
+    request: pb.GenerateRequest
+    data_uri: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def input_fields(info: pb.ModelInfo) -> list[InputField]:
+    """Every input of the SDXL schema with this Kiln model's defaults and limits, in order."""
+    steps_max = info.max_num_inference_steps or 500
+    size_min, size_max = info.min_size or 64, info.max_size or 2048
+    schedulers = tuple(info.schedulers) or None
+    return [
+        InputField("prompt", "string", "Input prompt", default=DEFAULT_PROMPT),
+        InputField("negative_prompt", "string", "Input Negative Prompt", default=""),
+        InputField(
+            "image",
+            "string",
+            "Input image for img2img or inpaint mode (not available in Kiln yet)",
+            role="unsupported",
+            format="uri",
+            unsupported_reason="img2img is not available in Kiln yet; remove input.image",
+        ),
+        InputField(
+            "mask",
+            "string",
+            "Input mask for inpaint mode (not available in Kiln yet)",
+            role="unsupported",
+            format="uri",
+            unsupported_reason="inpainting is not available in Kiln yet; remove input.mask",
+        ),
+        InputField(
+            "width",
+            "integer",
+            f"Width of output image (a multiple of 8, {size_min}-{size_max})",
+            default=info.default_width or None,
+            minimum=size_min,
+            maximum=size_max,
+        ),
+        InputField(
+            "height",
+            "integer",
+            f"Height of output image (a multiple of 8, {size_min}-{size_max})",
+            default=info.default_height or None,
+            minimum=size_min,
+            maximum=size_max,
+        ),
+        InputField(
+            "num_outputs",
+            "integer",
+            "Number of images to output; image i uses seed + i",
+            default=1,
+            minimum=1,
+            maximum=info.max_num_outputs or 4,
+        ),
+        InputField(
+            "scheduler",
+            "string",
+            "scheduler",
+            default=info.default_scheduler or None,
+            choices=schedulers,
+        ),
+        InputField(
+            "num_inference_steps",
+            "integer",
+            "Number of denoising steps",
+            default=info.default_num_inference_steps or None,
+            minimum=1,
+            maximum=steps_max,
+        ),
+        InputField(
+            "guidance_scale",
+            "number",
+            "Scale for classifier-free guidance",
+            default=_number(round(info.default_guidance_scale, 4)) or None,
+            minimum=0,
+            maximum=_number(round(info.max_guidance_scale, 4)) or 50,
+        ),
+        InputField(
+            "prompt_strength",
+            "number",
+            "Prompt strength when using img2img / inpaint (no effect without an image)",
+            role="noop",
+            default=0.8,
+            minimum=0,
+            maximum=1,
+        ),
+        InputField(
+            "seed",
+            "integer",
+            "Random seed. Leave blank to randomize the seed",
+            minimum=0,
+            maximum=MAX_SEED,
+        ),
+        InputField(
+            "refine",
+            "string",
+            "Which refine style to use (Kiln has no refiner yet: only no_refiner)",
+            default="no_refiner",
+            choices=REFINERS,
+            unsupported_reason="Kiln has no refiner yet; use no_refiner or leave refine out",
+        ),
+        InputField(
+            "high_noise_frac",
+            "number",
+            "For expert_ensemble_refiner, the fraction of noise to use (no effect in Kiln)",
+            role="noop",
+            default=0.8,
+            minimum=0,
+            maximum=1,
+        ),
+        InputField(
+            "refine_steps",
+            "integer",
+            "For base_image_refiner, the number of steps to refine (no effect in Kiln)",
+            role="noop",
+            minimum=1,
+        ),
+        InputField(
+            "apply_watermark",
+            "boolean",
+            "Accepted for compatibility; Kiln never watermarks its images",
+            role="noop",
+            default=True,
+        ),
+        InputField(
+            "lora_scale",
+            "number",
+            "LoRA additive scale (no effect: Kiln does not load Replicate LoRA weights)",
+            role="noop",
+            default=0.6,
+            minimum=0,
+            maximum=1,
+        ),
+        InputField(
+            "replicate_weights",
+            "string",
+            "Replicate LoRA weights (not available in Kiln)",
+            role="unsupported",
+            unsupported_reason="LoRA weights are not available in Kiln; remove it",
+        ),
+        InputField(
+            "disable_safety_checker",
+            "boolean",
+            "Accepted for compatibility; Kiln runs no safety checker",
+            role="noop",
+            default=False,
+        ),
+        InputField(
+            "output_format",
+            "string",
+            "Kiln: encoding of the output images",
+            role="kiln",
+            default="png",
+            choices=OUTPUT_FORMATS,
+        ),
+        InputField(
+            "output_quality",
+            "integer",
+            "Kiln: JPEG/WebP quality (ignored for PNG)",
+            role="kiln",
+            default=90,
+            minimum=1,
+            maximum=100,
+        ),
+        InputField(
+            "priority",
+            "string",
+            "Kiln: admission priority into the running batch",
+            role="kiln",
+            default="normal",
+            choices=PRIORITIES,
+        ),
+        InputField(
+            "output_as_data_uri",
+            "boolean",
+            "Kiln: return outputs as data URIs instead of file URLs",
+            role="kiln",
+            default=False,
+        ),
+    ]
+
+
+def openapi_schema(info: pb.ModelInfo) -> dict[str, Any]:
+    """The OpenAPI document a model version reports (Cog's layout: Input and Output schemas)."""
+    fields = input_fields(info)
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "Kiln", "version": "0.1.0"},
+        "paths": {},
+        "components": {
+            "schemas": {
+                "Input": {
+                    "type": "object",
+                    "title": "Input",
+                    "properties": {f.name: f.schema(i) for i, f in enumerate(fields)},
+                },
+                "Output": {
+                    "type": "array",
+                    "title": "Output",
+                    "items": {"type": "string", "format": "uri"},
+                },
+            }
+        },
+    }
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "integer" if value.is_integer() else "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def _typed(spec: InputField, value: Any) -> tuple[Any, InvalidField | None]:
+    """The value coerced to the field's kind, or an invalid_type problem."""
+    given = _json_type(value)
+    ok = (
+        (spec.kind == "string" and given == "string")
+        or (spec.kind == "boolean" and given == "boolean")
+        or (spec.kind == "integer" and given == "integer")
+        or (spec.kind == "number" and given in ("integer", "number"))
+    )
+    if ok and spec.kind in ("integer", "number") and not math.isfinite(float(value)):
+        ok = False
+    if not ok:
+        return None, InvalidField(
+            type="invalid_type",
+            field=f"input.{spec.name}",
+            description=f"Invalid type. Expected: {spec.kind}, given: {given}",
+        )
+    if spec.kind == "integer":
+        return int(value), None
+    if spec.kind == "number":
+        return float(value), None
+    return value, None
+
+
+def _checked(spec: InputField, value: Any) -> InvalidField | None:
+    where = f"input.{spec.name}"
+    if spec.minimum is not None and value < spec.minimum:
+        return InvalidField(
+            type="number_gte",
+            field=where,
+            description=f"Must be greater than or equal to {_number(spec.minimum)}",
+        )
+    if spec.maximum is not None and value > spec.maximum:
+        return InvalidField(
+            type="number_lte",
+            field=where,
+            description=f"Must be less than or equal to {_number(spec.maximum)}",
+        )
+    synonym = spec.name == "output_format" and value == "jpeg"
+    if spec.choices is not None and value not in spec.choices and not synonym:
+        allowed = ", ".join(f'"{choice}"' for choice in spec.choices)
+        return InvalidField(
+            type="enum",
+            field=where,
+            description=f"{spec.name} must be one of the following: {allowed}",
+        )
+    return None
+
+
+def _unsupported(spec: InputField, value: Any) -> InvalidField | None:
+    used = spec.role == "unsupported" and value not in (None, "")
+    if not used and not (spec.name == "refine" and value != "no_refiner"):
+        return None
+    return InvalidField(
+        type="unsupported", field=f"input.{spec.name}", description=spec.unsupported_reason
+    )
+
+
+def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
+    """Check `raw` against the schema of Kiln model `info` and build its GenerateRequest.
+
+    Absent fields take the Kiln model's defaults (resolved by the server), except `prompt`,
+    which defaults to Replicate's SDXL example prompt as it does on Replicate.
+
+    Raises:
+        InputInvalid: listing every invalid field, each named `input.<name>`.
+    """
+    if not isinstance(raw, Mapping):
+        raise InputInvalid(
+            [
+                InvalidField(
+                    type="invalid_type",
+                    field="input",
+                    description=f"Invalid type. Expected: object, given: {_json_type(raw)}",
+                )
+            ]
+        )
+    specs = {spec.name: spec for spec in input_fields(info)}
+    problems: list[InvalidField] = []
+    values: dict[str, Any] = {}
+    notes: list[str] = []
+    for name, value in raw.items():
+        spec = specs.get(name)
+        if spec is None:
+            continue
+        if value is None and spec.role == "unsupported":
+            continue
+        typed, problem = _typed(spec, value)
+        problem = problem or _unsupported(spec, typed) or _checked(spec, typed)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        values[name] = typed
+        if spec.role == "noop" and typed != spec.default:
+            notes.append(f"{name} is accepted but has no effect in Kiln: {spec.description}")
+    unknown = sorted(set(raw) - set(specs))
+    if unknown:
+        notes.append(f"ignoring input field(s) this model does not have: {', '.join(unknown)}")
+    if problems:
+        raise InputInvalid(problems)
+    output_format = values.get("output_format", "png")
+    try:
+        request = build_request(
+            values.get("prompt", DEFAULT_PROMPT),
+            model=info.name,
+            negative_prompt=values.get("negative_prompt", ""),
+            width=values.get("width", 0),
+            height=values.get("height", 0),
+            num_outputs=values.get("num_outputs", 0),
+            num_inference_steps=values.get("num_inference_steps", 0),
+            guidance_scale=values.get("guidance_scale"),
+            scheduler=values.get("scheduler", ""),
+            seed=values.get("seed"),
+            output_format="jpeg" if output_format == "jpg" else output_format,
+            output_quality=values.get("output_quality", 0),
+            priority=values.get("priority", "normal"),
+        )
+    except ValueError as error:  # the schema's ranges make this unreachable; never a 500
+        name = str(error).split(" ", 1)[0]
+        raise InputInvalid(
+            [InvalidField(type="invalid_value", field=f"input.{name}", description=str(error))]
+        ) from error
+    return ParsedInput(request, bool(values.get("output_as_data_uri", False)), notes)
+
+
+def violations_to_fields(violations: list[tuple[str, str]]) -> list[InvalidField]:
+    """The Kiln server's field violations (INVALID_ARGUMENT) as Replicate's invalid fields."""
+    return [
+        InvalidField(type="invalid_value", field=f"input.{name}", description=description)
+        for name, description in violations
+    ] or [InvalidField(type="invalid_value", field="input", description="rejected by Kiln")]

@@ -1,0 +1,278 @@
+"""Gateway settings from flags, environment variables and the `[gateway]` table of a config file.
+
+Precedence: command-line flag, then environment variable, then the config file, then the
+default here. Environment variables are `KILN_GATEWAY_<NAME>` (so they never collide with
+`kiln serve`'s `KILN_<NAME>`), except the two secrets: accepted bearer tokens come only from
+`KILN_API_TOKENS` (comma-separated) and the webhook signing secret from
+`KILN_WEBHOOK_SECRET` (or `webhook_secret` in the config file), never from a flag.
+
+Example config (the same file `kiln serve --config` reads; `kiln serve` ignores the table):
+
+    [gateway]
+    upstream = "127.0.0.1:50051"
+    port = 8080
+    retention_seconds = 3600
+
+    [gateway.aliases]
+    "stability-ai/sdxl" = "sdxl-base"
+    # a pinned Replicate version id can be mapped too, so `owner/name:<id>` still runs:
+    "stability-ai/sdxl:39ed52f2a78e934b3ba6e2a89f5b1c712de7dfea535525255b1aa35c5565e08b" = "base"
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Alias",
+    "GatewaySettings",
+    "SettingsError",
+    "is_loopback",
+    "load_settings",
+    "parse_alias",
+]
+
+OUTPUT_MODES = ("url", "data-uri")
+"""How outputs are returned: gateway-served file URLs, or inline data URIs."""
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_ALIAS_KEY = re.compile(rf"^(?P<owner>{_NAME})/(?P<name>{_NAME})(?::(?P<version>[A-Za-z0-9]+))?$")
+
+
+class SettingsError(ValueError):
+    """A setting is invalid; the message names the setting, where it came from and the fix."""
+
+
+@dataclass(frozen=True)
+class Alias:
+    """`owner/name` (optionally pinned to a Replicate version id) served by Kiln model `target`."""
+
+    owner: str
+    name: str
+    target: str
+    version: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """The `owner/name` this alias answers to."""
+        return f"{self.owner}/{self.name}"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the gateway needs; every field has a working default for local use."""
+
+    upstream: str = "127.0.0.1:50051"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    config: Path | None = None
+    public_url: str | None = None
+    """Base URL clients reach the gateway at (behind a proxy); default: the request's own."""
+    retention_seconds: float = 3600.0
+    """How long output files and prediction data stay available after completion."""
+    aliases: tuple[Alias, ...] = ()
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_max_attempts: int = 5
+    webhook_retry_seconds: float = 1.0
+    """Delay before the first webhook retry; it doubles on each further retry."""
+    webhook_timeout_seconds: float = 10.0
+    output_mode: str = "url"
+    files_dir: Path | None = None
+    """Where output files are kept; default: a private temporary folder removed on exit."""
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    max_wait_seconds: float = 60.0
+    """Longest `Prefer: wait` hold, as on Replicate."""
+    max_predictions: int = 10000
+    """Prediction records kept; the oldest finished ones are forgotten beyond this."""
+    default_owner: str = "kiln"
+    """Owner shown for Kiln models reached by version id or listed by GET /v1/models."""
+    upstream_timeout_seconds: float = 600.0
+    """Deadline of one generation on the Kiln server."""
+    log_format: str = "auto"
+    log_level: str = "INFO"
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when bearer tokens are configured and therefore required."""
+        return bool(self.tokens)
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_alias(text: str, source: str = "--alias") -> Alias:
+    """Parse `owner/name[:version]=kiln_model` into an Alias; SettingsError names the problem."""
+    key, sep, target = text.partition("=")
+    return _alias(key.strip(), target.strip() if sep else "", source)
+
+
+def _alias(key: str, target: str, source: str) -> Alias:
+    match = _ALIAS_KEY.match(key)
+    if not match or not target:
+        raise SettingsError(
+            f"{source}: invalid alias {key}={target!r}: write owner/name=KILN_MODEL or "
+            f"owner/name:VERSION_ID=KILN_MODEL (e.g. stability-ai/sdxl=sdxl-base)"
+        )
+    return Alias(match["owner"], match["name"], target, match["version"])
+
+
+def _to_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
+
+
+_CONVERTERS: dict[str, Any] = {
+    "port": int,
+    "retention_seconds": float,
+    "webhook_max_attempts": int,
+    "webhook_retry_seconds": float,
+    "webhook_timeout_seconds": float,
+    "max_wait_seconds": float,
+    "max_predictions": int,
+    "upstream_timeout_seconds": float,
+    "config": Path,
+    "files_dir": Path,
+    "tls_certfile": Path,
+    "tls_keyfile": Path,
+}
+# Settings with their own sources or shapes, handled outside the generic loop.
+_SPECIAL = {"aliases", "tokens", "webhook_secret"}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    try:
+        return _CONVERTERS.get(name, str)(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{source}: invalid value {value!r} for {name}: {exc}") from exc
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise SettingsError(f"config file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+    table = config.get("gateway") or {}
+    if not isinstance(table, dict):
+        raise SettingsError(f"config file {path}: [gateway] must be a table")
+    return table
+
+
+def _tokens(environ: Mapping[str, str]) -> tuple[str, ...]:
+    raw = environ.get("KILN_API_TOKENS", "")
+    return tuple(token.strip() for token in raw.split(",") if token.strip())
+
+
+def load_settings(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> GatewaySettings:
+    """Resolve settings: flags over `KILN_GATEWAY_*` env over the config file's `[gateway]`.
+
+    `flags` may hold any GatewaySettings field (None = not given) and `alias`, a list of
+    `owner/name[:version]=model` strings that add to the aliases from env and config.
+
+    Raises:
+        SettingsError: an unreadable config file, an unknown setting or an invalid value.
+    """
+    environ = os.environ if environ is None else environ
+    names = [f.name for f in fields(GatewaySettings) if f.name not in _SPECIAL]
+    env_values = {
+        name: _convert(name, environ[var], var)
+        for name in names
+        if environ.get(var := f"KILN_GATEWAY_{name.upper()}")
+    }
+    flag_values = {k: v for k, v in flags.items() if k in names and v is not None}
+    config_path = flag_values.get("config") or env_values.get("config")
+    file_values: dict[str, Any] = {}
+    aliases: dict[tuple[str, str, str | None], Alias] = {}
+    webhook_secret = environ.get("KILN_WEBHOOK_SECRET") or None
+    if config_path is not None:
+        source = f"config file {config_path}"
+        table = _read_config(Path(config_path))
+        unknown = set(table) - set(names) - _SPECIAL
+        if unknown:
+            raise SettingsError(f"{source}: unknown [gateway] setting(s) {sorted(unknown)}")
+        if "tokens" in table:
+            raise SettingsError(f"{source}: put API tokens in KILN_API_TOKENS, not in the file")
+        file_values = {k: _convert(k, v, source) for k, v in table.items() if k in names}
+        table_aliases = table.get("aliases") or {}
+        if not isinstance(table_aliases, dict):
+            raise SettingsError(f"{source}: [gateway.aliases] must map owner/name to a model")
+        for key, target in table_aliases.items():
+            alias = _alias(str(key), str(target), f"{source} [gateway.aliases]")
+            aliases[(alias.owner, alias.name, alias.version)] = alias
+        webhook_secret = webhook_secret or table.get("webhook_secret") or None
+    for text in filter(None, environ.get("KILN_GATEWAY_ALIASES", "").split(",")):
+        alias = parse_alias(text, "KILN_GATEWAY_ALIASES")
+        aliases[(alias.owner, alias.name, alias.version)] = alias
+    for text in flags.get("alias") or ():
+        alias = parse_alias(text)
+        aliases[(alias.owner, alias.name, alias.version)] = alias
+    settings = replace(
+        GatewaySettings(),
+        **{**file_values, **env_values, **flag_values},
+        aliases=tuple(aliases.values()),
+        tokens=_tokens(environ),
+        webhook_secret=webhook_secret,
+    )
+    return validate_settings(settings)
+
+
+def validate_settings(settings: GatewaySettings) -> GatewaySettings:
+    """Check value ranges and combinations; return the settings unchanged or raise."""
+    if settings.output_mode not in OUTPUT_MODES:
+        raise SettingsError(
+            f"output_mode must be one of {', '.join(OUTPUT_MODES)}; got {settings.output_mode!r}"
+        )
+    if not 0 <= settings.port <= 65535:
+        raise SettingsError(f"port must be between 0 and 65535; got {settings.port}")
+    if settings.retention_seconds <= 0:
+        raise SettingsError("retention_seconds must be positive")
+    if settings.webhook_max_attempts < 1:
+        raise SettingsError("webhook_max_attempts must be at least 1")
+    if not 0 < settings.max_wait_seconds <= 600:
+        raise SettingsError("max_wait_seconds must be between 0 and 600")
+    if settings.max_predictions < 1:
+        raise SettingsError("max_predictions must be at least 1")
+    if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
+        raise SettingsError("give both --tls-certfile and --tls-keyfile, or neither")
+    if settings.public_url is not None and not re.match(r"^https?://", settings.public_url):
+        raise SettingsError(
+            f"public_url must start with http:// or https://; got {settings.public_url!r}"
+        )
+    if settings.webhook_secret is not None:
+        _check_secret(settings.webhook_secret)
+    return settings
+
+
+def _check_secret(secret: str) -> None:
+    import base64
+    import binascii
+
+    prefix, _, encoded = secret.partition("_")
+    try:
+        key = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if prefix != "whsec" or len(key) < 16:
+        raise SettingsError(
+            "webhook secret must look like whsec_<base64 of at least 16 random bytes>; "
+            'generate one with: python -c "import base64,os; '
+            "print('whsec_' + base64.b64encode(os.urandom(32)).decode())\""
+        )

@@ -1,0 +1,49 @@
+"""The one owner of the gateway's mutable state, reachable from every request handler.
+
+`GatewayState` is created when the app starts (inside the event loop, where the gRPC
+channel must live) and stored on `app.state.gateway`; handlers get it through the
+`gateway_state` dependency. Nothing else in the gateway keeps state at module level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+if TYPE_CHECKING:
+    from kiln_client.aio import AsyncKilnClient
+    from kiln_gateway.files import FileStore
+    from kiln_gateway.models import ModelCatalog
+    from kiln_gateway.predictions import PredictionRunner, PredictionStore
+    from kiln_gateway.settings import GatewaySettings
+    from kiln_gateway.webhooks import WebhookSender
+
+__all__ = ["GatewayState", "gateway_state", "public_base_url"]
+
+
+@dataclass
+class GatewayState:
+    """Everything a running gateway owns: upstream client, catalog, stores, senders."""
+
+    settings: GatewaySettings
+    kiln: AsyncKilnClient
+    catalog: ModelCatalog
+    store: PredictionStore
+    files: FileStore
+    webhooks: WebhookSender
+    runner: PredictionRunner
+
+
+def gateway_state(request: Request) -> GatewayState:
+    """FastAPI dependency: the running gateway's state."""
+    state: GatewayState = request.app.state.gateway
+    return state
+
+
+def public_base_url(request: Request, state: GatewayState) -> str:
+    """Base URL for links in responses: `public_url` if configured, else the request's own."""
+    if state.settings.public_url:
+        return state.settings.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")

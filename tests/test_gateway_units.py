@@ -1,0 +1,311 @@
+"""The gateway's parts that need no Kiln server: settings, CLI, input schema, signing, SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from replicate.webhook import Webhooks, WebhookSigningSecret
+
+from kiln_client.cli import main as kiln_main
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_gateway.api import parse_prefer_wait
+from kiln_gateway.errors import ApiError
+from kiln_gateway.schema import DEFAULT_PROMPT, InputInvalid, openapi_schema, parse_input
+from kiln_gateway.settings import (
+    Alias,
+    GatewaySettings,
+    SettingsError,
+    load_settings,
+    parse_alias,
+)
+from kiln_gateway.streaming import format_event
+from kiln_gateway.webhooks import PredictionWebhook, WebhookSender, new_secret, sign
+
+TINY = pb.ModelInfo(
+    name="tiny",
+    default_width=64,
+    default_height=64,
+    default_num_inference_steps=8,
+    default_guidance_scale=7.5,
+    default_scheduler="K_EULER",
+    min_size=32,
+    max_size=512,
+    max_num_inference_steps=150,
+    max_num_outputs=8,
+    max_guidance_scale=50,
+    schedulers=["DDIM", "K_EULER", "K_EULER_ANCESTRAL"],
+)
+
+
+# --- settings and the command line ----------------------------------------------------------
+
+
+def test_settings_flags_beat_env_beat_config(tmp_path: Path) -> None:
+    config = tmp_path / "kiln.toml"
+    config.write_text(
+        '[gateway]\nport = 7001\nupstream = "10.0.0.1:50051"\nretention_seconds = 60\n'
+        '[gateway.aliases]\n"stability-ai/sdxl" = "base"\n'
+    )
+    env = {
+        "KILN_GATEWAY_PORT": "7002",
+        "KILN_API_TOKENS": " one, two ,,",
+        "KILN_GATEWAY_ALIASES": "acme/fast=turbo",
+        "KILN_PORT": "9999",  # kiln serve's setting: never read by the gateway
+    }
+
+    from_all = load_settings({"config": config, "port": 7003, "alias": ["x/y:abc123=base"]}, env)
+    from_env = load_settings({"config": config}, env)
+    from_file = load_settings({"config": config}, {})
+
+    assert (from_all.port, from_env.port, from_file.port) == (7003, 7002, 7001)
+    assert from_all.upstream == "10.0.0.1:50051" and from_all.retention_seconds == 60
+    assert from_all.tokens == ("one", "two") and from_file.tokens == ()
+    assert set(from_all.aliases) == {
+        Alias("stability-ai", "sdxl", "base"),
+        Alias("acme", "fast", "turbo"),
+        Alias("x", "y", "base", "abc123"),
+    }
+
+
+def test_settings_errors_name_the_problem(tmp_path: Path) -> None:
+    config = tmp_path / "kiln.toml"
+    config.write_text("[gateway]\nprot = 1\n")
+
+    with pytest.raises(SettingsError, match=r"unknown \[gateway\] setting\(s\) \['prot'\]"):
+        load_settings({"config": config}, {})
+    with pytest.raises(SettingsError, match="owner/name=KILN_MODEL"):
+        parse_alias("sdxl=tiny")
+    with pytest.raises(SettingsError, match="whsec_"):
+        load_settings({}, {"KILN_WEBHOOK_SECRET": "hunter2"})
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings({"config": tmp_path / "missing.toml"}, {})
+    with pytest.raises(SettingsError, match="KILN_GATEWAY_PORT"):
+        load_settings({}, {"KILN_GATEWAY_PORT": "eighty"})
+
+
+def test_cli_refuses_a_public_host_without_tokens(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KILN_API_TOKENS", raising=False)
+
+    code = kiln_main(["gateway", "--host", "0.0.0.0", "--port", "0"])
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "refusing to listen on 0.0.0.0 without API tokens" in error
+    assert "KILN_API_TOKENS" in error
+
+
+def test_cli_serves_on_loopback_and_says_auth_is_off(tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "kiln_client.cli", "gateway", "--upstream", "127.0.0.1:9",
+            "--port", "0", "--port-file", str(port_file), "--log-format", "text",
+        ],
+        stderr=subprocess.PIPE,
+        env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert process.poll() is None, process.stderr.read().decode()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.05)
+        spec = httpx.get(f"http://127.0.0.1:{int(port_file.read_text())}/openapi.json")
+        assert spec.status_code == 200 and "/v1/predictions" in spec.json()["paths"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 0
+    assert "authentication is OFF" in stderr.decode()
+
+
+# --- the input schema -----------------------------------------------------------------------
+
+
+def test_schema_maps_replicate_inputs_to_a_kiln_request() -> None:
+    parsed = parse_input(
+        {
+            "prompt": "a cat",
+            "negative_prompt": "dog",
+            "width": 128,
+            "height": 96.0,  # JSON numbers with no fraction are integers
+            "num_outputs": 2,
+            "scheduler": "DDIM",
+            "num_inference_steps": 20,
+            "guidance_scale": 5,
+            "seed": 2**63,
+            "output_format": "jpeg",
+            "priority": "high",
+            "apply_watermark": True,
+            "unknown_field": 1,
+        },
+        TINY,
+    )
+
+    request = parsed.request
+    assert (request.model, request.prompt, request.negative_prompt) == ("tiny", "a cat", "dog")
+    assert (request.width, request.height, request.num_outputs) == (128, 96, 2)
+    assert (request.scheduler, request.num_inference_steps) == ("DDIM", 20)
+    assert request.guidance_scale == 5 and request.seed == 2**63
+    assert request.output_format == pb.OUTPUT_FORMAT_JPEG and request.priority == pb.PRIORITY_HIGH
+    assert parsed.notes == ["ignoring input field(s) this model does not have: unknown_field"]
+    assert not parsed.data_uri
+
+
+def test_schema_defaults_leave_choices_to_the_model() -> None:
+    request = parse_input({}, TINY).request
+
+    assert request.prompt == DEFAULT_PROMPT
+    assert (request.width, request.num_inference_steps, request.scheduler) == (0, 0, "")
+    assert not request.HasField("seed") and not request.HasField("guidance_scale")
+
+
+def test_schema_notes_inputs_that_have_no_effect() -> None:
+    parsed = parse_input(
+        {"disable_safety_checker": True, "lora_scale": 0.2, "prompt_strength": 0.8}, TINY
+    )
+
+    assert [note.split(" ")[0] for note in parsed.notes] == ["disable_safety_checker", "lora_scale"]
+
+
+def test_schema_errors_use_replicates_words() -> None:
+    with pytest.raises(InputInvalid) as caught:
+        parse_input(
+            {
+                "prompt": 3,
+                "num_outputs": 0,
+                "guidance_scale": 80,
+                "scheduler": "Euler",
+                "mask": "https://example.com/mask.png",
+                "refine": "expert_ensemble_refiner",
+                "seed": -1,
+                "output_as_data_uri": "yes",
+            },
+            TINY,
+        )
+
+    problems = {item.field: (item.type, item.description) for item in caught.value.fields}
+    assert problems == {
+        "input.prompt": ("invalid_type", "Invalid type. Expected: string, given: integer"),
+        "input.num_outputs": ("number_gte", "Must be greater than or equal to 1"),
+        "input.guidance_scale": ("number_lte", "Must be less than or equal to 50"),
+        "input.scheduler": (
+            "enum",
+            'scheduler must be one of the following: "DDIM", "K_EULER", "K_EULER_ANCESTRAL"',
+        ),
+        "input.mask": (
+            "unsupported",
+            "inpainting is not available in Kiln yet; remove input.mask",
+        ),
+        "input.refine": (
+            "unsupported",
+            "Kiln has no refiner yet; use no_refiner or leave refine out",
+        ),
+        "input.seed": ("number_gte", "Must be greater than or equal to 0"),
+        "input.output_as_data_uri": (
+            "invalid_type",
+            "Invalid type. Expected: boolean, given: string",
+        ),
+    }
+
+
+def test_version_schema_reports_the_models_defaults_and_limits() -> None:
+    properties = openapi_schema(TINY)["components"]["schemas"]["Input"]["properties"]
+
+    assert properties["width"]["default"] == 64 and properties["width"]["maximum"] == 512
+    assert properties["num_inference_steps"]["maximum"] == 150
+    assert properties["scheduler"]["enum"] == ["DDIM", "K_EULER", "K_EULER_ANCESTRAL"]
+    assert [p["x-order"] for p in properties.values()] == list(range(len(properties)))
+
+
+# --- headers, signatures, events ------------------------------------------------------------
+
+
+def test_prefer_wait_header() -> None:
+    assert parse_prefer_wait(None, 60) is None
+    assert parse_prefer_wait("respond-async", 60) is None
+    assert parse_prefer_wait("wait", 60) == 60
+    assert parse_prefer_wait("return=minimal, wait=5", 60) == 5
+    assert parse_prefer_wait("wait=600", 60) == 60
+    assert parse_prefer_wait("wait=0", 60) == 1
+    with pytest.raises(ApiError) as caught:
+        parse_prefer_wait("wait=-3", 60)
+    assert caught.value.status == 400
+
+
+def test_signature_verifies_with_the_official_client() -> None:
+    secret = new_secret()
+    body = json.dumps({"id": "abc", "status": "succeeded"})
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": "1700000000",
+        "webhook-signature": sign(secret, "msg_1", 1700000000, body.encode()),
+    }
+
+    Webhooks.validate(headers=headers, body=body, secret=WebhookSigningSecret(key=secret))
+
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32
+    assert sign(secret, "msg_2", 1700000000, body.encode()) != headers["webhook-signature"]
+
+
+def test_server_sent_event_format() -> None:
+    assert format_event(3, "logs", "one\ntwo") == "event: logs\nid: 3\ndata: one\ndata: two\n\n"
+    assert format_event(4, "done", "{}") == "event: done\nid: 4\ndata: {}\n\n"
+
+
+class RecordingSender(WebhookSender):
+    """Records deliveries instead of sending them."""
+
+    def __init__(self) -> None:
+        super().__init__(GatewaySettings(), new_secret())
+        self.sent: list[tuple[str, int]] = []
+
+    async def deliver(self, url: str, body: bytes, *, prediction_id: str = "") -> bool:
+        self.sent.append((url, json.loads(body)["n"]))
+        return True
+
+
+async def test_webhooks_throttle_logs_and_always_send_completed() -> None:
+    sender = RecordingSender()
+    state = {"n": 0}
+    hook = PredictionWebhook(
+        sender,
+        "p1",
+        lambda: json.dumps(state).encode(),
+        url="http://receiver/all",
+        events=None,
+        completed_url="http://receiver/completed",
+    )
+
+    hook.notify("start")
+    for n in range(1, 21):  # twenty log lines at once
+        state["n"] = n
+        hook.notify("logs")
+    await asyncio.sleep(0.6)  # let the one throttled delivery (500 ms later) go out
+    state["n"] = 21
+    hook.notify("completed")
+    hook.notify("logs")  # nothing follows completed
+    await hook.wait_delivered(timeout=5)
+    await sender.aclose()
+
+    assert sender.sent == [
+        ("http://receiver/all", 0),  # start
+        ("http://receiver/all", 1),  # first logs change, sent at once
+        ("http://receiver/all", 20),  # the rest, coalesced into the latest state
+        ("http://receiver/all", 21),  # completed
+        ("http://receiver/completed", 21),  # webhook_completed
+    ]
