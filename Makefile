@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# Serves from engines/ when `make engines` has built them (the fastest backend available).
 serve: $(STAMP)
-	$(BIN)/kiln serve $(ARGS)
+	$(BIN)/kiln serve $(if $(wildcard engines/*/manifest.json),--engines engines) $(ARGS)
 
 test: $(STAMP) lint lint-protos typecheck check-protos
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -32,6 +32,18 @@ default_num_inference_steps = 8
 """
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread in the test process.
+
+    The tiny model's tensors are too small for intra-op threads to pay off, and the test
+    process shares two cores with the servers it starts; several threads each then spend
+    most of their time waiting on one another.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @dataclass
 class RunningServer:
     """A `kiln serve` subprocess and how to reach it."""

@@ -52,7 +52,7 @@ UNET_CONFIG: dict[str, Any] = {
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
     "block_out_channels": [64, 128],
-    "layers_per_block": 2,
+    "layers_per_block": 1,
     "transformer_layers_per_block": [1, 1],
     "attention_head_dim": [4, 4],
     "cross_attention_dim": TEXT_ENCODER_CONFIG["hidden_size"]

@@ -1,9 +1,10 @@
-"""Generate images from a model folder with diffusers' StableDiffusionXLPipeline.
+"""Generate images from a model folder for training checks, tests and benchmarks.
 
-The reference sampler for training checks, tests and the adherence benchmark: it runs the
-same computation as Kiln's serving pipeline (SDXL prompt encoding with the zero negative,
-seeded latents, classifier-free guidance, a scheduler step per denoising step, VAE decode).
-Schedulers are named as in Replicate's SDXL API, like Kiln's `scheduler` request field.
+`KilnSampler` runs Kiln's own serving pipeline (`kiln_server.pipeline.SDXLPipeline`) on the
+torch or onnxruntime backend, batching many prompts into each UNet call the way the server's
+batcher does. `DiffusersSampler` runs diffusers' StableDiffusionXLPipeline, the reference
+the Kiln pipeline is tested against. Both take Kiln's scheduler names (Replicate's) and
+fill unset settings from the model's kiln.json defaults; both return RGB uint8 arrays.
 """
 
 from __future__ import annotations
@@ -11,21 +12,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-
-# Replicate's SDXL scheduler names → (diffusers class, extra config).
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "DDIM": ("DDIMScheduler", {}),
-    "DPMSolverMultistep": ("DPMSolverMultistepScheduler", {}),
-    "HeunDiscrete": ("HeunDiscreteScheduler", {}),
-    "KarrasDPM": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "K_EULER_ANCESTRAL": ("EulerAncestralDiscreteScheduler", {}),
-    "K_EULER": ("EulerDiscreteScheduler", {}),
-    "PNDM": ("PNDMScheduler", {}),
-}
 
 
 def kiln_config(folder: Path) -> dict[str, Any]:
@@ -34,29 +24,10 @@ def kiln_config(folder: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
-class Sampler:
-    """A loaded model folder that turns prompts into RGB uint8 arrays."""
+class Sampler(Protocol):
+    """Anything that turns (prompt, seed) pairs into images with given settings."""
 
-    def __init__(self, folder: Path) -> None:
-        from diffusers import StableDiffusionXLPipeline
-
-        self.folder = Path(folder)
-        self.defaults = kiln_config(self.folder)
-        self.pipe = StableDiffusionXLPipeline.from_pretrained(
-            str(self.folder), torch_dtype=torch.float32, add_watermarker=False
-        )
-        self.pipe.set_progress_bar_config(disable=True)
-        self._base_scheduler_config = dict(self.pipe.scheduler.config)
-
-    def set_scheduler(self, name: str) -> None:
-        """Switch to a scheduler by its Replicate name (ValueError naming the choices)."""
-        import diffusers
-
-        if name not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-        class_name, extra = SCHEDULERS[name]
-        cls = getattr(diffusers, class_name)
-        self.pipe.scheduler = cls.from_config({**self._base_scheduler_config, **extra})
+    defaults: dict[str, Any]
 
     def generate(
         self,
@@ -68,30 +39,142 @@ class Sampler:
         scheduler: str | None = None,
         size: int | None = None,
     ) -> list[np.ndarray]:
-        """One image per (prompt, seed) pair, at the model's defaults unless overridden.
+        """One RGB uint8 image (H, W, 3) per (prompt, seed) pair."""
+        ...
 
-        Each image's starting noise depends only on its seed, so batching does not change
-        results beyond float rounding.
+
+class _Settings:
+    """Request settings with the model's defaults filled in."""
+
+    def __init__(
+        self,
+        defaults: dict[str, Any],
+        steps: int | None,
+        guidance_scale: float | None,
+        scheduler: str | None,
+        size: int | None,
+    ) -> None:
+        self.steps = steps or int(defaults.get("default_num_inference_steps", 20))
+        self.guidance_scale = (
+            guidance_scale
+            if guidance_scale is not None
+            else float(defaults.get("default_guidance_scale", 5.0))
+        )
+        self.scheduler = scheduler or str(defaults.get("default_scheduler", "K_EULER"))
+        self.size = size or int(defaults.get("default_width", 64))
+
+
+class KilnSampler:
+    """Kiln's SDXL pipeline over a model folder on the torch or onnxruntime backend.
+
+    For onnxruntime, `engines_dir` must hold engines built from this folder (see
+    `build_onnx_engines`).
+    """
+
+    def __init__(
+        self, folder: Path, backend: str = "torch", engines_dir: Path | None = None
+    ) -> None:
+        from kiln_server.engines.loading import load_engine_set
+        from kiln_server.models.loader import read_model_files
+        from kiln_server.pipeline.sdxl import SDXLPipeline
+
+        self.folder = Path(folder)
+        self.backend = backend
+        files = read_model_files(self.folder)
+        self.defaults = dict(files.kiln_config)
+        self.pipeline = SDXLPipeline(files, load_engine_set(backend, files, engines_dir))
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        size: int | None = None,
+    ) -> list[np.ndarray]:
+        """One image per (prompt, seed), all requests advanced together, one UNet call a step.
+
+        Each image equals what a lone request with that prompt and seed gets (up to float
+        rounding), as batching in Kiln's pipeline keeps every request's state separate.
         """
+        from kiln_server.pipeline.params import GenerationParams
+
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
-        self.set_scheduler(scheduler or str(self.defaults.get("default_scheduler", "K_EULER")))
-        side = size or int(self.defaults.get("default_width", 64))
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        settings = _Settings(self.defaults, steps, guidance_scale, scheduler, size)
+        states = [
+            self.pipeline.prepare(
+                GenerationParams(
+                    prompt=prompt,
+                    width=settings.size,
+                    height=settings.size,
+                    num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance_scale,
+                    scheduler=settings.scheduler,
+                    seed=int(seed),
+                )
+            )
+            for prompt, seed in zip(prompts, seeds, strict=True)
+        ]
+        with torch.no_grad():
+            while not all(state.finished for state in states):
+                self.pipeline.denoise_step([s for s in states if not s.finished])
+            return [self.pipeline.decode(state)[0] for state in states]
+
+
+class DiffusersSampler:
+    """diffusers' StableDiffusionXLPipeline over a model folder (the reference)."""
+
+    def __init__(self, folder: Path) -> None:
+        from diffusers import StableDiffusionXLPipeline
+
+        self.folder = Path(folder)
+        self.defaults = kiln_config(self.folder)
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(
+            str(self.folder), dtype=torch.float32, add_watermarker=False
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self._scheduler_config = dict(self.pipe.scheduler.config)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        size: int | None = None,
+    ) -> list[np.ndarray]:
+        """One image per (prompt, seed) pair; each image's noise depends only on its seed."""
+        from kiln_server.pipeline.schedulers import make_scheduler
+
+        if len(prompts) != len(seeds):
+            raise ValueError("prompts and seeds must have the same length")
+        settings = _Settings(self.defaults, steps, guidance_scale, scheduler, size)
+        self.pipe.scheduler = make_scheduler(settings.scheduler, self._scheduler_config)
         with torch.no_grad():
             result = self.pipe(
                 prompt=list(prompts),
-                num_inference_steps=steps
-                or int(self.defaults.get("default_num_inference_steps", 20)),
-                guidance_scale=(
-                    guidance_scale
-                    if guidance_scale is not None
-                    else float(self.defaults.get("default_guidance_scale", 5.0))
-                ),
-                width=side,
-                height=side,
-                generator=generators,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                width=settings.size,
+                height=settings.size,
+                generator=[torch.Generator().manual_seed(int(s)) for s in seeds],
                 output_type="np",
             )
         images = np.asarray(result.images)
         return [np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8) for image in images]
+
+
+def build_onnx_engines(folder: Path, engines_dir: Path, name: str | None = None) -> Path:
+    """Export the folder's components to ONNX engines in `engines_dir` (Kiln's build path)."""
+    from kiln_build.build import BuildOptions, run_build
+
+    run_build(
+        BuildOptions(Path(folder), Path(engines_dir), model_name=name, progress=False),
+        say=lambda text: None,
+    )
+    return Path(engines_dir)

@@ -68,8 +68,8 @@ class TrainSettings:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-3
     latent_pool: int = 8192
-    unet_steps: int = 2400
-    unet_batch: int = 48
+    unet_steps: int = 3000
+    unet_batch: int = 32
     unet_lr: float = 5e-4
     warmup_steps: int = 100
     uncond_prob: float = 0.1
@@ -179,7 +179,7 @@ def new_models(seed: int) -> tuple[Any, Any, Any, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**arch.VAE_CONFIG)
+    vae: Any = AutoencoderKL(**arch.VAE_CONFIG)
     with torch.no_grad():
         # Start with a narrow posterior (std ≈ 0.05): with unit std the sampled
         # latents are mostly noise and the decoder learns nothing for hundreds of steps.

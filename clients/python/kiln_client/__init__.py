@@ -1,10 +1,10 @@
 """Typed Python client for Kiln's gRPC GenerationService (sync and asyncio) and the `kiln` CLI.
 
-    from kiln_client import KilnClient
+from kiln_client import KilnClient
 
-    with KilnClient("127.0.0.1:50051") as kiln:
-        result = kiln.generate("a red circle on a blue background", seed=7)
-        result.images[0].save("circle.png")
+with KilnClient("127.0.0.1:50051") as kiln:
+    result = kiln.generate("a red circle on a blue background", seed=7)
+    result.images[0].save("circle.png")
 """
 
 from kiln_client.aio import AsyncKilnClient
