@@ -175,6 +175,7 @@ async def closed_loop(address: str, concurrency: int, args: argparse.Namespace) 
 def server_args(args: argparse.Namespace, config: Path) -> list[str]:
     """Flags for the benchmarked server."""
     flags = ["--config", str(config), "--max-queue", "256"]
+    flags += ["--intra-op-threads", str(args.intra_op_threads)]
     if args.backend:
         flags += ["--backend", args.backend]
     if args.engines:
@@ -211,7 +212,11 @@ def measure_overhead(args: argparse.Namespace, address: str, repeats: int) -> tu
     files = read_model_files(spec.path)
     engines_dir = args.engines / spec.name if args.engines else None
     backend = resolve_backend(args.backend, engines_dir)
-    pipeline = SDXLPipeline(files, load_engine_set(backend, files, engines_dir))
+    import torch
+
+    torch.set_num_threads(args.intra_op_threads or os.cpu_count() or 1)
+    engines = load_engine_set(backend, files, engines_dir, threads=args.intra_op_threads)
+    pipeline = SDXLPipeline(files, engines)
     request = make_request(0, args)
     params = validate_request(
         request,
@@ -291,7 +296,8 @@ def report(results: list[RunResult], remote: float, local: float, args: argparse
         f"Workload: model `{args.model or 'kiln-tiny-sdxl'}` at its default size, "
         f"{args.steps or 'default'} steps, {args.num_outputs} image(s) per request, distinct "
         f"prompts and seeds, closed loop for {args.duration:g} s per level, "
-        f"max_batch_rows {args.max_batch_rows}, backend {args.backend or 'auto'}.",
+        f"max_batch_rows {args.max_batch_rows}, backend {args.backend or 'auto'}, "
+        f"{args.intra_op_threads or 'all'} engine thread(s).",
         "",
         "| clients | requests | images/s | vs sequential | p50 s | p95 s | p99 s "
         "| mean queue s | mean batch rows | errors |",
@@ -334,6 +340,13 @@ def main() -> int:
     parser.add_argument("--num-outputs", type=int, default=1)
     parser.add_argument("--max-batch-rows", type=int, default=16)
     parser.add_argument("--overhead-repeats", type=int, default=20)
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="server engine threads (default 1: the load generator needs the other core "
+        "on a 2-core machine; 0 = all cores)",
+    )
     parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
     args = parser.parse_args()
     section = run(args)

@@ -105,6 +105,10 @@ def start_server(
         str(config_path),
         "--log-format",
         "json",
+        # Test servers share two cores with pytest and each other; one engine thread each
+        # avoids threads spinning on a core another process holds.
+        "--intra-op-threads",
+        "1",
         *args,
     ]
     with log_path.open("wb") as log:

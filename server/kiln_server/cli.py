@@ -40,6 +40,12 @@ def register(subparsers: Any) -> None:
         "--max-batch-rows", type=int, help="UNet rows per step when a model sets none (default 8)"
     )
     parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        help="CPU threads per engine call (torch, onnxruntime); 0 = all cores (default). "
+        "Use fewer when other busy processes share the cores",
+    )
+    parser.add_argument(
         "--drain-timeout", type=float, help="seconds to let requests finish on SIGTERM (default 60)"
     )
     parser.add_argument("--log-format", choices=("auto", "json", "text"), help="log style")

@@ -39,12 +39,15 @@ def load_engines(
     engines_dir: Path | None,
     model_name: str,
     config: Path | None = None,
+    threads: int | None = None,
 ) -> EngineSet:
     """Load one model's engines on the requested (or fastest available) backend."""
     from kiln_server.engines.loading import load_engine_set, resolve_backend
 
     chosen = resolve_backend(backend, engines_dir)
-    return load_engine_set(chosen, files, engines_dir, model_name=model_name, config=config)
+    return load_engine_set(
+        chosen, files, engines_dir, model_name=model_name, config=config, threads=threads
+    )
 
 
 def load_model(
@@ -52,12 +55,13 @@ def load_model(
     backend: str | None,
     engines_root: Path | None,
     config: Path | None = None,
+    threads: int | None = None,
 ) -> LoadedModel:
     """Read the model folder, load its engines once, and build its pipeline."""
     started = time.perf_counter()
     files = read_model_files(spec.path)
     engines_dir = model_engines_dir(engines_root, spec.name)
-    engines = load_engines(backend, files, engines_dir, spec.name, config)
+    engines = load_engines(backend, files, engines_dir, spec.name, config, threads)
     pipeline = SDXLPipeline(files, engines)
     logger.info(
         "model loaded",
@@ -105,12 +109,22 @@ def load_registry_models(
     backend: str | None,
     engines_root: Path | None,
     config: Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, LoadedModel]:
-    """Load and warm up every model of the registry, in registry order."""
+    """Load and warm up every model of the registry, in registry order.
+
+    `threads` sets the CPU engines' intra-op threads (torch and onnxruntime); None or 0
+    uses every available core.
+    """
+    import torch
+
+    from kiln_server.engines.onnxruntime_engine import available_cores
+
+    torch.set_num_threads(threads or available_cores())
     loaded: dict[str, LoadedModel] = {}
     for spec in registry.models.values():
         logger.info("loading model", extra={"model": spec.name, "path": str(spec.path)})
-        loaded[spec.name] = load_model(spec, backend, engines_root, config)
+        loaded[spec.name] = load_model(spec, backend, engines_root, config, threads)
         logger.info("warming up model", extra={"model": spec.name})
         warm_up(loaded[spec.name])
     return loaded

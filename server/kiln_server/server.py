@@ -88,6 +88,7 @@ class KilnServer:
             self.settings.backend,
             self.settings.engines,
             self.settings.config,
+            self.settings.intra_op_threads,
         )
         self.batcher = Batcher(
             {name: model.pipeline for name, model in models.items()},

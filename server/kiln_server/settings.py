@@ -32,6 +32,7 @@ class ServerSettings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     max_queue: int = 64
     max_batch_rows: int = 8
+    intra_op_threads: int = 0  # CPU threads per engine call; 0 = every available core
     aging_seconds: float = 5.0
     drain_timeout: float = 60.0
     max_message_mb: int = 64
@@ -44,6 +45,7 @@ _CONVERTERS: dict[str, Any] = {
     "port": int,
     "max_queue": int,
     "max_batch_rows": int,
+    "intra_op_threads": int,
     "max_message_mb": int,
     "aging_seconds": float,
     "drain_timeout": float,
@@ -109,4 +111,6 @@ def load_settings(
         )
     if settings.max_queue < 1 or settings.max_batch_rows < 1:
         raise SettingsError("max_queue and max_batch_rows must be at least 1")
+    if settings.intra_op_threads < 0:
+        raise SettingsError("intra_op_threads must be 0 (all cores) or more")
     return settings, config

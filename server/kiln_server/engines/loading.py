@@ -73,6 +73,7 @@ def load_engine_set(
     model_name: str | None = None,
     config: Path | None = None,
     verify_hashes: bool = True,
+    threads: int | None = None,
 ) -> EngineSet:
     """Load every engine of the model in `files` on `backend`, once.
 
@@ -127,7 +128,7 @@ def load_engine_set(
             manifest, specs, ctx, required=REQUIRED_COMPONENTS, verify_hash=verify_hashes
         )
         for name, path in paths.items():
-            engines[name] = OnnxRuntimeEngine(specs[name], path)
+            engines[name] = OnnxRuntimeEngine(specs[name], path, threads=threads)
     else:
         from kiln_server.engines.tensorrt_engine import TensorRTRuntime
 

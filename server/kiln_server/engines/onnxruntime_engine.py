@@ -33,14 +33,14 @@ def session_options(threads: int | None = None) -> Any:
     """Session options tuned for diffusion graphs on a CPU.
 
     Full graph optimization (operator fusion, layout transforms), sequential execution with
-    `threads` intra-op threads (default: every available core, overridable with
-    KILN_ORT_THREADS), memory-pattern planning and the CPU arena so repeated same-shape calls
-    reuse their intermediate buffers.
+    `threads` intra-op threads (default: every available core; `kiln serve
+    --intra-op-threads` sets it), memory-pattern planning and the CPU arena so repeated
+    same-shape calls reuse their intermediate buffers.
     """
     import onnxruntime as ort
 
-    if threads is None:
-        threads = int(os.environ.get("KILN_ORT_THREADS") or available_cores())
+    if not threads:
+        threads = available_cores()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
