@@ -2,12 +2,13 @@
 
     python -m kiln_training.train --out models/kiln-shapes
 
-Two stages, one progress bar each:
+Three stages, one progress bar each:
 
 1. The VAE (AutoencoderKL, 8x downsampling, 4 latent channels) learns to reconstruct
-   freshly rendered scenes. A fixed pool of scenes is then encoded once; the latents'
-   standard deviation fixes the VAE's `scaling_factor`.
-2. Both CLIP text encoders and the UNet train jointly on those latents with the usual
+   freshly rendered scenes.
+2. A fixed pool of scenes is encoded once; the latents' standard deviation fixes the VAE's
+   `scaling_factor`, and the pool fits the preview factors stored in kiln.json.
+3. Both CLIP text encoders and the UNet train jointly on those latents with the usual
    epsilon objective under SDXL's noise schedule. A fraction of captions is dropped to
    zero embeddings (SDXL's `force_zeros_for_empty_prompt` negative), so classifier-free
    guidance works. The UNet and text encoders are written from an exponential moving
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,8 @@ from kiln_training.dataset import (
 STATE_DIR = ".train-state"
 INITIAL_LOGVAR = -6.0
 VAE_STAGE = 1
-POOL_STAGE = 2
 UNET_STAGE = 3
+POOL_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -62,7 +63,7 @@ class TrainSettings:
 
     out: Path
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     vae_steps: int = 1000
     vae_batch: int = 16
     vae_lr: float = 1e-3
@@ -80,12 +81,10 @@ class TrainSettings:
     stop_after: int | None = None
     keep_state: bool = False
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """The settings that shape the weights, as JSON-ready values."""
-        skip = {"out", "resume", "stop_after", "keep_state", "progress", "extra"}
-        skip.add("checkpoint_every")
+        skip = {"out", "resume", "stop_after", "keep_state", "progress", "checkpoint_every"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -300,7 +299,7 @@ def all_captions() -> list[str]:
 @torch.no_grad()
 def encode_pool(vae: Any, settings: TrainSettings) -> LatentPool:
     """Render and encode `latent_pool` scenes with the trained VAE (deterministic)."""
-    scenes = sample_scenes(settings.latent_pool, seed=settings.seed + 1_000_003)
+    scenes = sample_scenes(settings.latent_pool, seed=settings.seed + POOL_SEED_OFFSET)
     index = {text: i for i, text in enumerate(all_captions())}
     means, stds, smalls = [], [], []
     chunk = 256
@@ -516,6 +515,8 @@ def train(settings: TrainSettings) -> TrainResult:
     if not settings.resume and state_dir.exists():
         shutil.rmtree(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    # Checkpoints are large (optimizer moments) and never belong in version control.
+    (state_dir / ".gitignore").write_text("*\n")
     seconds: dict[str, float] = {}
     vae, text_encoder, text_encoder_2, unet = new_models(settings.seed)
     text = TextConditioner(text_encoder, text_encoder_2)
