@@ -32,6 +32,7 @@ from results_file import write_section
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_server.models.registry import default_builtin_name
 
 SECTION = "## Throughput under load (benchmarks/load.py)"
 PROMPTS = [
@@ -186,7 +187,7 @@ def server_args(args: argparse.Namespace, config: Path) -> list[str]:
 def write_config(workdir: Path, args: argparse.Namespace) -> Path:
     """Config serving one model with the benchmark's batch cap."""
     config = workdir / "kiln.toml"
-    model = args.model or "kiln-tiny-sdxl"
+    model = args.model
     source = f'builtin = "{model}"' if not args.model_path else f'path = "{args.model_path}"'
     config.write_text(
         f'[server]\ndefault_model = "{model}"\n\n'
@@ -229,19 +230,17 @@ def measure_overhead(args: argparse.Namespace, address: str, repeats: int) -> tu
         for pixels, seed in zip(pipeline.generate(params), params.seeds, strict=True):
             encode_image(pixels, "png", 90, png_parameters(params, seed))
 
-    in_process()  # warm-up
-    local = []
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    channel = grpc.insecure_channel(address, options=options)
+    stub = pb_grpc.GenerationServiceStub(channel)
+    in_process()  # warm-ups
+    list(stub.Generate(request))
+    local, remote = [], []
+    # Interleaved, so drift in the shared machine's speed hits both sides alike.
     for _ in range(repeats):
         started = time.perf_counter()
         in_process()
         local.append(time.perf_counter() - started)
-    channel = grpc.insecure_channel(
-        address, options=[("grpc.max_receive_message_length", 64 << 20)]
-    )
-    stub = pb_grpc.GenerationServiceStub(channel)
-    list(stub.Generate(request))  # warm-up
-    remote = []
-    for _ in range(repeats):
         started = time.perf_counter()
         list(stub.Generate(request))
         remote.append(time.perf_counter() - started)
@@ -293,7 +292,7 @@ def report(results: list[RunResult], remote: float, local: float, args: argparse
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; measured {time.strftime('%Y-%m-%d')}.",
         f"Command: `.venv/bin/python benchmarks/load.py {' '.join(sys.argv[1:])}`",
-        f"Workload: model `{args.model or 'kiln-tiny-sdxl'}` at its default size, "
+        f"Workload: model `{args.model}` at its default size, "
         f"{args.steps or 'default'} steps, {args.num_outputs} image(s) per request, distinct "
         f"prompts and seeds, closed loop for {args.duration:g} s per level, "
         f"max_batch_rows {args.max_batch_rows}, backend {args.backend or 'auto'}, "
@@ -332,7 +331,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per level")
     parser.add_argument("--max-requests", type=int, default=2000, help="cap per level")
-    parser.add_argument("--model", default="", help="built-in model name (default tiny)")
+    parser.add_argument(
+        "--model", default=default_builtin_name(), help="built-in model name (default: the default)"
+    )
     parser.add_argument("--model-path", type=Path, help="serve this SDXL folder instead")
     parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"))
     parser.add_argument("--engines", type=Path, help="engines folder for the backend")

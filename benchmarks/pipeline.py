@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from results_file import write_section
 
 from kiln_server.engines.loading import load_engine_set, resolve_backend
@@ -67,6 +68,7 @@ def main() -> int:
     parser.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"))
     parser.add_argument("--engines", type=Path, help="engines folder (one subfolder per model)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="engine threads; 0 = all cores")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
 
@@ -74,7 +76,10 @@ def main() -> int:
     files = read_model_files(spec.path)
     engines_dir = args.engines / spec.name if args.engines else None
     backend = resolve_backend(args.backend, engines_dir)
-    pipeline = SDXLPipeline(files, load_engine_set(backend, files, engines_dir))
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    engines = load_engine_set(backend, files, engines_dir, threads=threads)
+    pipeline = SDXLPipeline(files, engines)
     params = GenerationParams(
         prompt="a red circle on a blue background",
         width=spec.default_width,
@@ -98,7 +103,8 @@ def main() -> int:
             f"Command: `.venv/bin/python benchmarks/pipeline.py {' '.join(sys.argv[1:])}`",
             f"Model `{spec.name}` on `{backend}`: {params.width}x{params.height}, "
             f"{params.num_inference_steps} steps ({int(median['steps'])} UNet calls), "
-            f"guidance {params.guidance_scale}, {params.scheduler}; median of {args.repeats}.",
+            f"guidance {params.guidance_scale}, {params.scheduler}, {threads} engine "
+            f"thread(s); median of {args.repeats}.",
             "",
             "| per image s | per step ms | VAE decode ms | preview ms | preview / step |",
             "|---:|---:|---:|---:|---:|",

@@ -193,9 +193,16 @@ class SDXLPipeline:
         return np.asarray((array * 255).round().astype(np.uint8))
 
     def preview(self, state: DenoiseState, options: PreviewParams) -> EncodedPreview:
-        """Cheap preview of the current prediction of the clean image (or the latents)."""
+        """Cheap preview of the current prediction of the clean image (or the latents).
+
+        Outputs sit side by side; the longest side is `options.max_size`, or less when the
+        final images laid side by side are smaller (a preview is never upscaled past them).
+        """
         latents = state.denoised if state.denoised is not None else state.latents
-        return self.previewer.encode(latents, options.max_size, options.format, options.quality)
+        params = state.params
+        full_size = max(params.width * params.num_outputs, params.height)
+        max_size = min(options.max_size, full_size)
+        return self.previewer.encode(latents, max_size, options.format, options.quality)
 
     def generate(self, params: GenerationParams) -> list[np.ndarray]:
         """Run one request start to finish, alone: the in-process reference path."""
