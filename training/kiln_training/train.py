@@ -125,20 +125,9 @@ def build_tokenizers() -> tuple[Any, Any]:
 
     The first pads with the end token, the second with "!" (id 0), as SDXL base does.
     """
-    from transformers import CLIPTokenizer
+    from kiln_server.models.clip_vocabulary import sdxl_tokenizers
 
-    from kiln_server.models.clip_vocabulary import load_clip_vocabulary
-
-    vocabulary = load_clip_vocabulary()
-    return tuple(  # type: ignore[return-value]
-        CLIPTokenizer(
-            vocab=vocabulary.vocab,
-            merges=vocabulary.merges,
-            pad_token=pad,
-            model_max_length=arch.MAX_TOKENS,
-        )
-        for pad in ("<|endoftext|>", "!")
-    )
+    return sdxl_tokenizers(arch.MAX_TOKENS)
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:

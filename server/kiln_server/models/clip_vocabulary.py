@@ -13,6 +13,7 @@ import importlib.util
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any, cast
 
 BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP keeps the first 48,894 merges: 49,408 tokens = 512 byte tokens + merges + 2 specials.
@@ -77,3 +78,24 @@ def load_clip_vocabulary(path: Path | None = None) -> ClipVocabulary:
         vocab={token: i for i, token in enumerate(tokens)},
         merges=[(a, b) for a, b in merges],
     )
+
+
+def sdxl_tokenizers(max_tokens: int = 77) -> tuple[Any, Any]:
+    """SDXL's two CLIPTokenizers over the real CLIP vocabulary.
+
+    The first pads with the end token, the second with "!" (id 0), as SDXL base does.
+    """
+    from transformers import CLIPTokenizer
+
+    vocabulary = load_clip_vocabulary()
+
+    def tokenizer(pad_token: str) -> Any:
+        return CLIPTokenizer(
+            vocab=vocabulary.vocab,
+            # transformers 5's fast tokenizer takes merges as (left, right) pairs.
+            merges=cast(Any, vocabulary.merges),
+            pad_token=pad_token,
+            model_max_length=max_tokens,
+        )
+
+    return tokenizer("<|endoftext|>"), tokenizer("!")

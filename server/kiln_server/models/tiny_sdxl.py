@@ -15,11 +15,11 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
-from kiln_server.models.clip_vocabulary import load_clip_vocabulary
+from kiln_server.models.clip_vocabulary import sdxl_tokenizers
 
 TINY_SDXL_NAME = "kiln-tiny-sdxl"
 # Bump when any config below changes, so cached copies are rebuilt.
@@ -122,7 +122,6 @@ def write_tiny_sdxl(folder: Path) -> Path:
         CLIPTextConfig,
         CLIPTextModel,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
     )
 
     from kiln_server.models.loader import quiet_library_progress
@@ -142,16 +141,9 @@ def write_tiny_sdxl(folder: Path) -> Path:
         CLIPTextModel(text_config).save_pretrained(staging / "text_encoder")
         torch.manual_seed(WEIGHT_SEED + 3)
         CLIPTextModelWithProjection(text_config).save_pretrained(staging / "text_encoder_2")
-        vocabulary = load_clip_vocabulary()
-        for subfolder, pad_token in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
-            # SDXL's second tokenizer pads with "!" (id 0); the first with the end token.
-            CLIPTokenizer(
-                vocab=vocabulary.vocab,
-                # transformers 5's fast tokenizer takes merges as (left, right) pairs.
-                merges=cast(Any, vocabulary.merges),
-                pad_token=pad_token,
-                model_max_length=77,
-            ).save_pretrained(staging / subfolder)
+        tokenizer, tokenizer_2 = sdxl_tokenizers()
+        tokenizer.save_pretrained(staging / "tokenizer")
+        tokenizer_2.save_pretrained(staging / "tokenizer_2")
         EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
         write_model_index(staging)
         (staging / "kiln.json").write_text(
