@@ -128,7 +128,9 @@ def request_id_of(events: list[pb.GenerateResponse]) -> str:
 
 
 def test_client_cancel_drops_the_job(kiln_server: Any, stub: pb_grpc.GenerationServiceStub) -> None:
-    call = stub.Generate(request(seed=8, num_inference_steps=150), timeout=RPC_TIMEOUT)
+    call = stub.Generate(
+        request(seed=8, width=512, height=512, num_inference_steps=150), timeout=RPC_TIMEOUT
+    )
     received = []
     for event in call:
         received.append(event)
@@ -152,9 +154,9 @@ def test_client_cancel_drops_the_job(kiln_server: Any, stub: pb_grpc.GenerationS
 def test_deadline_exceeded_mid_generation(
     kiln_server: Any, stub: pb_grpc.GenerationServiceStub
 ) -> None:
-    # 150 steps at 128x128 take seconds even on a fast CPU; the deadline ends it early.
+    # 150 steps at 512x512 take far longer than the deadline even on a fast CPU.
     call = stub.Generate(
-        request(seed=8, width=128, height=128, num_inference_steps=150), timeout=1.5
+        request(seed=8, width=512, height=512, num_inference_steps=150), timeout=1.5
     )
     received = []
     with pytest.raises(grpc.RpcError) as raised:
@@ -178,9 +180,12 @@ def test_full_queue_is_resource_exhausted_with_retry_info(server_factory: Any) -
     long_job = request(seed=1, width=512, height=512, num_inference_steps=150)
     with open_stub(server.address) as stub:
         running = stub.Generate(long_job, timeout=RPC_TIMEOUT)
-        waiting = stub.Generate(long_job, timeout=RPC_TIMEOUT)
+        waiting = None
         try:
+            # The second request is sent only once the first left the queue, so the first
+            # is not refused for a slot the second took.
             assert [next(running).WhichOneof("event") for _ in range(2)] == ["queued", "started"]
+            waiting = stub.Generate(long_job, timeout=RPC_TIMEOUT)
             first = next(waiting)
             assert first.WhichOneof("event") == "queued" and first.queued.position == 0
 
@@ -193,7 +198,8 @@ def test_full_queue_is_resource_exhausted_with_retry_info(server_factory: Any) -
             assert running.is_active()
         finally:
             running.cancel()
-            waiting.cancel()
+            if waiting is not None:
+                waiting.cancel()
         # Cancelling frees the slots: the server takes work again.
         events = generate(stub, request(seed=2, num_inference_steps=2))
         assert kinds(events)[-1] == "completed"
