@@ -9,9 +9,6 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 SOURCES := server build_engines clients/python/kiln_client training tests benchmarks
 
-BUF_VERSION := 1.75.0
-BUF := .tools/node_modules/.bin/buf
-
 .PHONY: serve test lint lint-protos typecheck protos check-protos engines bench clean install
 
 install: $(STAMP)
@@ -37,13 +34,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
 
-# buf's STANDARD lint rules for protos/ (buf ships on the npm registry).
-$(BUF):
-	@command -v npm >/dev/null || { echo "npm is needed to install buf for proto linting (apt-get install npm)"; exit 1; }
-	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
-
-lint-protos: $(BUF)
-	$(BUF) lint
+# buf's STANDARD lint rules for protos/ (buf.yaml); buf comes from PyPI as buf-bin.
+lint-protos: $(STAMP)
+	$(BIN)/buf lint
 
 typecheck: $(STAMP)
 	$(BIN)/mypy server/kiln_server server/kiln_gateway build_engines/kiln_build clients/python/kiln_client training/kiln_training
@@ -61,4 +54,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/backends.py
 
 clean:
-	rm -rf $(VENV) .tools build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
