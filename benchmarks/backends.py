@@ -41,7 +41,7 @@ from kiln_server.models.registry import (
     make_spec,
 )
 from kiln_server.pipeline.params import GenerationParams
-from kiln_server.pipeline.schedulers import make_scheduler
+from kiln_server.pipeline.reference import DiffusersReference
 from kiln_server.pipeline.sdxl import SDXLPipeline
 
 SECTION = "## Backends: diffusers vs Kiln torch vs Kiln onnxruntime (benchmarks/backends.py)"
@@ -90,36 +90,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def diffusers_runner(files: Any, modules: Any) -> Callable[[GenerationParams], np.ndarray]:
     """diffusers' StableDiffusionXLPipeline over the model's components, as users run it."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe: Any = StableDiffusionXLPipeline(
-        vae=modules.vae,
-        text_encoder=modules.text_encoder,
-        text_encoder_2=modules.text_encoder_2,
-        tokenizer=files.tokenizer,
-        tokenizer_2=files.tokenizer_2,
-        unet=modules.unet,
-        scheduler=make_scheduler("K_EULER", files.scheduler_config),
-        add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-
-    def run(params: GenerationParams) -> np.ndarray:
-        pipe.scheduler = make_scheduler(params.scheduler, files.scheduler_config)
-        with torch.inference_mode():
-            images = pipe(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
-                width=params.width,
-                height=params.height,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in params.seeds],
-                output_type="np",
-            ).images
-        return np.asarray((images[0] * 255).round().astype(np.uint8))
-
-    return run
+    reference = DiffusersReference(files, modules)
+    return lambda params: reference.generate(params)[0]
 
 
 def kiln_runner(pipeline: SDXLPipeline) -> Callable[[GenerationParams], np.ndarray]:

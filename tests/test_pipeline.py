@@ -7,67 +7,25 @@ uint8 level so that a harmless change in operation order does not read as a regr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from kiln_server.pipeline.params import GenerationParams
-from kiln_server.pipeline.schedulers import make_scheduler, scheduler_names
+from kiln_server.pipeline.reference import DiffusersReference
+from kiln_server.pipeline.schedulers import scheduler_names
 
 STEPS = 4
 
 
-@dataclass
-class Reference:
-    """diffusers' pipeline over the tiny model, and the model's scheduler config."""
-
-    pipeline: Any
-    scheduler_config: dict[str, Any]
-
-
 @pytest.fixture(scope="module")
-def diffusers_reference(tiny_model_path: Path) -> Reference:
+def diffusers_reference(tiny_model_path: Path) -> DiffusersReference:
     """diffusers' StableDiffusionXLPipeline over the tiny model's own components."""
-    from diffusers import StableDiffusionXLPipeline
-
     from kiln_server.models.loader import load_modules, read_model_files
 
-    files = read_model_files(tiny_model_path)
-    modules = load_modules(tiny_model_path)
-    reference: Any = StableDiffusionXLPipeline(
-        vae=modules.vae,
-        text_encoder=modules.text_encoder,
-        text_encoder_2=modules.text_encoder_2,
-        tokenizer=files.tokenizer,
-        tokenizer_2=files.tokenizer_2,
-        unet=modules.unet,
-        scheduler=make_scheduler("K_EULER", files.scheduler_config),
-        add_watermarker=False,
-    )
-    reference.set_progress_bar_config(disable=True)
-    return Reference(reference, files.scheduler_config)
-
-
-def diffusers_images(reference: Reference, params: GenerationParams) -> np.ndarray:
-    """uint8 [N, H, W, 3] from diffusers for the same request (image i seeded seed + i)."""
-    reference.pipeline.scheduler = make_scheduler(params.scheduler, reference.scheduler_config)
-    with torch.inference_mode():
-        images = reference.pipeline(
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt,
-            width=params.width,
-            height=params.height,
-            num_images_per_prompt=params.num_outputs,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            generator=[torch.Generator().manual_seed(seed) for seed in params.seeds],
-            output_type="np",
-        ).images
-    return np.asarray((images * 255).round().astype(np.uint8))
+    return DiffusersReference(read_model_files(tiny_model_path), load_modules(tiny_model_path))
 
 
 def max_level_difference(a: np.ndarray, b: np.ndarray) -> int:
@@ -90,7 +48,10 @@ PARITY_CASES = {
 @pytest.mark.parametrize("case", PARITY_CASES.values(), ids=PARITY_CASES.keys())
 @pytest.mark.parametrize("scheduler", scheduler_names())
 def test_matches_diffusers(
-    tiny_pipeline: Any, diffusers_reference: Reference, scheduler: str, case: dict[str, Any]
+    tiny_pipeline: Any,
+    diffusers_reference: DiffusersReference,
+    scheduler: str,
+    case: dict[str, Any],
 ) -> None:
     params = GenerationParams(
         prompt="a product photo of a teapot on marble",
@@ -101,20 +62,20 @@ def test_matches_diffusers(
         **case,
     )
     ours = np.stack(tiny_pipeline.generate(params))
-    theirs = diffusers_images(diffusers_reference, params)
+    theirs = diffusers_reference.generate(params)
     assert ours.shape == (params.num_outputs, params.height, params.width, 3)
     assert max_level_difference(ours, theirs) <= 1
 
 
 def test_matches_diffusers_without_guidance(
-    tiny_pipeline: Any, diffusers_reference: Reference
+    tiny_pipeline: Any, diffusers_reference: DiffusersReference
 ) -> None:
     """guidance_scale 1.0 skips the unconditional branch in both pipelines."""
     params = GenerationParams(
         prompt="a teapot", num_inference_steps=STEPS, guidance_scale=1.0, seed=99
     )
     ours = np.stack(tiny_pipeline.generate(params))
-    assert max_level_difference(ours, diffusers_images(diffusers_reference, params)) <= 1
+    assert max_level_difference(ours, diffusers_reference.generate(params)) <= 1
 
 
 @pytest.mark.parametrize("scheduler", ["K_EULER", "K_EULER_ANCESTRAL"])
