@@ -18,10 +18,10 @@ import json
 import os
 import shlex
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import ComponentSpec, ShapeRange, ShapeRequest
@@ -531,6 +531,55 @@ def _missing_component(ctx: CheckContext, manifest: Manifest, fmt: str, name: st
     )
 
 
+_Entry = TypeVar("_Entry", OnnxComponent, TensorRTComponent)
+
+
+def _recorded(
+    entries: Mapping[str, _Entry],
+    specs: Mapping[str, ComponentSpec],
+    required: Sequence[str],
+    ctx: CheckContext,
+    manifest: Manifest,
+    fmt: str,
+) -> Iterator[tuple[str, ComponentSpec, _Entry]]:
+    """(name, declaration, manifest record) of each declared component that was built.
+
+    Raises the missing-component error for a required component with no record.
+    """
+    for name, spec in specs.items():
+        entry = entries.get(name)
+        if entry is not None:
+            yield name, spec, entry
+        elif name in required:
+            raise _missing_component(ctx, manifest, fmt, name)
+
+
+def _check_component(
+    ctx: CheckContext,
+    manifest: Manifest,
+    fmt: str,
+    label: str,
+    spec: ComponentSpec,
+    entry: OnnxComponent | TensorRTComponent,
+    verify_hash: bool,
+) -> Path:
+    """Check one record's model hash, interface and file; return the file's path.
+
+    `label` names the kind of file in messages ("onnx graph", "TensorRT engine").
+    """
+    name = spec.name
+    _check_model_hash(manifest, name, entry.model_content_hash, ctx, fmt)
+    problem = interface_mismatch(spec, entry.inputs, entry.outputs)
+    if problem:
+        raise EngineError(
+            f"{label} {name!r} in {ctx.engines_dir} does not fit this model: {problem}; "
+            f"rebuild with: {ctx.fix(manifest, fmt)}"
+        )
+    return _check_file(
+        ctx, manifest, fmt, name, entry.file, entry.size_bytes, entry.sha256, verify_hash
+    )
+
+
 def check_onnx_engines(
     manifest: Manifest,
     specs: Mapping[str, ComponentSpec],
@@ -550,21 +599,9 @@ def check_onnx_engines(
             f"{ctx.engines_dir} holds no ONNX graphs; build them with: {ctx.fix(manifest, 'onnx')}"
         )
     files: dict[str, Path] = {}
-    for name, spec in specs.items():
-        entry = manifest.onnx.get(name)
-        if entry is None:
-            if name in required:
-                raise _missing_component(ctx, manifest, "onnx", name)
-            continue
-        _check_model_hash(manifest, name, entry.model_content_hash, ctx, "onnx")
-        problem = interface_mismatch(spec, entry.inputs, entry.outputs)
-        if problem:
-            raise EngineError(
-                f"onnx graph {name!r} in {ctx.engines_dir} does not fit this model: {problem}; "
-                f"rebuild with: {ctx.fix(manifest, 'onnx')}"
-            )
-        files[name] = _check_file(
-            ctx, manifest, "onnx", name, entry.file, entry.size_bytes, entry.sha256, verify_hash
+    for name, spec, entry in _recorded(manifest.onnx, specs, required, ctx, manifest, "onnx"):
+        files[name] = _check_component(
+            ctx, manifest, "onnx", "onnx graph", spec, entry, verify_hash
         )
         if entry.external_data is not None:
             # Weights beside the graph: checked by size (hashing gigabytes adds little).
@@ -612,21 +649,11 @@ def check_tensorrt_engines(
             f"with; rebuild on this machine with: {fix}"
         )
     found: dict[str, tuple[Path, TensorRTComponent]] = {}
-    for name, spec in specs.items():
-        entry = build.components.get(name)
-        if entry is None:
-            if name in required:
-                raise _missing_component(ctx, manifest, "tensorrt", name)
-            continue
-        _check_model_hash(manifest, name, entry.model_content_hash, ctx, "tensorrt")
-        problem = interface_mismatch(spec, entry.inputs, entry.outputs)
-        if problem:
-            raise EngineError(
-                f"TensorRT engine {name!r} in {ctx.engines_dir} does not fit this model: "
-                f"{problem}; rebuild with: {fix}"
-            )
-        path = _check_file(
-            ctx, manifest, "tensorrt", name, entry.file, entry.size_bytes, entry.sha256, verify_hash
+    for name, spec, entry in _recorded(
+        build.components, specs, required, ctx, manifest, "tensorrt"
+    ):
+        path = _check_component(
+            ctx, manifest, "tensorrt", "TensorRT engine", spec, entry, verify_hash
         )
         found[name] = (path, entry)
     return found
