@@ -12,25 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from kiln_client.client import DEFAULT_TARGET, HEALTH_SERVICE_NAME, channel_options
+from kiln_client.client import DEFAULT_TARGET, ReadinessProbe, channel_options
 from kiln_client.client import resolve_request as _resolve_request
-from kiln_client.errors import DeadlineExceeded, from_rpc_error
+from kiln_client.errors import from_rpc_error
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
 from kiln_client.results import GenerationResult, ResultCollector
 
 __all__ = ["AsyncKilnClient"]
 
-_HEALTH_POLL_SECONDS = 0.1
-_HEALTH_POLL_MAX_SECONDS = 1.0
 
 EventCallback = Callable[[pb.GenerateResponse], Awaitable[object] | object]
 
@@ -155,34 +152,16 @@ class AsyncKilnClient:
             DeadlineExceeded: not SERVING within `timeout` seconds.
             KilnError: the server does not implement grpc.health.v1 or fails otherwise.
         """
-        deadline = time.monotonic() + timeout
-        service = HEALTH_SERVICE_NAME
-        last = "no answer"
-        pause = _HEALTH_POLL_SECONDS
+        probe = ReadinessProbe(self.target, timeout)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"server at {self.target} not ready within {timeout:g} s ({last})",
-                )
             try:
                 reply = await self._health.Check(
-                    health_pb2.HealthCheckRequest(service=service),
-                    timeout=remaining,
-                    wait_for_ready=True,
+                    probe.request(), timeout=probe.remaining(), wait_for_ready=True
                 )
             except grpc.RpcError as err:
-                code = err.code()
-                if code == grpc.StatusCode.NOT_FOUND and service:
-                    service = ""
+                if probe.failed(err):
                     continue
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise from_rpc_error(err) from None
-                last = f"{code.name}: {err.details()}"
             else:
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                if probe.answered(reply):
                     return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-            pause = min(pause * 2, _HEALTH_POLL_MAX_SECONDS)
+            await asyncio.sleep(probe.next_pause())

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "HEALTH_SERVICE_NAME",
     "KilnClient",
+    "ReadinessProbe",
     "channel_options",
     "resolve_request",
 ]
@@ -69,6 +70,64 @@ def resolve_request(
     if prompt is None:
         raise TypeError("generate() needs a prompt or request=...")
     return build_request(prompt, **fields)
+
+
+class ReadinessProbe:
+    """The rules of waiting for SERVING, shared by the sync and asyncio clients.
+
+    Asks for the "kiln.v1.GenerationService" health entry and falls back to the
+    server-wide entry ("") when the server does not register that name. Connection
+    failures and NOT_SERVING are retried with a doubling pause until `timeout` runs out.
+    """
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.service = HEALTH_SERVICE_NAME
+        self.last = "no answer"
+        self.pause = _HEALTH_POLL_SECONDS
+
+    def request(self) -> health_pb2.HealthCheckRequest:
+        """The next health check to send."""
+        return health_pb2.HealthCheckRequest(service=self.service)
+
+    def remaining(self) -> float:
+        """Seconds left; raises DeadlineExceeded (with the last answer) when none are."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"server at {self.target} not ready within {self.timeout:g} s ({self.last})",
+            )
+        return remaining
+
+    def answered(self, reply: health_pb2.HealthCheckResponse) -> bool:
+        """True when the reply says SERVING; otherwise remembers the status."""
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return True
+        self.last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return False
+
+    def failed(self, err: grpc.RpcError) -> bool:
+        """Handle a failed check: True to retry at once (the service-name fallback).
+
+        Raises KilnError for failures that waiting cannot fix.
+        """
+        code = err.code()
+        if code == grpc.StatusCode.NOT_FOUND and self.service:
+            self.service = ""
+            return True
+        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise from_rpc_error(err) from None
+        self.last = f"{code.name}: {err.details()}"
+        return False
+
+    def next_pause(self) -> float:
+        """Seconds to wait before the next check (doubling, never past the deadline)."""
+        pause = max(0.0, min(self.pause, self.deadline - time.monotonic()))
+        self.pause = min(self.pause * 2, _HEALTH_POLL_MAX_SECONDS)
+        return pause
 
 
 class KilnClient:
@@ -193,34 +252,16 @@ class KilnClient:
             DeadlineExceeded: not SERVING within `timeout` seconds.
             KilnError: the server does not implement grpc.health.v1 or fails otherwise.
         """
-        deadline = time.monotonic() + timeout
-        service = HEALTH_SERVICE_NAME
-        last = "no answer"
-        pause = _HEALTH_POLL_SECONDS
+        probe = ReadinessProbe(self.target, timeout)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"server at {self.target} not ready within {timeout:g} s ({last})",
-                )
             try:
                 reply = self._health.Check(
-                    health_pb2.HealthCheckRequest(service=service),
-                    timeout=remaining,
-                    wait_for_ready=True,
+                    probe.request(), timeout=probe.remaining(), wait_for_ready=True
                 )
             except grpc.RpcError as err:
-                code = err.code()
-                if code == grpc.StatusCode.NOT_FOUND and service:
-                    service = ""
+                if probe.failed(err):
                     continue
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise from_rpc_error(err) from None
-                last = f"{code.name}: {err.details()}"
             else:
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                if probe.answered(reply):
                     return
-                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
-            pause = min(pause * 2, _HEALTH_POLL_MAX_SECONDS)
+            time.sleep(probe.next_pause())
