@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
 from typing import Any, NoReturn
 
 import grpc
@@ -255,7 +254,6 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 encode_seconds = time.perf_counter() - started
             elif isinstance(event, Finished):
                 total = time.monotonic() - arrival
-                timings = asdict(event)
                 logger.info(
                     "request completed",
                     extra={"request_id": request_id, "seconds": round(total, 4)},
@@ -263,9 +261,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 yield pb.GenerateResponse(
                     request_id=request_id,
                     completed=pb.CompletedEvent(
-                        queue_seconds=timings["queue_seconds"],
-                        inference_seconds=timings["inference_seconds"] + encode_seconds,
-                        engine_seconds=timings["engine_seconds"],
+                        queue_seconds=event.queue_seconds,
+                        inference_seconds=event.inference_seconds + encode_seconds,
+                        engine_seconds=event.engine_seconds,
                         total_seconds=total,
                         num_images=params.num_outputs,
                     ),

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kiln_server.imaging import MIME_TYPES
+
 SDXL_LATENT_RGB_FACTORS = (
     (0.3651, 0.4232, 0.4341),
     (-0.2533, -0.0042, 0.1068),
@@ -22,8 +24,6 @@ SDXL_LATENT_RGB_FACTORS = (
     (-0.3165, -0.2492, -0.2188),
 )
 SDXL_LATENT_RGB_BIAS = (0.1084, -0.0175, -0.0011)
-
-MIME_TYPES = {"jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)
