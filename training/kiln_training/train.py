@@ -27,7 +27,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -461,11 +460,9 @@ def write_model_folder(
     """
     from diffusers import EulerDiscreteScheduler
 
-    from kiln_server.models.tiny_sdxl import write_model_index
+    from kiln_server.models.layout import staged_folder, write_model_index
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with staged_folder(folder, carry=(STATE_DIR,)) as staging:
         modules = {
             "unet": unet,
             "vae": vae,
@@ -481,14 +478,6 @@ def write_model_folder(
         )
         write_model_index(staging)
         (staging / "kiln.json").write_text(json.dumps(kiln_config, indent=2) + "\n")
-        if (folder / STATE_DIR).is_dir():
-            shutil.move(str(folder / STATE_DIR), str(staging / STATE_DIR))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return folder
 
 

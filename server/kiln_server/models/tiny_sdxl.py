@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kiln_server.models.clip_vocabulary import sdxl_tokenizers
+from kiln_server.models.layout import staged_folder, write_model_index
 
 TINY_SDXL_NAME = "kiln-tiny-sdxl"
 # Bump when any config below changes, so cached copies are rebuilt.
@@ -127,9 +126,7 @@ def write_tiny_sdxl(folder: Path) -> Path:
     from kiln_server.models.loader import quiet_library_progress
 
     quiet_library_progress()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with staged_folder(folder) as staging:
         torch.manual_seed(WEIGHT_SEED)
         unet: Any = UNet2DConditionModel(**UNET_CONFIG)
         unet.save_pretrained(staging / "unet")
@@ -149,30 +146,7 @@ def write_tiny_sdxl(folder: Path) -> Path:
         (staging / "kiln.json").write_text(
             json.dumps({**KILN_DEFAULTS, "fingerprint": config_fingerprint()}, indent=2)
         )
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return folder
-
-
-def write_model_index(folder: Path) -> None:
-    """Write the model_index.json that marks `folder` as a StableDiffusionXLPipeline."""
-    index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": "0.31.0",
-        "force_zeros_for_empty_prompt": True,
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def ensure_tiny_sdxl(cache_dir: Path) -> Path:
