@@ -31,18 +31,16 @@ def registry(tiny_model_path: Path) -> ModelRegistry:
 def validate(registry: ModelRegistry, tiny_model_path: Path) -> Any:
     """validate_request bound to the registry and the model's real tokenizers."""
     from kiln_server.models.loader import read_model_files
-    from kiln_server.pipeline.prompts import PromptEncoder
+    from kiln_server.pipeline.prompts import PromptTokenizer
 
-    files = read_model_files(tiny_model_path)
-    # Counting tokens and the limit need only the tokenizers, not the encoders.
-    encoder = PromptEncoder(files.tokenizer, files.tokenizer_2, engines=None)
+    tokenizer = PromptTokenizer.for_model(read_model_files(tiny_model_path))
 
     def run(request: pb.GenerateRequest) -> GenerationParams:
         return validate_request(
             request,
             registry,
-            lambda _model, text: encoder.count_tokens(text),
-            lambda _model: encoder.max_tokens,
+            lambda _model, text: tokenizer.count_tokens(text),
+            lambda _model: tokenizer.max_tokens,
         )
 
     return run

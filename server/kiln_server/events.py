@@ -56,4 +56,13 @@ class Failed:
     message: str
 
 
-JobEvent = Queued | Started | Progress | Decoded | Finished | Failed
+@dataclass(frozen=True)
+class Refused:
+    """The job was never queued: the queue is full (retry after `retry_after` seconds) or
+    the server is draining (`retry_after` is None)."""
+
+    message: str
+    retry_after: float | None = None
+
+
+JobEvent = Queued | Started | Progress | Decoded | Finished | Failed | Refused

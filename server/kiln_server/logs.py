@@ -24,6 +24,7 @@ STRUCTURED_FIELDS = (
     "status",
     "in_flight",
     "path",
+    "pid",
 )
 
 

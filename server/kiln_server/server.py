@@ -1,9 +1,11 @@
-"""The server process: listen, load and warm up models, serve, and drain on SIGTERM.
+"""The server process: listen, start the engine core, serve, and drain on SIGTERM.
 
 The port opens first with health NOT_SERVING, so orchestrators can watch start-up; health
-turns SERVING only after every model is loaded and has run a warm-up generation. On SIGTERM
-or SIGINT health goes NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish
-(up to the drain timeout), and the process exits 0.
+turns SERVING only after the engine core has loaded every model and run a warm-up
+generation. On SIGTERM or SIGINT health goes NOT_SERVING, new requests get UNAVAILABLE,
+in-flight ones finish (up to the drain timeout), and the process exits 0. If the engine
+core dies, in-flight requests end with UNAVAILABLE and the server exits 1 for its
+supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from grpc_reflection.v1alpha import reflection
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
-from kiln_server.batcher import Batcher, BatcherSettings
+from kiln_server.core.client import EngineCoreClient
+from kiln_server.models.loader import read_model_files
 from kiln_server.models.registry import ModelRegistry
-from kiln_server.runtime import LoadedModel, load_registry_models
+from kiln_server.pipeline.prompts import PromptTokenizer
 from kiln_server.service import GenerationService
 from kiln_server.settings import ServerSettings
 
@@ -30,25 +33,23 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
-def batch_row_limit(model: LoadedModel, server_default: int) -> int:
-    """UNet rows per step: the model's setting (else the server's), capped by the engine.
-
-    A TensorRT engine's profiles bound the batch one call accepts; torch and onnxruntime
-    engines accept any batch.
-    """
-    limit = model.spec.max_batch_rows or server_default
-    engine_max = model.pipeline.engines.unet.max_batch
-    return limit if engine_max is None else min(limit, engine_max)
+def load_tokenizers(registry: ModelRegistry) -> dict[str, PromptTokenizer]:
+    """Every served model's tokenizers, for validating prompt lengths in this process."""
+    return {
+        name: PromptTokenizer.for_model(read_model_files(spec.path))
+        for name, spec in registry.models.items()
+    }
 
 
 class KilnServer:
-    """One gRPC server with its models, batcher and health status."""
+    """One gRPC server with its engine core and health status."""
 
     def __init__(self, settings: ServerSettings, registry: ModelRegistry) -> None:
         self.settings = settings
         self.registry = registry
-        self.batcher: Batcher | None = None
+        self.core: EngineCoreClient | None = None
         self.draining = False
+        self.core_lost = asyncio.Event()
         self.health = health.aio.HealthServicer()
         self.service = GenerationService(registry, is_draining=lambda: self.draining)
         max_bytes = settings.max_message_mb * 1024 * 1024
@@ -81,29 +82,17 @@ class KilnServer:
         return self.port
 
     async def load(self) -> None:
-        """Load and warm up every model, start the batcher, then report SERVING."""
-        models = await asyncio.to_thread(
-            load_registry_models,
-            self.registry,
-            self.settings.backend,
-            self.settings.engines,
-            self.settings.config,
-            self.settings.intra_op_threads,
-        )
-        self.batcher = Batcher(
-            {name: model.pipeline for name, model in models.items()},
-            BatcherSettings(
-                max_queue=self.settings.max_queue,
-                max_batch_rows={
-                    name: batch_row_limit(m, self.settings.max_batch_rows)
-                    for name, m in models.items()
-                },
-                default_max_batch_rows=self.settings.max_batch_rows,
-                aging_seconds=self.settings.aging_seconds,
-            ),
-        )
-        self.batcher.start()
-        self.service.attach(models, self.batcher)
+        """Start the engine core, wait for its models to be warm, then report SERVING."""
+        loop = asyncio.get_running_loop()
+
+        def on_core_lost(_message: str) -> None:
+            loop.call_soon_threadsafe(self.core_lost.set)
+
+        self.core = EngineCoreClient(self.settings, self.registry, on_core_lost)
+        self.core.start()
+        tokenizers = await asyncio.to_thread(load_tokenizers, self.registry)
+        served = await self.core.ready()
+        self.service.attach(self.core, {m.name: m for m in served}, tokenizers)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info("ready: SERVING", extra={"port": self.port})
 
@@ -113,21 +102,16 @@ class KilnServer:
             return
         self.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        in_flight = self.batcher.in_flight if self.batcher else 0
+        in_flight = self.core.in_flight if self.core else 0
         logger.info("draining", extra={"in_flight": in_flight})
-        if self.batcher is not None:
-            drained = await asyncio.to_thread(self.batcher.drain, self.settings.drain_timeout)
+        if self.core is not None:
+            drained = await asyncio.to_thread(self.core.wait_idle, self.settings.drain_timeout)
             if not drained:
                 logger.warning("drain timeout reached; stopping with requests in flight")
         # A short grace lets the last responses of finished jobs reach their clients.
         await self.server.stop(grace=5.0)
-        if self.batcher is not None:
-            await asyncio.to_thread(self.batcher.stop)
-            stats = self.batcher.stats
-            logger.info(
-                "batcher stats",
-                extra={"steps": stats.steps, "rows": stats.rows, "jobs": stats.jobs_completed},
-            )
+        if self.core is not None:
+            await self.core.stop()
         logger.info("stopped")
 
 
@@ -145,13 +129,16 @@ async def run_server(
         port_file.write_text(str(port))
     loader = asyncio.create_task(server.load())
     stopper = asyncio.create_task(stop.wait())
+    lost = asyncio.create_task(server.core_lost.wait())
     done, _ = await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if loader in done and loader.exception() is not None:
         logger.error("start-up failed: %s", loader.exception())
         await server.server.stop(grace=None)
+        if server.core is not None:
+            await server.core.stop()
         return 1
-    await stopper
+    await asyncio.wait({stopper, lost}, return_when=asyncio.FIRST_COMPLETED)
     if not loader.done():
         loader.cancel()
     await server.shutdown()
-    return 0
+    return 1 if server.core_lost.is_set() else 0

@@ -1,9 +1,11 @@
-"""The gRPC API layer: validate, hand jobs to the batcher, stream its events back.
+"""The gRPC API layer: validate, hand jobs to the engine core, stream their events back.
 
-Nothing here runs a model. Every way a request can end maps to one precise status:
-INVALID_ARGUMENT (with google.rpc.BadRequest), NOT_FOUND, RESOURCE_EXHAUSTED (with
-google.rpc.RetryInfo), UNAVAILABLE while loading or draining, INTERNAL for an engine fault
-(never a traceback text), or the client's own CANCELLED / DEADLINE_EXCEEDED.
+Nothing here runs a model: the batcher and the engines live in the engine core process
+(kiln_server.core); this process validates, encodes images and talks gRPC. Every way a
+request can end maps to one precise status: INVALID_ARGUMENT (with google.rpc.BadRequest),
+NOT_FOUND, RESOURCE_EXHAUSTED (with google.rpc.RetryInfo), UNAVAILABLE while loading or
+draining or when the engine core is lost, INTERNAL for an engine fault (never a traceback
+text), or the client's own CANCELLED / DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -22,13 +24,23 @@ from grpc_status import rpc_status
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
-from kiln_server.batcher import Batcher, Draining, Job, QueueFull
-from kiln_server.events import Decoded, Failed, Finished, JobEvent, Progress, Queued, Started
+from kiln_server.core.client import EngineCoreClient, EngineCoreError
+from kiln_server.core.messages import ServedModel
+from kiln_server.events import (
+    Decoded,
+    Failed,
+    Finished,
+    JobEvent,
+    Progress,
+    Queued,
+    Refused,
+    Started,
+)
 from kiln_server.imaging import encode_image
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
+from kiln_server.pipeline.prompts import PromptTokenizer
 from kiln_server.pipeline.schedulers import scheduler_names
-from kiln_server.runtime import LoadedModel
 from kiln_server.validation import ModelNotFound, RequestInvalid, validate_request
 
 logger = logging.getLogger(__name__)
@@ -60,13 +72,13 @@ def bad_request_status(error: RequestInvalid) -> grpc.Status:
     return _status_details(code_pb2.INVALID_ARGUMENT, str(error), bad_request)
 
 
-def queue_full_status(error: QueueFull) -> grpc.Status:
+def queue_full_status(message: str, retry_after: float) -> grpc.Status:
     """RESOURCE_EXHAUSTED carrying google.rpc.RetryInfo."""
-    seconds = int(error.retry_after)
-    delay = duration_pb2.Duration(seconds=seconds, nanos=int((error.retry_after - seconds) * 1e9))
+    seconds = int(retry_after)
+    delay = duration_pb2.Duration(seconds=seconds, nanos=int((retry_after - seconds) * 1e9))
     return _status_details(
         code_pb2.RESOURCE_EXHAUSTED,
-        f"{error}; retry in {error.retry_after:g} s",
+        f"{message}; retry in {retry_after:g} s",
         error_details_pb2.RetryInfo(retry_delay=delay),
     )
 
@@ -87,30 +99,35 @@ def png_parameters(params: GenerationParams, seed: int) -> dict[str, Any]:
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
-    """kiln.v1.GenerationService over a registry, its loaded models and the batcher."""
+    """kiln.v1.GenerationService over a registry, the models' tokenizers and the core."""
 
     def __init__(
         self,
         registry: ModelRegistry,
-        batcher: Batcher | None = None,
-        models: dict[str, LoadedModel] | None = None,
         is_draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.registry = registry
-        self.batcher = batcher
-        self.models = models or {}
         self.is_draining = is_draining
+        self.core: EngineCoreClient | None = None
+        self.served: dict[str, ServedModel] = {}
+        self.tokenizers: dict[str, PromptTokenizer] = {}
 
-    def attach(self, models: dict[str, LoadedModel], batcher: Batcher) -> None:
-        """Make the loaded models and the batcher live (called once loading finished)."""
-        self.models = models
-        self.batcher = batcher
+    def attach(
+        self,
+        core: EngineCoreClient,
+        served: dict[str, ServedModel],
+        tokenizers: dict[str, PromptTokenizer],
+    ) -> None:
+        """Go live on a ready engine core (called once every model is loaded and warm)."""
+        self.tokenizers = tokenizers
+        self.served = served
+        self.core = core
 
     def _count_tokens(self, model: str, text: str) -> int:
-        return self.models[model].pipeline.prompt_encoder.count_tokens(text)
+        return self.tokenizers[model].count_tokens(text)
 
     def _max_tokens(self, model: str) -> int:
-        return self.models[model].pipeline.prompt_encoder.max_tokens
+        return self.tokenizers[model].max_tokens
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -118,12 +135,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         """Every served model with its defaults and limits."""
         infos = []
         for spec in self.registry.models.values():
-            loaded = self.models.get(spec.name)
+            served = self.served.get(spec.name)
             infos.append(
                 pb.ModelInfo(
                     name=spec.name,
                     family=spec.family,
-                    backend=loaded.pipeline.backend if loaded else "",
+                    backend=served.backend if served else "",
                     default_width=spec.default_width,
                     default_height=spec.default_height,
                     default_num_inference_steps=spec.default_num_inference_steps,
@@ -134,7 +151,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     max_num_inference_steps=spec.max_num_inference_steps,
                     max_num_outputs=spec.max_num_outputs,
                     max_guidance_scale=spec.max_guidance_scale,
-                    max_prompt_tokens=self._max_tokens(spec.name) if loaded else 0,
+                    max_prompt_tokens=self._max_tokens(spec.name) if served else 0,
                     schedulers=scheduler_names(),
                 )
             )
@@ -149,11 +166,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         log = {"request_id": request_id}
         if self.is_draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        if self.batcher is None:
+        core = self.core
+        if core is None:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "models are still loading; retry when SERVING"
             )
-        assert self.batcher is not None
+        assert core is not None
         try:
             params = validate_request(request, self.registry, self._count_tokens, self._max_tokens)
         except RequestInvalid as error:
@@ -166,43 +184,45 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[JobEvent] = asyncio.Queue()
 
-        def emit(event: JobEvent) -> None:
+        def on_event(event: JobEvent) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(request_id=request_id, params=params, emit=emit)
         try:
-            self.batcher.submit(job)
-        except QueueFull as error:
-            logger.warning("queue full; request refused", extra=log)
-            await abort_with(context, queue_full_status(error))
-        except Draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            job_id = core.submit(request_id, params, on_event)
+        except EngineCoreError as error:
+            logger.error("engine core unreachable: %s", error, extra=log)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
         logger.info(
-            "request accepted",
+            "request submitted",
             extra={**log, "model": params.model, "steps": params.num_inference_steps},
         )
         finished = False
         try:
-            async for message in self._stream(job, events, arrival, context):
+            async for message in self._stream(request_id, params, events, arrival, context):
                 yield message
             finished = True
         finally:
             if not finished:
-                self.batcher.cancel(job)
+                core.cancel(job_id)
                 logger.info("request ended early; job dropped", extra=log)
 
     async def _stream(
         self,
-        job: Job,
+        request_id: str,
+        params: GenerationParams,
         events: asyncio.Queue[JobEvent],
         arrival: float,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.GenerateResponse]:
-        params, request_id = job.params, job.request_id
         encode_seconds = 0.0
         while True:
             event = await events.get()
-            if isinstance(event, Queued):
+            if isinstance(event, Refused):
+                if event.retry_after is not None:
+                    logger.warning("queue full; request refused", extra={"request_id": request_id})
+                    await abort_with(context, queue_full_status(event.message, event.retry_after))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, event.message)
+            elif isinstance(event, Queued):
                 yield pb.GenerateResponse(
                     request_id=request_id, queued=pb.QueuedEvent(position=event.position)
                 )

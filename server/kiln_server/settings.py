@@ -38,7 +38,6 @@ class ServerSettings:
     max_message_mb: int = 64
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
-    warmup: bool = True
 
 
 _CONVERTERS: dict[str, Any] = {
@@ -52,7 +51,6 @@ _CONVERTERS: dict[str, Any] = {
     "config": Path,
     "engines": Path,
     "cache_dir": Path,
-    "warmup": lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes"),
 }
 
 

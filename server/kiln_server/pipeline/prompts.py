@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kiln_server.engines.base import EngineSet
+from kiln_server.models.loader import SDXLModelFiles
 
 
 @dataclass(frozen=True)
@@ -34,28 +35,20 @@ class EncodedPrompts:
     negative: PromptEmbedding
 
 
-class PromptEncoder:
-    """Encodes prompts with the model's tokenizers and text-encoder engines.
+class PromptTokenizer:
+    """Both SDXL tokenizers: prompt lengths for validation and padded ids for the encoders.
 
-    Results are cached by text (most traffic repeats a handful of prompts); the cache is
-    bounded and safe to use from several threads.
+    Needs no weights, so the API process can validate prompts while the engine process
+    holds the text encoders.
     """
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        tokenizer_2: Any,
-        engines: EngineSet,
-        *,
-        force_zeros_for_empty_prompt: bool = True,
-        cache_size: int = 256,
-    ) -> None:
+    def __init__(self, tokenizer: Any, tokenizer_2: Any) -> None:
         self.tokenizers = (tokenizer, tokenizer_2)
-        self.engines = engines
-        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
-        self._lock = threading.Lock()
+
+    @classmethod
+    def for_model(cls, files: SDXLModelFiles) -> PromptTokenizer:
+        """The tokenizers of a model folder read by `read_model_files`."""
+        return cls(files.tokenizer, files.tokenizer_2)
 
     @property
     def max_tokens(self) -> int:
@@ -78,6 +71,29 @@ class PromptEncoder:
         ).input_ids
         return ids.to(torch.int32)
 
+
+class PromptEncoder:
+    """Encodes prompts with the model's tokenizers and text-encoder engines.
+
+    Results are cached by text (most traffic repeats a handful of prompts); the cache is
+    bounded and safe to use from several threads.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PromptTokenizer,
+        engines: EngineSet,
+        *,
+        force_zeros_for_empty_prompt: bool = True,
+        cache_size: int = 256,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.engines = engines
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
+        self._lock = threading.Lock()
+
     def embed(self, text: str) -> PromptEmbedding:
         """Embeddings of one text, from the cache when possible."""
         with self._lock:
@@ -85,8 +101,8 @@ class PromptEncoder:
             if cached is not None:
                 self._cache.move_to_end(text)
                 return cached
-        first = self.engines.text_encoder.infer({"input_ids": self.token_ids(text, 0)})
-        second = self.engines.text_encoder_2.infer({"input_ids": self.token_ids(text, 1)})
+        first = self.engines.text_encoder.infer({"input_ids": self.tokenizer.token_ids(text, 0)})
+        second = self.engines.text_encoder_2.infer({"input_ids": self.tokenizer.token_ids(text, 1)})
         embedding = PromptEmbedding(
             hidden_states=torch.cat(
                 [first["hidden_states"], second["hidden_states"]], dim=-1

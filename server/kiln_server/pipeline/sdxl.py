@@ -21,7 +21,7 @@ from kiln_server.engines.base import EngineSet
 from kiln_server.models.loader import SDXLModelFiles
 from kiln_server.pipeline.params import GenerationParams, PreviewParams
 from kiln_server.pipeline.previews import EncodedPreview, LatentPreviewer
-from kiln_server.pipeline.prompts import EncodedPrompts, PromptEncoder
+from kiln_server.pipeline.prompts import EncodedPrompts, PromptEncoder, PromptTokenizer
 from kiln_server.pipeline.schedulers import make_scheduler
 
 
@@ -79,8 +79,7 @@ class SDXLPipeline:
         self.engines = engines
         self.dims = files.dims
         self.prompt_encoder = PromptEncoder(
-            files.tokenizer,
-            files.tokenizer_2,
+            PromptTokenizer.for_model(files),
             engines,
             force_zeros_for_empty_prompt=files.force_zeros_for_empty_prompt,
             cache_size=prompt_cache_size,

@@ -1,0 +1,80 @@
+"""What the API process and the engine core process send each other over their pipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kiln_server.events import JobEvent
+from kiln_server.models.registry import ModelRegistry
+from kiln_server.pipeline.params import GenerationParams
+from kiln_server.settings import ServerSettings
+
+# API process -> engine core
+
+
+@dataclass(frozen=True)
+class StartCore:
+    """The first message: what to load and how to batch."""
+
+    settings: ServerSettings
+    registry: ModelRegistry
+
+
+@dataclass(frozen=True)
+class SubmitJob:
+    """Queue a request; its events come back as JobUpdate messages with `job_id`."""
+
+    job_id: int
+    request_id: str
+    params: GenerationParams
+
+
+@dataclass(frozen=True)
+class CancelJob:
+    """Drop a job from the queue now, or from the running batch at the next step."""
+
+    job_id: int
+
+
+@dataclass(frozen=True)
+class StopCore:
+    """Fail whatever is still queued or running with UNAVAILABLE, then exit."""
+
+
+Command = StartCore | SubmitJob | CancelJob | StopCore
+
+# engine core -> API process
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the core has loaded and warmed up."""
+
+    name: str
+    backend: str
+    max_batch_rows: int
+
+
+@dataclass(frozen=True)
+class CoreReady:
+    """Every model is loaded and warm; jobs may be submitted."""
+
+    models: tuple[ServedModel, ...]
+
+
+@dataclass(frozen=True)
+class CoreFailed:
+    """Start-up failed; `message` names the problem and the fix. The core then exits."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """One event of one job."""
+
+    job_id: int
+    event: JobEvent
+
+
+Report = CoreReady | CoreFailed | JobUpdate

@@ -1,0 +1,218 @@
+"""The engine core process: load and warm up the models, then run the batcher.
+
+EngineCoreClient starts it as `python -m kiln_server.core.process FD PARENT_PID`, FD being
+its end of a socket pair. The first message on it is StartCore. Then the main thread reads
+commands, and the batcher's engine thread runs the denoising loop and sends each job's
+events back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from kiln_server.batcher import Batcher, BatcherSettings, Draining, Job, QueueFull
+from kiln_server.core.messages import (
+    CancelJob,
+    CoreFailed,
+    CoreReady,
+    JobUpdate,
+    Report,
+    ServedModel,
+    StartCore,
+    StopCore,
+    SubmitJob,
+)
+from kiln_server.events import Failed, Finished, JobEvent, Refused
+from kiln_server.logs import configure_logging
+from kiln_server.runtime import LoadedModel, load_registry_models
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def batch_row_limit(model: LoadedModel, server_default: int) -> int:
+    """UNet rows per step: the model's setting (else the server's), capped by the engine.
+
+    A TensorRT engine's profiles bound the batch one call accepts; torch and onnxruntime
+    engines accept any batch.
+    """
+    limit = model.spec.max_batch_rows or server_default
+    engine_max = model.pipeline.engines.unet.max_batch
+    return limit if engine_max is None else min(limit, engine_max)
+
+
+class ReportSender:
+    """Writes reports to the pipe; safe to call from any thread.
+
+    The engine thread sends its own events rather than handing them to a sender thread:
+    each hand-off would cost the engine thread an interpreter-lock switch, about 2% of a
+    small model's step time, while a send is one short write (the API process's reader
+    thread drains the pipe continuously, so even a batch of large images only waits for
+    the copy).
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def put(self, report: Report) -> None:
+        """Send one report; dropped quietly once the API process is gone."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._connection.send(report)
+            except OSError:
+                self._closed = True  # nobody is left to tell
+
+    def close(self) -> None:
+        """Send nothing more."""
+        with self._lock:
+            self._closed = True
+
+
+class EngineCore:
+    """The batcher behind the pipe: jobs by id, their events back as JobUpdates."""
+
+    def __init__(self, batcher: Batcher, sender: ReportSender) -> None:
+        self.batcher = batcher
+        self.sender = sender
+        self._jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
+
+    def _emitter(self, job_id: int) -> Callable[[JobEvent], None]:
+        def emit(event: JobEvent) -> None:
+            if isinstance(event, Finished | Failed):
+                with self._lock:
+                    self._jobs.pop(job_id, None)
+            self.sender.put(JobUpdate(job_id, event))
+
+        return emit
+
+    def submit(self, command: SubmitJob) -> None:
+        """Queue the job, or report at once why it was refused."""
+        job = Job(command.request_id, command.params, self._emitter(command.job_id))
+        with self._lock:
+            self._jobs[command.job_id] = job
+        try:
+            self.batcher.submit(job)
+        except (QueueFull, Draining) as error:
+            with self._lock:
+                self._jobs.pop(command.job_id, None)
+            retry_after = error.retry_after if isinstance(error, QueueFull) else None
+            self.sender.put(JobUpdate(command.job_id, Refused(str(error), retry_after)))
+
+    def cancel(self, command: CancelJob) -> None:
+        """Cancel the job if it is still queued or running."""
+        with self._lock:
+            job = self._jobs.pop(command.job_id, None)
+        if job is not None:
+            self.batcher.cancel(job)
+
+    def serve(self, connection: Connection) -> None:
+        """Handle commands until StopCore, or until the API process goes away."""
+        while True:
+            try:
+                command = connection.recv()
+            except (EOFError, OSError):
+                logger.warning("the API process went away; the engine core stops")
+                self.stop()
+                return
+            if isinstance(command, SubmitJob):
+                self.submit(command)
+            elif isinstance(command, CancelJob):
+                self.cancel(command)
+            elif isinstance(command, StopCore):
+                self.stop()
+                return
+
+    def stop(self) -> None:
+        """Stop the batcher (failing leftovers), log its statistics, flush the pipe."""
+        self.batcher.stop()
+        stats = self.batcher.stats
+        logger.info(
+            "batcher stats",
+            extra={"steps": stats.steps, "rows": stats.rows, "jobs": stats.jobs_completed},
+        )
+        self.sender.close()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to kill this process when the API process dies, even by SIGKILL.
+
+    Without it a killed server would leave the engine core (and its memory) behind while
+    it is still loading models, before it could notice the closed pipe.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # it died before the request above took effect
+        sys.exit(1)
+
+
+def run_engine_core(connection: Connection) -> None:
+    """Load, warm up and serve jobs until StopCore or until the API process goes away."""
+    try:
+        start = connection.recv()
+    except (EOFError, OSError):
+        sys.exit(1)
+    if not isinstance(start, StartCore):
+        raise TypeError(f"the engine core expects StartCore first, not {type(start).__name__}")
+    settings, registry = start.settings, start.registry
+    configure_logging(settings.log_format, settings.log_level)
+    sender = ReportSender(connection)
+    try:
+        models = load_registry_models(
+            registry,
+            settings.backend,
+            settings.engines,
+            settings.config,
+            settings.intra_op_threads,
+        )
+    except Exception as error:  # every start-up failure is reported, then the core exits
+        logger.debug("start-up failed", exc_info=error)
+        sender.put(CoreFailed(str(error) or type(error).__name__))
+        sender.close()
+        sys.exit(1)
+    limits = {name: batch_row_limit(m, settings.max_batch_rows) for name, m in models.items()}
+    batcher = Batcher(
+        {name: model.pipeline for name, model in models.items()},
+        BatcherSettings(
+            max_queue=settings.max_queue,
+            max_batch_rows=limits,
+            default_max_batch_rows=settings.max_batch_rows,
+            aging_seconds=settings.aging_seconds,
+        ),
+    )
+    batcher.start()
+    core = EngineCore(batcher, sender)
+    served = tuple(
+        ServedModel(name, model.pipeline.backend, limits[name]) for name, model in models.items()
+    )
+    sender.put(CoreReady(served))
+    core.serve(connection)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m kiln_server.core.process FD PARENT_PID` (started by EngineCoreClient)."""
+    if len(argv) != 2:
+        sys.exit("usage: python -m kiln_server.core.process FD PARENT_PID (started by kiln serve)")
+    _die_with_parent(int(argv[1]))
+    # The API process owns shutdown: a Ctrl-C to the process group must not kill the
+    # engine under requests that are still draining.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    run_engine_core(Connection(int(argv[0])))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
