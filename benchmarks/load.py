@@ -222,6 +222,7 @@ def measure_overhead(
     from kiln_server.models.loader import read_model_files
     from kiln_server.models.registry import ModelRegistry
     from kiln_server.pipeline.sdxl import SDXLPipeline
+    from kiln_server.runtime import default_engine_threads
     from kiln_server.service import png_parameters
     from kiln_server.settings import load_settings
     from kiln_server.validation import validate_request
@@ -234,8 +235,9 @@ def measure_overhead(
     backend = resolve_backend(args.backend, engines_dir)
     import torch
 
-    torch.set_num_threads(args.intra_op_threads or os.cpu_count() or 1)
-    engines = load_engine_set(backend, files, engines_dir, threads=args.intra_op_threads)
+    threads = args.intra_op_threads or default_engine_threads()
+    torch.set_num_threads(threads)
+    engines = load_engine_set(backend, files, engines_dir, threads=threads)
     pipeline = SDXLPipeline(files, engines)
     request = make_request(0, args)
     params = validate_request(
@@ -294,17 +296,38 @@ def run(args: argparse.Namespace) -> str:
                 f"batch {result.mean_batch_rows:.2f} rows",
                 file=sys.stderr,
             )
-        workdir = Path(tmp) / "overhead"
-        workdir.mkdir()
-        server = ServerProcess(server_args(args, config), workdir)
-        try:
-            server.wait_ready()
-            overhead = measure_overhead(
-                args, server.address, args.overhead_repeats, args.overhead_rounds
-            )
-        finally:
-            server.stop()
+        overhead: list[OverheadRound] = []
+        if args.overhead_rounds and args.overhead_repeats:
+            workdir = Path(tmp) / "overhead"
+            workdir.mkdir()
+            server = ServerProcess(server_args(args, config), workdir)
+            try:
+                server.wait_ready()
+                overhead = measure_overhead(
+                    args, server.address, args.overhead_repeats, args.overhead_rounds
+                )
+            finally:
+                server.stop()
     return report(results, overhead, args)
+
+
+def overhead_report(overhead: list[OverheadRound], repeats: int) -> list[str]:
+    """Markdown lines for the service-overhead rounds and their median."""
+    median_round = sorted(overhead, key=lambda r: r.percent)[len(overhead) // 2]
+    lines = [
+        f"Service overhead, one request alone: the gRPC end-to-end time against the same "
+        f"generation + PNG encoding in-process, interleaved, median of {repeats} pairs per "
+        "round:",
+        "",
+        "| round | gRPC ms | in-process ms | overhead |",
+        "|---:|---:|---:|---:|",
+    ]
+    for index, round_ in enumerate(overhead, 1):
+        lines.append(
+            f"| {index} | {round_.remote * 1000:.1f} | {round_.local * 1000:.1f} "
+            f"| {round_.percent:+.1f}% |"
+        )
+    return [*lines, "", f"Median round: {median_round.percent:+.1f}%.", ""]
 
 
 def report(
@@ -322,7 +345,7 @@ def report(
         f"{args.steps or 'default'} steps, {args.num_outputs} image(s) per request, distinct "
         f"prompts and seeds, closed loop for {args.duration:g} s per level, "
         f"max_batch_rows {args.max_batch_rows}, backend {args.backend or 'auto'}, "
-        f"{args.intra_op_threads or 'all'} engine thread(s).",
+        f"{args.intra_op_threads or 'default (every core but one)'} engine thread(s).",
         "",
         "| clients | requests | images/s | vs sequential | p50 s | p95 s | p99 s "
         "| mean queue s | mean batch rows | errors |",
@@ -337,25 +360,14 @@ def report(
             f"| {percentile(r.latencies, 99):.3f} | {queue:.3f} | {r.mean_batch_rows:.2f} "
             f"| {r.errors} |"
         )
-    median_round = sorted(overhead, key=lambda r: r.percent)[len(overhead) // 2]
     lines += [
         "",
         "Sequential = 1 client (one request at a time). Mean batch rows counts UNet rows per "
         "step (a request under guidance adds 2 rows per image).",
         "",
-        f"Service overhead, one request alone: the gRPC end-to-end time against the same "
-        f"generation + PNG encoding in-process, interleaved, median of "
-        f"{args.overhead_repeats} pairs per round:",
-        "",
-        "| round | gRPC ms | in-process ms | overhead |",
-        "|---:|---:|---:|---:|",
     ]
-    for index, round_ in enumerate(overhead, 1):
-        lines.append(
-            f"| {index} | {round_.remote * 1000:.1f} | {round_.local * 1000:.1f} "
-            f"| {round_.percent:+.1f}% |"
-        )
-    lines += ["", f"Median round: {median_round.percent:+.1f}%.", ""]
+    if overhead:
+        lines += overhead_report(overhead, args.overhead_repeats)
     return "\n".join(lines)
 
 
@@ -382,8 +394,9 @@ def main() -> int:
         "--intra-op-threads",
         type=int,
         default=1,
-        help="server engine threads (default 1: the load generator needs the other core "
-        "on a 2-core machine; 0 = all cores)",
+        help="server engine threads (default 1: the load generator and the API process "
+        "need the other core on a 2-core machine; 0 = the server's default, every core "
+        "but one)",
     )
     parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
     args = parser.parse_args()

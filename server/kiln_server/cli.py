@@ -42,8 +42,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--intra-op-threads",
         type=int,
-        help="CPU threads per engine call (torch, onnxruntime); 0 = all cores (default). "
-        "Use fewer when other busy processes share the cores",
+        help="CPU threads per engine call (torch, onnxruntime); 0 = every core but one, "
+        "which the API process keeps (default). Use fewer when other busy processes "
+        "share the cores",
     )
     parser.add_argument(
         "--drain-timeout", type=float, help="seconds to let requests finish on SIGTERM (default 60)"

@@ -25,6 +25,7 @@ STRUCTURED_FIELDS = (
     "in_flight",
     "path",
     "pid",
+    "threads",
 )
 
 

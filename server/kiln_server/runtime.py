@@ -104,6 +104,18 @@ def warm_up(model: LoadedModel) -> float:
     return seconds
 
 
+def default_engine_threads() -> int:
+    """Every available core but one, which the API process needs for gRPC and encoding.
+
+    CPU kernels whose threads spin on a core another busy process holds lose far more than
+    the extra thread gains: on 2 cores, two engine threads doubled a single request's
+    latency beside the API process (benchmarks/RESULTS.md).
+    """
+    from kiln_server.engines.onnxruntime_engine import available_cores
+
+    return max(1, available_cores() - 1)
+
+
 def load_registry_models(
     registry: ModelRegistry,
     backend: str | None,
@@ -114,13 +126,13 @@ def load_registry_models(
     """Load and warm up every model of the registry, in registry order.
 
     `threads` sets the CPU engines' intra-op threads (torch and onnxruntime); None or 0
-    uses every available core.
+    means `default_engine_threads()`.
     """
     import torch
 
-    from kiln_server.engines.onnxruntime_engine import available_cores
-
-    torch.set_num_threads(threads or available_cores())
+    threads = threads or default_engine_threads()
+    torch.set_num_threads(threads)
+    logger.info("engine threads", extra={"threads": threads})
     loaded: dict[str, LoadedModel] = {}
     for spec in registry.models.values():
         logger.info("loading model", extra={"model": spec.name, "path": str(spec.path)})

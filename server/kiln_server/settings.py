@@ -32,7 +32,7 @@ class ServerSettings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     max_queue: int = 64
     max_batch_rows: int = 8
-    intra_op_threads: int = 0  # CPU threads per engine call; 0 = every available core
+    intra_op_threads: int = 0  # CPU threads per engine call; 0 = every core but one
     aging_seconds: float = 5.0
     drain_timeout: float = 60.0
     max_message_mb: int = 64
@@ -110,5 +110,5 @@ def load_settings(
     if settings.max_queue < 1 or settings.max_batch_rows < 1:
         raise SettingsError("max_queue and max_batch_rows must be at least 1")
     if settings.intra_op_threads < 0:
-        raise SettingsError("intra_op_threads must be 0 (all cores) or more")
+        raise SettingsError("intra_op_threads must be 0 (every core but one) or more")
     return settings, config
