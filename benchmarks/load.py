@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from results_file import write_section
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_server.local import LocalServer, start_local_server
 from kiln_server.models.registry import default_builtin_name
 
 SECTION = "## Throughput under load (benchmarks/load.py)"
@@ -75,51 +75,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-class ServerProcess:
-    """A `kiln serve` subprocess on an ephemeral port, stopped with SIGTERM."""
+def batcher_stats(logs: str) -> dict[str, float]:
+    """The UNet steps and rows the server's engine core logged on shutdown."""
+    stats: dict[str, float] = {}
+    for line in logs.splitlines():
+        if '"batcher stats"' in line:
+            record = json.loads(line)
+            stats = {k: float(v) for k, v in record.items() if k in ("steps", "rows")}
+    return stats
 
-    def __init__(self, args: list[str], workdir: Path) -> None:
-        self.port_file = workdir / "port"
-        self.log_file = workdir / "server.log"
-        command = [
-            sys.executable,
-            "-m",
-            "kiln_client.cli",
-            "serve",
-            "--port",
-            "0",
-            "--port-file",
-            str(self.port_file),
-            "--log-format",
-            "json",
-            *args,
-        ]
-        with self.log_file.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        self.address = ""
 
-    def wait_ready(self, timeout: float = 300) -> None:
-        """Block until the server logs that it is SERVING."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_file.read_text()}")
-            if self.port_file.exists() and "ready: SERVING" in self.log_file.read_text():
-                self.address = f"127.0.0.1:{self.port_file.read_text().strip()}"
-                return
-            time.sleep(0.1)
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> dict[str, float]:
-        """SIGTERM, wait, and return the batch statistics the server logged on exit."""
-        self.process.terminate()
-        self.process.wait(timeout=120)
-        stats: dict[str, float] = {}
-        for line in self.log_file.read_text().splitlines():
-            if '"batcher stats"' in line:
-                record = json.loads(line)
-                stats = {k: float(v) for k, v in record.items() if k in ("steps", "rows")}
-        return stats
+def start_server(workdir: Path, args: argparse.Namespace, config: Path) -> LocalServer:
+    """A fresh benchmarked `kiln serve`, SERVING."""
+    return start_local_server(workdir, *server_args(args, config), timeout=300)
 
 
 def make_request(index: int, args: argparse.Namespace) -> pb.GenerateRequest:
@@ -281,12 +249,12 @@ def run(args: argparse.Namespace) -> str:
         for concurrency in args.concurrency:
             workdir = Path(tmp) / f"n{concurrency}"
             workdir.mkdir()
-            server = ServerProcess(server_args(args, config), workdir)
+            server = start_server(workdir, args, config)
             try:
-                server.wait_ready()
                 result = asyncio.run(closed_loop(server.address, concurrency, args))
             finally:
-                stats = server.stop()
+                server.terminate(timeout=120)
+            stats = batcher_stats(server.logs())
             if stats.get("steps"):
                 result.mean_batch_rows = stats["rows"] / stats["steps"]
             results.append(result)
@@ -300,14 +268,13 @@ def run(args: argparse.Namespace) -> str:
         if args.overhead_rounds and args.overhead_repeats:
             workdir = Path(tmp) / "overhead"
             workdir.mkdir()
-            server = ServerProcess(server_args(args, config), workdir)
+            server = start_server(workdir, args, config)
             try:
-                server.wait_ready()
                 overhead = measure_overhead(
                     args, server.address, args.overhead_repeats, args.overhead_rounds
                 )
             finally:
-                server.stop()
+                server.terminate(timeout=120)
     return report(results, overhead, args)
 
 

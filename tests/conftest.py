@@ -7,18 +7,12 @@ model so the suite runs in minutes on a CPU.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kiln_server.local import LocalServer, start_local_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_CONFIG = """
@@ -44,38 +38,6 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
-@dataclass
-class RunningServer:
-    """A `kiln serve` subprocess and how to reach it."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def address(self) -> str:
-        """host:port of the server."""
-        return f"127.0.0.1:{self.port}"
-
-    def logs(self) -> str:
-        """Everything the server wrote to stderr/stdout so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def health(self, service: str = "") -> int:
-        """Current grpc.health.v1 status of `service`."""
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            return int(reply.status)
-
-    def terminate(self, timeout: float = 60) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-
 def start_server(
     workdir: Path,
     cache_dir: Path,
@@ -83,59 +45,24 @@ def start_server(
     config: str = TINY_MODEL_CONFIG,
     wait_serving: bool = True,
     timeout: float = 180,
-) -> RunningServer:
+) -> LocalServer:
     """Start `kiln serve --port 0` with `config` and wait until health is SERVING."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "kiln.toml"
     config_path.write_text(config)
-    port_file = workdir / "port"
-    port_file.unlink(missing_ok=True)
-    log_path = workdir / "server.log"
-    env = {**os.environ, "KILN_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "kiln_client.cli",
-        "serve",
-        "--port",
-        "0",
-        "--port-file",
-        str(port_file),
+    return start_local_server(
+        workdir,
         "--config",
         str(config_path),
-        "--log-format",
-        "json",
         # Test servers share two cores with pytest and each other; one engine thread each
         # avoids threads spinning on a core another process holds.
         "--intra-op-threads",
         "1",
         *args,
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + timeout
-    while not port_file.exists() or not port_file.read_text().strip():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
-        time.sleep(0.05)
-    server = RunningServer(process, int(port_file.read_text()), log_path)
-    if wait_serving:
-        wait_for_health(server, health_pb2.HealthCheckResponse.SERVING, deadline)
-    return server
-
-
-def wait_for_health(server: RunningServer, status: int, deadline: float) -> None:
-    """Poll health until it reports `status`; raise with the server log on timeout."""
-    while True:
-        try:
-            if server.health() == status:
-                return
-        except grpc.RpcError:
-            pass
-        if server.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"server never reached health {status}:\n{server.logs()}")
-        time.sleep(0.05)
+        env={"KILN_CACHE_DIR": str(cache_dir)},
+        wait_serving=wait_serving,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +93,7 @@ def tiny_pipeline(tiny_model_path: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def kiln_server(
     tmp_path_factory: pytest.TempPathFactory, kiln_cache_dir: Path, tiny_model_path: Path
-) -> Iterator[RunningServer]:
+) -> Iterator[LocalServer]:
     """A shared real server (torch backend) for tests that do not stop or saturate it."""
     server = start_server(tmp_path_factory.mktemp("server"), kiln_cache_dir, "--backend", "torch")
     yield server
@@ -176,9 +103,9 @@ def kiln_server(
 @pytest.fixture
 def server_factory(tmp_path: Path, kiln_cache_dir: Path, tiny_model_path: Path) -> Iterator[object]:
     """Start dedicated servers (for shutdown and saturation tests); all stopped afterwards."""
-    started: list[RunningServer] = []
+    started: list[LocalServer] = []
 
-    def factory(*args: str, **kwargs: object) -> RunningServer:
+    def factory(*args: str, **kwargs: object) -> LocalServer:
         server = start_server(
             tmp_path / f"server-{len(started)}",
             kiln_cache_dir,
