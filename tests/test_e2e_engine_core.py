@@ -83,9 +83,40 @@ def test_a_killed_server_takes_its_engine_core_with_it(server_factory: Any) -> N
 def test_a_server_killed_while_loading_leaves_no_engine_core(server_factory: Any) -> None:
     server = server_factory("--backend", "torch", wait_serving=False)
     pid = core_pid(server)
+    assert "ready: SERVING" not in server.logs(), "too late: loading already finished"
     server.process.kill()
     server.process.wait(timeout=EXIT_TIMEOUT)
     assert wait_gone(pid), "the engine core outlived its server"
+
+
+def test_sigterm_while_loading_stops_at_once_and_cleanly(server_factory: Any) -> None:
+    server = server_factory("--backend", "torch", wait_serving=False)
+    pid = core_pid(server)
+    assert "ready: SERVING" not in server.logs(), "too late: loading already finished"
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=EXIT_TIMEOUT) == 0, server.logs()
+    # Loading is abandoned rather than awaited (the core is killed, not asked to stop).
+    assert time.monotonic() - started < 20, server.logs()
+    assert wait_gone(pid)
+    logs = server.logs()
+    assert "ready: SERVING" not in logs
+    assert "did not stop" not in logs and "Traceback" not in logs, logs
+    wait_for_log(server.logs, lambda r: r["message"] == "stopped")
+
+
+def test_drain_timeout_ends_leftover_requests_with_unavailable(server_factory: Any) -> None:
+    server = server_factory("--backend", "torch", "--drain-timeout", "0.5")
+    with ThreadPoolExecutor(1) as pool, open_stub(server.address) as stub:
+        call = stub.Generate(request(seed=5, num_inference_steps=150), timeout=RPC_TIMEOUT)
+        next(e for e in call if e.WhichOneof("event") == "progress")
+        rest = pool.submit(list, call)
+        server.process.send_signal(signal.SIGTERM)
+        error = expect_error(lambda: rest.result(timeout=RPC_TIMEOUT))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    assert error.details() == "the server stopped before this request finished"
+    assert server.process.wait(timeout=EXIT_TIMEOUT) == 0
+    wait_for_log(server.logs, lambda r: r["message"].startswith("drain timeout reached"))
 
 
 def test_interrupting_the_engine_core_does_not_stop_serving(server_factory: Any) -> None:

@@ -102,13 +102,16 @@ class KilnServer:
             return
         self.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        in_flight = self.core.in_flight if self.core else 0
-        logger.info("draining", extra={"in_flight": in_flight})
-        if self.core is not None:
-            drained = await asyncio.to_thread(self.core.wait_idle, self.settings.drain_timeout)
-            if not drained:
-                logger.warning("drain timeout reached; stopping with requests in flight")
-        # A short grace lets the last responses of finished jobs reach their clients.
+        logger.info("draining", extra={"in_flight": self.service.active_streams})
+        if not await self.service.wait_idle(self.settings.drain_timeout):
+            logger.warning(
+                "drain timeout reached; ending the requests still in flight with UNAVAILABLE",
+                extra={"in_flight": self.service.active_streams},
+            )
+            # Stopping the core first ends each leftover job with a precise status, which
+            # then reaches its client within the grace below.
+            if self.core is not None:
+                await self.core.stop()
         await self.server.stop(grace=5.0)
         if self.core is not None:
             await self.core.stop()

@@ -111,6 +111,26 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.core: EngineCoreClient | None = None
         self.served: dict[str, ServedModel] = {}
         self.tokenizers: dict[str, PromptTokenizer] = {}
+        self._streams = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def active_streams(self) -> int:
+        """Generate calls that have been accepted and have not ended."""
+        return self._streams
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until every Generate call has ended (True) or the timeout passes (False).
+
+        A call ends after its last image and `completed` are written, so waiting here
+        rather than on the engine core lets finished jobs finish streaming too.
+        """
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def attach(
         self,
@@ -196,15 +216,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             "request submitted",
             extra={**log, "model": params.model, "steps": params.num_inference_steps},
         )
-        finished = False
+        self._streams += 1
+        self._idle.clear()
         try:
             async for message in self._stream(request_id, params, events, arrival, context):
                 yield message
-            finished = True
         finally:
-            if not finished:
-                core.cancel(job_id)
+            if core.cancel(job_id):
                 logger.info("request ended early; job dropped", extra=log)
+            self._streams -= 1
+            if not self._streams:
+                self._idle.set()
 
     async def _stream(
         self,

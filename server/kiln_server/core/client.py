@@ -2,8 +2,8 @@
 
 EngineCoreClient starts the core, waits for it to report its models ready, and routes
 each job's events (read by a reader thread) to the callback given at submit. If the core
-dies, every job still in flight ends with UNAVAILABLE and the owner is told, so no request
-is ever left waiting.
+dies, or its messages stop making sense, every job still in flight ends with UNAVAILABLE
+and the owner is told, so no request is ever left waiting.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from kiln_server.core.messages import (
     CoreFailed,
     CoreReady,
     JobUpdate,
+    Report,
     ServedModel,
     StartCore,
     StopCore,
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 EventCallback = Callable[[JobEvent], None]
 _TERMINAL = (Finished, Failed, Refused)
+# Longer than the core's own wait for its engine thread, so a core that is finishing a
+# step when told to stop is not killed for it.
+STOP_TIMEOUT = 60.0
 
 
 class EngineCoreError(RuntimeError):
@@ -50,7 +54,7 @@ class EngineCoreError(RuntimeError):
 class EngineCoreClient:
     """Starts the engine core process and exchanges jobs and events with it.
 
-    `submit`, `cancel` and `stop` are called from one thread (the event loop's); event
+    `start`, `submit`, `cancel` and `stop` are called from the event loop's thread; event
     callbacks run on the reader thread and must be thread-safe.
     """
 
@@ -64,11 +68,12 @@ class EngineCoreClient:
         self.registry = registry
         self.on_unexpected_exit = on_unexpected_exit
         self._jobs: dict[int, EventCallback] = {}
-        self._idle = threading.Condition()
+        self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._ready: concurrent.futures.Future[tuple[ServedModel, ...]] = (
             concurrent.futures.Future()
         )
+        self._loaded = threading.Event()
         self._stopping = False
         self._exited = False
         self._connection: Connection | None = None
@@ -85,21 +90,30 @@ class EngineCoreClient:
 
         The core is a fresh interpreter (`python -m kiln_server.core.process`) rather than
         a multiprocessing child, so it never re-imports whatever script started the
-        server. Its end of a socket pair is its only link to this process.
+        server. Its end of a socket pair is its only link to this process. It runs in its
+        own process group, so a Ctrl-C meant for the server reaches only this process,
+        which then drains. Call from the main thread: Linux ties the core's life to the
+        thread that started it (PR_SET_PDEATHSIG), and the main thread lives as long as
+        the server.
         """
         ours, theirs = socket.socketpair()
-        with theirs:
-            self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kiln_server.core.process",
-                    str(theirs.fileno()),
-                    str(os.getpid()),
-                ],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+        try:
+            with theirs:
+                self._process = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "kiln_server.core.process",
+                        str(theirs.fileno()),
+                        str(os.getpid()),
+                    ],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    process_group=0,
+                )
+        except BaseException:
+            ours.close()
+            raise
         self._connection = Connection(ours.detach())
         self._send(StartCore(self.settings, self.registry))
         self._reader = threading.Thread(target=self._read, name="kiln-core-reader", daemon=True)
@@ -107,64 +121,68 @@ class EngineCoreClient:
         logger.info("engine core started", extra={"pid": self._process.pid})
 
     async def ready(self) -> tuple[ServedModel, ...]:
-        """Wait until every model is loaded and warm; raise EngineCoreError if start-up fails."""
-        return await asyncio.wrap_future(self._ready)
+        """Wait until every model is loaded and warm; raise EngineCoreError if start-up fails.
+
+        Cancelling the wait (a shutdown during start-up) leaves the start-up itself alone.
+        """
+        waiter = asyncio.wrap_future(self._ready)
+        # Once nobody awaits it, its outcome is retrieved here rather than logged as lost.
+        waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(waiter)
 
     def submit(self, request_id: str, params: GenerationParams, on_event: EventCallback) -> int:
         """Send a job to the core; its events arrive through `on_event`. Returns its id."""
         job_id = next(self._ids)
-        with self._idle:
+        with self._lock:
             if self._exited:
                 raise EngineCoreError("the engine core has exited")
             self._jobs[job_id] = on_event
         try:
             self._send(SubmitJob(job_id, request_id, params))
         except EngineCoreError:
-            with self._idle:
+            with self._lock:
                 self._jobs.pop(job_id, None)
             raise
         return job_id
 
-    def cancel(self, job_id: int) -> None:
-        """Drop a job that is still queued or running; a finished job is left alone."""
-        with self._idle:
+    def cancel(self, job_id: int) -> bool:
+        """Drop a job still queued or running (True); an ended job is left alone (False)."""
+        with self._lock:
             active = self._jobs.pop(job_id, None) is not None
-            self._idle.notify_all()
         if active:
             # A dead core runs nothing that would need cancelling.
             with contextlib.suppress(EngineCoreError):
                 self._send(CancelJob(job_id))
+        return active
 
     @property
     def in_flight(self) -> int:
         """Jobs submitted that have not ended yet."""
-        with self._idle:
+        with self._lock:
             return len(self._jobs)
 
-    def wait_idle(self, timeout: float | None) -> bool:
-        """Block until no job is in flight (True) or the timeout passes (False)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._jobs, timeout)
+    async def stop(self) -> None:
+        """Stop the core and wait for it to exit. Safe to call more than once.
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Stop the core: jobs still in it end with UNAVAILABLE; it exits.
-
-        A core still loading models has no work to finish and is killed at once.
+        A loaded core fails the jobs it still holds with UNAVAILABLE, then exits. A core
+        still loading models has no work to finish and is killed at once.
         """
         self._stopping = True
-        if self._process is None:
+        process = self._process
+        if process is None:
             return
-        if not self._ready.done():
-            self._process.kill()
-        else:
-            with contextlib.suppress(EngineCoreError):
-                self._send(StopCore())
+        if process.poll() is None:
+            if self._loaded.is_set():
+                with contextlib.suppress(EngineCoreError):
+                    self._send(StopCore())
+            else:
+                process.kill()
         try:
-            await asyncio.to_thread(self._process.wait, timeout)
+            await asyncio.to_thread(process.wait, STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            logger.warning("engine core did not stop in time; killing it")
-            self._process.kill()
-            await asyncio.to_thread(self._process.wait, 5)
+            logger.warning("engine core did not stop in %g s; killing it", STOP_TIMEOUT)
+            process.kill()
+            await asyncio.to_thread(process.wait)
         if self._reader is not None:
             await asyncio.to_thread(self._reader.join, 5)
 
@@ -177,51 +195,73 @@ class EngineCoreClient:
             raise EngineCoreError(f"the engine core is gone ({error})") from error
 
     def _read(self) -> None:
-        assert self._connection is not None
-        while True:
-            try:
-                report = self._connection.recv()
-            except (EOFError, OSError):
-                break
-            if isinstance(report, JobUpdate):
-                self._deliver(report)
-            elif isinstance(report, CoreReady):
-                self._ready.set_result(report.models)
-            elif isinstance(report, CoreFailed):
-                self._ready.set_exception(EngineCoreError(report.message))
-        self._core_exited()
+        assert self._connection is not None and self._process is not None
+        broken = False
+        try:
+            while True:
+                try:
+                    report = self._connection.recv()
+                except (EOFError, OSError):
+                    break
+                self._handle(report)
+        except Exception:
+            # An unreadable message means the stream can no longer be trusted.
+            logger.exception("lost track of the engine core's messages; stopping it")
+            broken = True
+            self._process.kill()
+        finally:
+            self._core_exited(broken)
+            self._connection.close()
+
+    def _handle(self, report: Report) -> None:
+        if isinstance(report, JobUpdate):
+            self._deliver(report)
+        elif isinstance(report, CoreReady):
+            self._loaded.set()
+            self._ready.set_result(report.models)
+        elif isinstance(report, CoreFailed):
+            self._ready.set_exception(EngineCoreError(report.message))
 
     def _deliver(self, update: JobUpdate) -> None:
-        with self._idle:
+        with self._lock:
             if isinstance(update.event, _TERMINAL):
                 callback = self._jobs.pop(update.job_id, None)
-                self._idle.notify_all()
             else:
                 callback = self._jobs.get(update.job_id)
         if callback is not None:  # None: the API side cancelled and stopped listening
-            callback(update.event)
+            self._call(callback, update.event)
 
-    def _core_exited(self) -> None:
-        """The pipe closed: end every job still waiting and tell the owner if unexpected."""
+    @staticmethod
+    def _call(callback: EventCallback, event: JobEvent) -> None:
+        try:
+            callback(event)
+        except Exception:  # one listener's fault must not stop the others' events
+            logger.exception("an event callback failed")
+
+    def _core_exited(self, broken: bool) -> None:
+        """The core is gone: end every job still waiting; tell the owner if unexpected."""
         assert self._process is not None
         try:
             code: int | None = self._process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
+        unexpected = not self._stopping and self._loaded.is_set()
         if self._stopping:
             message = "the server stopped before this request finished"
-        elif not self._ready.done():
+        elif not self._loaded.is_set():
             message = f"the engine core exited during start-up (exit code {code})"
-            self._ready.set_exception(EngineCoreError(message))
+        elif broken:
+            message = "the engine core was stopped after a broken message"
         else:
             message = f"the engine core exited unexpectedly (exit code {code})"
-        with self._idle:
+        if not self._ready.done():
+            self._ready.set_exception(EngineCoreError(message))
+        with self._lock:
             self._exited = True
             orphans = list(self._jobs.values())
             self._jobs.clear()
-            self._idle.notify_all()
         for callback in orphans:
-            callback(Failed("UNAVAILABLE", message))
-        if not self._stopping and self._ready.done() and self._ready.exception() is None:
+            self._call(callback, Failed("UNAVAILABLE", message))
+        if unexpected:
             logger.error(message)
             self.on_unexpected_exit(message)

@@ -1,4 +1,4 @@
-"""What the API process and the engine core process send each other over their pipe."""
+"""What the API process and the engine core process send each other over their socket pair."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 EngineCoreClient starts it as `python -m kiln_server.core.process FD PARENT_PID`, FD being
 its end of a socket pair. The first message on it is StartCore. Then the main thread reads
-commands, and the batcher's engine thread runs the denoising loop and sends each job's
-events back.
+commands (and answers a refused submit itself, as the batcher reports `queued` from it),
+while the batcher's engine thread runs the denoising loop and sends every other event of
+each job back.
 """
 
 from __future__ import annotations
@@ -50,12 +51,12 @@ def batch_row_limit(model: LoadedModel, server_default: int) -> int:
 
 
 class ReportSender:
-    """Writes reports to the pipe; safe to call from any thread.
+    """Writes reports to the socket; safe to call from any thread.
 
     The engine thread sends its own events rather than handing them to a sender thread:
     each hand-off would cost the engine thread an interpreter-lock switch, about 2% of a
     small model's step time, while a send is one short write (the API process's reader
-    thread drains the pipe continuously, so even a batch of large images only waits for
+    thread drains the socket continuously, so even a batch of large images only waits for
     the copy).
     """
 
@@ -81,7 +82,7 @@ class ReportSender:
 
 
 class EngineCore:
-    """The batcher behind the pipe: jobs by id, their events back as JobUpdates."""
+    """The batcher behind the socket: jobs by id, their events back as JobUpdates."""
 
     def __init__(self, batcher: Batcher, sender: ReportSender) -> None:
         self.batcher = batcher
@@ -136,7 +137,7 @@ class EngineCore:
                 return
 
     def stop(self) -> None:
-        """Stop the batcher (failing leftovers), log its statistics, flush the pipe."""
+        """Stop the batcher (failing leftovers with UNAVAILABLE), log its statistics."""
         self.batcher.stop()
         stats = self.batcher.stats
         logger.info(
@@ -150,7 +151,7 @@ def _die_with_parent(parent_pid: int) -> None:
     """Ask Linux to kill this process when the API process dies, even by SIGKILL.
 
     Without it a killed server would leave the engine core (and its memory) behind while
-    it is still loading models, before it could notice the closed pipe.
+    it is still loading models, before it could notice the closed socket.
     """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
