@@ -200,16 +200,7 @@ def main() -> int:
 
     spec = make_spec(args.model, builtin_model_path(args.model, default_cache_dir()), {})
     files = read_model_files(spec.path)
-    params = GenerationParams(
-        prompt="a red circle on a blue background",
-        width=spec.default_width,
-        height=spec.default_height,
-        num_inference_steps=spec.default_num_inference_steps,
-        guidance_scale=spec.default_guidance_scale,
-        scheduler=spec.default_scheduler,
-        seed=1,
-        model=spec.name,
-    )
+    params = spec.default_request("a red circle on a blue background", seed=1)
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:

@@ -80,15 +80,9 @@ def main() -> int:
     torch.set_num_threads(threads)
     engines = load_engine_set(backend, files, engines_dir, threads=threads)
     pipeline = SDXLPipeline(files, engines)
-    params = GenerationParams(
-        prompt="a red circle on a blue background",
-        width=spec.default_width,
-        height=spec.default_height,
-        num_inference_steps=spec.default_num_inference_steps,
-        guidance_scale=spec.default_guidance_scale,
-        scheduler=spec.default_scheduler,
+    params = spec.default_request(
+        "a red circle on a blue background",
         seed=1,
-        model=spec.name,
         preview=PreviewParams(every_n_steps=1, max_size=256),
     )
     measure(pipeline, params)  # warm-up

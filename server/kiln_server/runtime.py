@@ -10,7 +10,7 @@ from pathlib import Path
 from kiln_server.engines.base import EngineSet
 from kiln_server.models.loader import SDXLModelFiles, read_model_files
 from kiln_server.models.registry import ModelRegistry, ModelSpec
-from kiln_server.pipeline.params import GenerationParams, PreviewParams
+from kiln_server.pipeline.params import PreviewParams
 from kiln_server.pipeline.sdxl import SDXLPipeline
 
 logger = logging.getLogger(__name__)
@@ -82,15 +82,8 @@ def warm_up(model: LoadedModel) -> float:
     it here keeps that cost out of the first user's request.
     """
     spec = model.spec
-    params = GenerationParams(
-        prompt="warm-up",
-        width=spec.default_width,
-        height=spec.default_height,
-        num_inference_steps=WARMUP_STEPS,
-        guidance_scale=spec.default_guidance_scale,
-        scheduler=spec.default_scheduler,
-        model=spec.name,
-        preview=PreviewParams(every_n_steps=1),
+    params = spec.default_request(
+        "warm-up", num_inference_steps=WARMUP_STEPS, preview=PreviewParams(every_n_steps=1)
     )
     started = time.perf_counter()
     pipeline = model.pipeline

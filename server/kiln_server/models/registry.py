@@ -8,11 +8,12 @@ kiln.json, and Kiln's built-in fallbacks.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from kiln_server.models.tiny_sdxl import TINY_SDXL_NAME, ensure_tiny_sdxl
+from kiln_server.pipeline.params import GenerationParams
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SHIPPED_MODEL_NAME = "kiln-shapes"
@@ -42,6 +43,20 @@ class ModelSpec:
     max_guidance_scale: float = 50.0
     # None: the server-wide setting (`--max-batch-rows`, KILN_MAX_BATCH_ROWS) applies.
     max_batch_rows: int | None = None
+
+    def default_request(self, prompt: str, **overrides: Any) -> GenerationParams:
+        """This model's default request for `prompt`: its default size, steps, guidance and
+        scheduler, with any GenerationParams field replaced by `overrides`."""
+        params = GenerationParams(
+            prompt=prompt,
+            width=self.default_width,
+            height=self.default_height,
+            num_inference_steps=self.default_num_inference_steps,
+            guidance_scale=self.default_guidance_scale,
+            scheduler=self.default_scheduler,
+            model=self.name,
+        )
+        return replace(params, **overrides)
 
 
 SPEC_KEYS = {f.name for f in fields(ModelSpec)} - {"name", "path"}
