@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from results_file import write_section
 
 from kiln_server.pipeline.schedulers import SCHEDULERS
 from kiln_training.dataset import caption, prompt_set
@@ -36,8 +36,7 @@ from kiln_training.sampling import (
     build_onnx_engines,
 )
 
-BEGIN = "<!-- BEGIN adherence (benchmarks/adherence.py) -->"
-END = "<!-- END adherence -->"
+SECTION = "## Prompt adherence: kiln-shapes (benchmarks/adherence.py)"
 REPO = Path(__file__).resolve().parents[1]
 
 # Usual step counts per scheduler, as commonly used with SDXL (LCM: distilled models).
@@ -112,8 +111,7 @@ def render_section(rows: list[Row], args: argparse.Namespace, command: str) -> s
     shown = model.relative_to(REPO) if model.is_relative_to(REPO) else model
     load = os.getloadavg()[0]
     lines = [
-        BEGIN,
-        "## Prompt adherence: kiln-shapes (benchmarks/adherence.py)",
+        SECTION,
         "",
         f"Command: `{command}`",
         "",
@@ -139,21 +137,8 @@ def render_section(rows: list[Row], args: argparse.Namespace, command: str) -> s
         "shape right in ≥ 70%; without guidance (1.0) adherence must drop measurably. "
         "LCM is meant for latent-consistency distilled weights; kiln-shapes is not distilled, "
         "so its row shows what a mismatched scheduler does.",
-        END,
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(results: Path, section: str) -> None:
-    """Replace this benchmark's section in RESULTS.md, or append it; keep everything else."""
-    text = results.read_text() if results.is_file() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         command = ".venv/bin/python benchmarks/adherence.py" + "".join(
             f" {a}" for a in (argv if argv is not None else sys.argv[1:])
         )
-        write_section(args.results, render_section(rows, args, command))
+        write_section(SECTION, render_section(rows, args, command), args.results)
         print(f"wrote the adherence section of {args.results}")
     return 0
 

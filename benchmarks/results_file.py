@@ -25,7 +25,8 @@ def replace_section(text: str, heading: str, section: str) -> str:
     return text[:start] + section.rstrip() + "\n" + rest
 
 
-def write_section(heading: str, section: str) -> None:
-    """Replace (or add) one benchmark's section of RESULTS.md."""
-    existing = RESULTS.read_text() if RESULTS.exists() else HEADER
-    RESULTS.write_text(replace_section(existing, heading, section))
+def write_section(heading: str, section: str, results: Path = RESULTS) -> None:
+    """Replace (or add) one benchmark's section of RESULTS.md (or of `results`)."""
+    existing = results.read_text() if results.exists() else HEADER
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(replace_section(existing, heading, section))
