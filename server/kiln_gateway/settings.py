@@ -24,11 +24,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from kiln_server.config_file import SettingsError, convert_setting, read_config_file
 
 __all__ = [
     "Alias",
@@ -44,10 +45,6 @@ OUTPUT_MODES = ("url", "data-uri")
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _ALIAS_KEY = re.compile(rf"^(?P<owner>{_NAME})/(?P<name>{_NAME})(?::(?P<version>[A-Za-z0-9]+))?$")
-
-
-class SettingsError(ValueError):
-    """A setting is invalid; the message names the setting, where it came from and the fix."""
 
 
 @dataclass(frozen=True)
@@ -155,20 +152,11 @@ _SPECIAL = {"aliases", "tokens", "webhook_secret"}
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
-    try:
-        return _CONVERTERS.get(name, str)(value)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{source}: invalid value {value!r} for {name}: {exc}") from exc
+    return convert_setting(name, value, source, _CONVERTERS)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise SettingsError(f"config file {path} does not exist") from exc
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
-    table = config.get("gateway") or {}
+    table = read_config_file(path).get("gateway") or {}
     if not isinstance(table, dict):
         raise SettingsError(f"config file {path}: [gateway] must be a table")
     return table

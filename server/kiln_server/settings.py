@@ -7,17 +7,15 @@ Precedence: command-line flag, then environment variable, then the config file's
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from kiln_server.config_file import SettingsError, convert_setting, read_config_file
 from kiln_server.models.registry import default_cache_dir
 
-
-class SettingsError(ValueError):
-    """A setting is invalid; the message names the setting, its source and the fix."""
+__all__ = ["ServerSettings", "SettingsError", "load_settings", "read_config_file"]
 
 
 @dataclass(frozen=True)
@@ -55,23 +53,7 @@ _CONVERTERS: dict[str, Any] = {
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
-    try:
-        converter = _CONVERTERS.get(name, str)
-        return converter(value)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{source}: invalid value {value!r} for {name}: {exc}") from exc
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse a TOML config; the result remembers its folder for relative model paths."""
-    try:
-        config = tomllib.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise SettingsError(f"config file {path} does not exist") from exc
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
-    config["_config_dir"] = str(path.resolve().parent)
-    return config
+    return convert_setting(name, value, source, _CONVERTERS)
 
 
 def load_settings(
