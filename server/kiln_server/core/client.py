@@ -80,11 +80,6 @@ class EngineCoreClient:
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
 
-    @property
-    def pid(self) -> int | None:
-        """Process id of the engine core, once started."""
-        return self._process.pid if self._process else None
-
     def start(self) -> None:
         """Start the core process; it loads and warms up every model of the registry.
 
@@ -154,12 +149,6 @@ class EngineCoreClient:
             with contextlib.suppress(EngineCoreError):
                 self._send(CancelJob(job_id))
         return active
-
-    @property
-    def in_flight(self) -> int:
-        """Jobs submitted that have not ended yet."""
-        with self._lock:
-            return len(self._jobs)
 
     async def stop(self) -> None:
         """Stop the core and wait for it to exit. Safe to call more than once.
