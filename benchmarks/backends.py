@@ -23,12 +23,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from results_file import write_section
+from flops import count_flops, unet_flops
+from results_file import cpu_name, publish
 
 from kiln_build.build import BuildOptions, run_build
 from kiln_server.engines.loading import load_engine_set
@@ -40,43 +42,13 @@ from kiln_server.models.registry import (
     default_cache_dir,
     make_spec,
 )
+from kiln_server.models.sdxl_base_arch import SDXL_BASE
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.pipeline.reference import DiffusersReference
 from kiln_server.pipeline.sdxl import SDXLPipeline
 
 SECTION = "## Backends: diffusers vs Kiln torch vs Kiln onnxruntime (benchmarks/backends.py)"
 
-# SDXL base 1.0's published architecture (unet/config.json, vae/config.json, both CLIPs).
-SDXL_UNET: dict[str, Any] = {
-    "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2, 10],
-    "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
-SDXL_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "sample_size": 1024,
-}
-SDXL_TEXT = [
-    {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "heads": 12},
-    {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "heads": 20},
-]
 # NVIDIA H100 SXM5 datasheet peaks, dense (no sparsity): FP16/BF16 and TF32 tensor cores.
 H100_FP16_TFLOPS = 989.4
 H100_TF32_TFLOPS = 494.7
@@ -101,41 +73,17 @@ def kiln_runner(pipeline: SDXLPipeline) -> Callable[[GenerationParams], np.ndarr
 
 def sdxl_flops() -> dict[str, float]:
     """FLOPs of SDXL base's components at 1024x1024, one sample, counted on meta tensors."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    counts: dict[str, float] = {}
+    counts: dict[str, float] = {"unet": unet_flops(SDXL_BASE.unet, 1, 128, 128)}
     with torch.device("meta"):
-        unet: Any = UNet2DConditionModel(**SDXL_UNET)
-        with FlopCounterMode(display=False) as counter:
-            unet(
-                torch.randn(1, 4, 128, 128),
-                torch.tensor([500.0]),
-                encoder_hidden_states=torch.randn(1, 77, 2048),
-                added_cond_kwargs={
-                    "text_embeds": torch.randn(1, 1280),
-                    "time_ids": torch.randn(1, 6),
-                },
-            )
-        counts["unet"] = counter.get_total_flops()
-        vae: Any = AutoencoderKL(**SDXL_VAE)
-        with FlopCounterMode(display=False) as counter:
-            vae.decode(torch.randn(1, 4, 128, 128))
-        counts["vae_decoder"] = counter.get_total_flops()
+        vae: Any = AutoencoderKL.from_config(SDXL_BASE.vae)
+        counts["vae_decoder"] = count_flops(lambda: vae.decode(torch.randn(1, 4, 128, 128)))
         text = 0.0
-        for config in SDXL_TEXT:
-            model = CLIPTextModel(
-                CLIPTextConfig(
-                    hidden_size=config["hidden_size"],
-                    intermediate_size=config["intermediate_size"],
-                    num_hidden_layers=config["num_hidden_layers"],
-                    num_attention_heads=config["heads"],
-                )
-            )
-            with FlopCounterMode(display=False) as counter:
-                model(torch.zeros(1, 77, dtype=torch.long))
-            text += counter.get_total_flops()
+        for config in (SDXL_BASE.text_encoder, SDXL_BASE.text_encoder_2):
+            model = CLIPTextModel(CLIPTextConfig(**config))
+            text += count_flops(partial(model, torch.zeros(1, 77, dtype=torch.long)))
         counts["text_encoders"] = text
     return counts
 
@@ -172,17 +120,6 @@ def h100_section(flops: dict[str, float], steps: int = 30) -> list[str]:
         "optimize. Arithmetic only: no GPU was available here.",
     ]
     return lines
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def human(size: int) -> str:
@@ -272,9 +209,7 @@ def main() -> int:
     lines.append(f"| total | {human(sum(summary.file_sizes.values()))} | |")
     lines += h100_section(flops)
     section = "\n".join(lines) + "\n"
-    print(section)
-    if args.write_results:
-        write_section(SECTION, section)
+    publish(SECTION, section, args.write_results)
     return 0
 
 

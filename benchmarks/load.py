@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from results_file import write_section
+from results_file import publish
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
@@ -368,9 +368,7 @@ def main() -> int:
     parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
     args = parser.parse_args()
     section = run(args)
-    print(section)
-    if args.write_results:
-        write_section(SECTION, section)
+    publish(SECTION, section, args.write_results)
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_file import write_section
+from results_file import publish
 
 from kiln_server.engines.loading import load_engine_set, resolve_backend
 from kiln_server.models.loader import read_model_files
@@ -108,9 +108,7 @@ def main() -> int:
             "",
         ]
     )
-    print(section)
-    if args.write_results:
-        write_section(SECTION, section)
+    publish(SECTION, section, args.write_results)
     return 0
 
 

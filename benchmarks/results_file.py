@@ -6,6 +6,7 @@ section in place and leaves every other section untouched.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -30,3 +31,21 @@ def write_section(heading: str, section: str, results: Path = RESULTS) -> None:
     existing = results.read_text() if results.exists() else HEADER
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(replace_section(existing, heading, section))
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def publish(heading: str, section: str, write: bool) -> None:
+    """Print a benchmark's section, and when `write`, replace it in RESULTS.md."""
+    print(section)
+    if write:
+        write_section(heading, section)

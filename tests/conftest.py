@@ -27,15 +27,20 @@ default_num_inference_steps = 8
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One torch thread in the test process.
+    """One torch thread in the test process, and a private default cache folder.
 
     The tiny model's tensors are too small for intra-op threads to pay off, and the test
     process shares two cores with the servers it starts; several threads each then spend
     most of their time waiting on one another.
     """
+    import os
+    import tempfile
+
     import torch
 
     torch.set_num_threads(1)
+    # Caches Kiln writes by default (model content hashes, built models) stay out of ~.
+    os.environ.setdefault("KILN_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-test-cache-"))
 
 
 def start_server(

@@ -207,3 +207,73 @@ def test_model_names_resolve_through_the_server_config(
     assert (model.name, model.path, model.default_size) == ("tiny", tiny_model_path, (64, 96))
     assert resolve_model(None, None, config).name == "tiny"  # the config's default model
     assert resolve_model(None, tiny_model_path, None).name == tiny_model_path.name
+
+
+def test_build_engines_help_says_what_narrower_profiles_give_up(capsys: Any) -> None:
+    from kiln_client.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build-engines", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "refuses every request beyond these with INVALID_ARGUMENT" in text
+    assert "The defaults cover every request the model's own limits allow" in text
+    assert "--vae-batch N" in text and "decodes larger requests in chunks of N" in text
+    assert "--refittable" in text and "for LoRA or other weight refits" in text
+    assert "refittable engines can be slower" in text and "(default: off)" in text
+    assert "--skip-numerics-check" in text and "onnxruntime" in text
+
+
+def test_build_engines_passes_model_limits_and_flags_to_the_build(
+    tmp_path: Path, kiln_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kiln_build.build
+    from kiln_build.build import BuildOptions, BuildSummary
+    from kiln_build.profiles import ModelLimits, ProfileFlags
+    from kiln_client.cli import main
+
+    seen: list[BuildOptions] = []
+
+    def fake_run_build(options: BuildOptions) -> BuildSummary:
+        seen.append(options)
+        return BuildSummary(manifest_path=options.out_dir / "manifest.json")
+
+    monkeypatch.setattr(kiln_build.build, "run_build", fake_run_build)
+    monkeypatch.setenv("KILN_CACHE_DIR", str(kiln_cache_dir))
+    config = tmp_path / "kiln.toml"
+    config.write_text(
+        '[[models]]\nname = "tiny"\nbuiltin = "kiln-tiny-sdxl"\nmax_num_outputs = 3\n'
+        "min_size = 48\nmax_size = 400\n"
+    )
+    out = str(tmp_path / "engines")
+    common = ["build-engines", "--config", str(config), "--out", out, "--quiet"]
+    assert main(common) == 0
+    assert seen[-1].limits == ModelLimits(min_size=48, max_size=400, max_num_outputs=3)
+    assert (seen[-1].refittable, seen[-1].numerics_check) == (False, True)
+    assert seen[-1].flags == ProfileFlags()
+    flags = ["--vae-batch", "2", "--refittable", "--skip-numerics-check", "--max-size", "256"]
+    assert main([*common, *flags]) == 0
+    assert (seen[-1].refittable, seen[-1].numerics_check) == (True, False)
+    assert seen[-1].flags == ProfileFlags(max_size=256, vae_batch=2)
+
+
+def test_unet_graph_needs_its_declared_size_multiple(engines_dir: Path, model: Any) -> None:
+    """The tiny UNet has 2 down blocks (one downsampling): sides must be multiples of 16.
+
+    At 72x88 (multiples of 8 only) the latent is 9x11; the graph upsamples 5x6 back to
+    10x12 and its skip concatenation fails, while eager torch resizes to fit. Every
+    multiple of 16 runs and matches torch.
+    """
+    files, modules = model
+    assert files.dims.graph_size_multiple == 16
+    spec = sdxl_component_specs(files.dims)["unet"]
+    session = session_for(engines_dir / "unet.onnx")
+    for height, width in [(80, 96), (48, 112), (32, 32)]:
+        inputs = sample_inputs(spec, ShapeRequest(2, height, width), seed=3)
+        with torch.inference_mode():
+            expected = modules["unet"](*(inputs[t.name] for t in spec.inputs)).numpy()
+        (actual,) = session.run(["noise_pred"], {k: v.numpy() for k, v in inputs.items()})
+        assert max_relative_error(expected.astype(np.float64), actual) <= RTOL
+    odd = {k: v.numpy() for k, v in sample_inputs(spec, ShapeRequest(2, 72, 88), 3).items()}
+    with pytest.raises(Exception, match="Concat"):
+        session.run(["noise_pred"], odd)

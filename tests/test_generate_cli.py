@@ -217,13 +217,22 @@ def test_models_prints_models_and_defaults(
                 default_guidance_scale=5.0,
                 default_scheduler="K_EULER",
                 schedulers=["K_EULER", "DDIM"],
+                device="cpu fp32",
+                description="a small test model",
+                backend_reason="ONNX graphs in engines/tiny-sdxl, on the CPU",
+                min_size=32,
+                max_size=512,
+                size_multiple=16,
             ),
             pb.ModelInfo(name="other", family="sdxl", backend="torch"),
         ],
     )
     assert run_cli("models", "--server", kiln.address) == 0
     out = capsys.readouterr().out
-    assert "tiny-sdxl (default)  [sdxl, onnxruntime]" in out
+    assert "tiny-sdxl (default)  [sdxl, onnxruntime, cpu fp32]" in out
+    assert "about:    a small test model" in out
+    assert "backend:  ONNX graphs in engines/tiny-sdxl, on the CPU" in out
+    assert "size 32-512 px in steps of 16" in out
     assert "64x96, 4 steps, guidance 5, scheduler K_EULER" in out
     assert "schedulers: K_EULER, DDIM" in out
     assert "other  [sdxl, torch]" in out

@@ -18,6 +18,7 @@ from test_export_support import MODEL_NAME, copy_engines, tiny_engines
 
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import ShapeRange, ShapeRequest, sdxl_component_specs
+from kiln_server.engines.engine_numerics import NumericsRecord, judge_numerics
 from kiln_server.engines.manifest import (
     CheckContext,
     MachineInfo,
@@ -65,6 +66,16 @@ def fix_command(engines: Path, fmt: str = "onnx", extra: str = "") -> str:
     return f"kiln build-engines --model {MODEL_NAME} --format {fmt} --out {engines.parent}{extra}"
 
 
+def numerics_for(name: str) -> NumericsRecord | None:
+    """A comparison record per component (none for the VAE encoder: a skipped check)."""
+    if name == "vae_encoder":
+        return None
+    shapes = [ShapeRequest(2, 64, 64), ShapeRequest(1, 32, 32)]
+    return judge_numerics(
+        [(shapes[0], {"out": (3e-3, 0.01)}), (shapes[1], {"out": (5e-3, 0.002)})], "fp16"
+    )
+
+
 def add_tensorrt_build(engines: Path, files: Any, machine: MachineInfo) -> Manifest:
     """Record a TensorRT build for `machine` (plan files are stand-ins: no GPU here)."""
     manifest = read_manifest(engines)
@@ -91,6 +102,7 @@ def add_tensorrt_build(engines: Path, files: Any, machine: MachineInfo) -> Manif
                     ShapeRequest(2, 64, 64), ShapeRequest(2, 64, 64), ShapeRequest(2, 64, 64)
                 ),
             ),
+            numerics=numerics_for(name),
         )
     manifest.replace_tensorrt_build(TensorRTBuild(machine=machine, components=components))
     manifest.build_args = ["--batch-sizes", "1,2"]
@@ -126,6 +138,76 @@ def test_manifest_round_trips_through_json(engines: Path, files: Any) -> None:
     manifest = add_tensorrt_build(engines, files, H100)
     again = manifest_from_json(manifest_to_json(manifest), engines / "manifest.json")
     assert again == manifest
+    assert read_manifest(engines) == manifest
+
+
+def test_numerics_records_round_trip_through_the_manifest(engines: Path, files: Any) -> None:
+    add_tensorrt_build(engines, files, H100)
+    data = json.loads((engines / "manifest.json").read_text())
+    unet = data["tensorrt"][0]["components"]["unet"]["numerics"]
+    assert unet == {
+        "reference": "onnxruntime",
+        "shapes": [
+            {"batch": 2, "height": 64, "width": 64},
+            {"batch": 1, "height": 32, "width": 32},
+        ],
+        "max_abs_error": 0.01,
+        "max_rel_error": 5e-3,
+        "worst_output": "out",
+        "worst_shape": {"batch": 1, "height": 32, "width": 32},
+        "tolerance": 2e-2,
+        "passed": True,
+    }
+    assert data["tensorrt"][0]["components"]["vae_encoder"]["numerics"] is None
+    build = read_manifest(engines).tensorrt[0]
+    assert build.components["unet"].numerics == numerics_for("unet")
+    assert build.components["vae_encoder"].numerics is None
+
+
+def test_a_non_finite_comparison_is_kept_as_valid_json(engines: Path, files: Any) -> None:
+    manifest = add_tensorrt_build(engines, files, H100)
+    failed = judge_numerics([(ShapeRequest(1, 64, 64), {"images": (float("inf"), 1.0)})], "fp32")
+    manifest.tensorrt[0].components["vae_decoder"].numerics = failed
+    write_manifest(engines, manifest)
+    text = (engines / "manifest.json").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    again = read_manifest(engines).tensorrt[0].components["vae_decoder"].numerics
+    assert again == failed and again is not None
+    assert again.max_rel_error == float("inf") and not again.passed
+
+
+def test_manifests_without_numerics_still_read(engines: Path, files: Any) -> None:
+    """Manifests written before the check existed have no `numerics`: not compared."""
+    add_tensorrt_build(engines, files, H100)
+    edit_manifest(
+        engines,
+        lambda d: [c.pop("numerics") for c in d["tensorrt"][0]["components"].values()],
+    )
+    build = read_manifest(engines).tensorrt[0]
+    assert all(c.numerics is None for c in build.components.values())
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda n: n.pop("passed"), "numerics lacks 'passed'"),
+        (
+            lambda n: n.update(max_rel_error="small"),
+            "numerics has the wrong type in 'max_rel_error'",
+        ),
+        (lambda n: n.update(passed=1), "numerics has the wrong type in 'passed'"),
+        (lambda n: n.update(worst_shape={"batch": 1}), "wrong type in 'worst_shape'"),
+    ],
+)
+def test_a_malformed_numerics_record_is_refused(
+    engines: Path, files: Any, edit: Any, problem: str
+) -> None:
+    add_tensorrt_build(engines, files, H100)
+    edit_manifest(engines, lambda d: edit(d["tensorrt"][0]["components"]["unet"]["numerics"]))
+    with pytest.raises(EngineError) as error:
+        read_manifest(engines)
+    message = str(error.value)
+    assert "is corrupt: tensorrt[0].components.unet." in message and problem in message
 
 
 def test_another_model_hash_is_refused(engines: Path, files: Any) -> None:

@@ -22,6 +22,7 @@ from kiln_server.engines.base import EngineError, EngineSet
 from kiln_server.engines.components import COMPONENT_NAMES, ShapeRequest, sdxl_component_specs
 from kiln_server.engines.sample_inputs import sample_inputs
 from kiln_server.pipeline.params import GenerationParams
+from kiln_server.pipeline.schedulers import scheduler_names
 
 MIN_PSNR_DB = 50.0  # the issue asks for 40 dB; measured here: ~89 dB (one uint8 level, rarely)
 SERVER_CONFIG = f"""
@@ -80,18 +81,53 @@ def test_engines_match_torch_engines(
         assert float((got - want).abs().max()) <= 1e-3 * scale, name
 
 
-def test_output_buffers_are_reused_per_shape(files: Any, ort_engines: EngineSet) -> None:
+def test_outputs_belong_to_the_caller(files: Any, ort_engines: EngineSet) -> None:
+    """A later call never writes into an earlier call's outputs (schedulers keep them)."""
     spec = sdxl_component_specs(files.dims)["vae_decoder"]
-    first_inputs = sample_inputs(spec, ShapeRequest(1, 64, 64), seed=1)
-    second_inputs = sample_inputs(spec, ShapeRequest(1, 64, 64), seed=2)
-    first = ort_engines.vae_decoder.infer(first_inputs)["images"]
-    first_copy = first.clone()
-    second = ort_engines.vae_decoder.infer(second_inputs)["images"]
-    assert second.data_ptr() == first.data_ptr()  # same buffer, overwritten in place
-    assert not torch.equal(second, first_copy)
-    other = ort_engines.vae_decoder.infer(sample_inputs(spec, ShapeRequest(2, 64, 96), 3))
-    assert other["images"].shape == (2, 3, 64, 96)
-    assert other["images"].data_ptr() != first.data_ptr()
+    first = ort_engines.vae_decoder.infer(sample_inputs(spec, ShapeRequest(1, 64, 64), seed=1))
+    kept = first["images"].clone()
+    second = ort_engines.vae_decoder.infer(sample_inputs(spec, ShapeRequest(1, 64, 64), seed=2))
+    assert torch.equal(first["images"], kept)
+    assert second["images"].data_ptr() != first["images"].data_ptr()
+    assert not torch.equal(second["images"], kept)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+@pytest.mark.parametrize("scheduler", scheduler_names())
+def test_every_scheduler_matches_torch(
+    ort_pipeline: Any, tiny_pipeline: Any, scheduler: str, guidance: float
+) -> None:
+    """Multistep schedulers keep past predictions: on onnxruntime, as on torch, they must
+    still hold what the UNet returned when the next step runs."""
+    params = GenerationParams(
+        prompt="a yellow triangle on a purple background",
+        scheduler=scheduler,
+        guidance_scale=guidance,
+        num_inference_steps=6,
+        num_outputs=2,
+        seed=11,
+    )
+    reference = tiny_pipeline.generate(params)
+    images = ort_pipeline.generate(params)
+    for image, want in zip(images, reference, strict=True):
+        assert psnr(image, want) >= MIN_PSNR_DB, scheduler
+
+
+def test_declared_size_step_is_what_the_graphs_run(files: Any, ort_pipeline: Any) -> None:
+    """The exported UNet fixes its upsampling shapes: sizes must divide by every halving.
+
+    The tiny UNet halves once, so its graphs need multiples of 16 pixels; 72x88 (a multiple
+    of 8, which eager torch runs) fails in the graph, and the declaration says so.
+    """
+    assert ort_pipeline.limits.size_multiple == files.dims.graph_size_multiple == 16
+    with pytest.raises(EngineError):
+        ort_pipeline.generate(
+            GenerationParams(prompt="x", width=72, height=88, num_inference_steps=1)
+        )
+    (image,) = ort_pipeline.generate(
+        GenerationParams(prompt="x", width=80, height=96, num_inference_steps=1)
+    )
+    assert image.shape == (96, 80, 3)
 
 
 def test_inputs_are_converted_to_declared_dtypes(files: Any, ort_engines: EngineSet) -> None:
@@ -146,6 +182,7 @@ def test_kiln_serve_onnxruntime_gives_the_torch_image(
     from PIL import Image
 
     from kiln_client.client import KilnClient
+    from kiln_client.errors import InvalidArgument
 
     server = start_server(
         tmp_path / "server",
@@ -159,9 +196,19 @@ def test_kiln_serve_onnxruntime_gives_the_torch_image(
     try:
         with KilnClient(server.address, timeout=120) as client:
             result = client.generate("a red circle on a blue square", seed=42)
+            (info,) = client.list_models().models
+            # 72x88 is a multiple of 8 (eager torch runs it) but not of the graphs' 16.
+            with pytest.raises(InvalidArgument) as raised:
+                client.generate("a red circle", width=72, height=88)
         assert '"backend": "onnxruntime"' in server.logs()
     finally:
         assert server.terminate() == 0
+    assert (info.backend, info.device, info.size_multiple) == ("onnxruntime", "cpu fp32", 16)
+    assert info.backend_reason == "requested with --backend"
+    assert dict(raised.value.field_violations) == {
+        "width": "must be a multiple of 16 for this model's engines, got 72",
+        "height": "must be a multiple of 16 for this model's engines, got 88",
+    }
     served = np.asarray(Image.open(io.BytesIO(result.images[0].data)).convert("RGB"))
     (reference,) = tiny_pipeline.generate(
         GenerationParams(prompt="a red circle on a blue square", seed=42, num_inference_steps=8)

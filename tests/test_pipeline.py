@@ -67,12 +67,18 @@ def test_matches_diffusers(
     assert max_level_difference(ours, theirs) <= 1
 
 
+@pytest.mark.parametrize("scheduler", scheduler_names())
 def test_matches_diffusers_without_guidance(
-    tiny_pipeline: Any, diffusers_reference: DiffusersReference
+    tiny_pipeline: Any, diffusers_reference: DiffusersReference, scheduler: str
 ) -> None:
-    """guidance_scale 1.0 skips the unconditional branch in both pipelines."""
+    """guidance_scale 1.0 skips the unconditional branch in both pipelines, so a multistep
+    scheduler's history holds the UNet's outputs directly."""
     params = GenerationParams(
-        prompt="a teapot", num_inference_steps=STEPS, guidance_scale=1.0, seed=99
+        prompt="a teapot",
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        scheduler=scheduler,
+        seed=99,
     )
     ours = np.stack(tiny_pipeline.generate(params))
     assert max_level_difference(ours, diffusers_reference.generate(params)) <= 1

@@ -30,7 +30,7 @@ def test_each_latent_pixel_maps_linearly_to_rgb() -> None:
     latents = torch.zeros(1, 4, 2, 3)
     latents[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
     latents[0, :, 1, 2] = torch.tensor([0.2, -0.5, 0.7, -0.1])
-    rgb = LatentPreviewer().to_rgb(latents)
+    rgb = LatentPreviewer().to_rgb(latents).numpy()
     assert rgb.shape == (2, 3, 3) and rgb.dtype == np.uint8
     np.testing.assert_array_equal(rgb[0, 0], expected_rgb([1, 0, 0, 0]))
     np.testing.assert_array_equal(rgb[1, 2], expected_rgb([0.2, -0.5, 0.7, -0.1]))
@@ -40,10 +40,10 @@ def test_each_latent_pixel_maps_linearly_to_rgb() -> None:
 def test_outputs_are_laid_side_by_side() -> None:
     latents = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
     previewer = LatentPreviewer()
-    together = previewer.to_rgb(latents)
+    together = previewer.to_rgb(latents).numpy()
     assert together.shape == (5, 18, 3)
     for index in range(3):
-        alone = previewer.to_rgb(latents[index : index + 1])
+        alone = previewer.to_rgb(latents[index : index + 1]).numpy()
         np.testing.assert_array_equal(together[:, 6 * index : 6 * (index + 1)], alone)
 
 
@@ -53,10 +53,10 @@ def test_model_folder_factors_replace_sdxl_defaults() -> None:
         {"latent_rgb_factors": identity, "latent_rgb_bias": [0, 0, 0]}
     )
     latents = torch.tensor([0.0, 1.0, -1.0, 5.0]).reshape(1, 4, 1, 1)
-    np.testing.assert_array_equal(custom.to_rgb(latents)[0, 0], [128, 255, 0])
+    np.testing.assert_array_equal(custom.to_rgb(latents).numpy()[0, 0], [128, 255, 0])
     # Without both keys a model gets SDXL's factors.
     sdxl = LatentPreviewer.for_model({"latent_rgb_factors": identity})
-    np.testing.assert_array_equal(sdxl.to_rgb(latents)[0, 0], expected_rgb([0, 1, -1, 5]))
+    np.testing.assert_array_equal(sdxl.to_rgb(latents).numpy()[0, 0], expected_rgb([0, 1, -1, 5]))
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,8 @@ def test_encoded_preview_fits_and_decodes(
     fmt: str, mime: str, pil_format: str, batch: int, h: int, w: int, max_size: int
 ) -> None:
     latents = torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(1))
-    preview = LatentPreviewer().encode(latents, max_size, fmt, quality=70)
+    previewer = LatentPreviewer()
+    preview = previewer.encode(previewer.to_rgb(latents).numpy(), max_size, fmt, quality=70)
     assert preview.mime_type == mime
     image = Image.open(io.BytesIO(preview.data))
     assert image.format == pil_format

@@ -237,7 +237,7 @@ def test_shipped_model_preview_factors_fit_its_latents():
     target = ((F.avg_pool2d(images, 8) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
 
     def error(previewer: LatentPreviewer) -> float:
-        previews = np.stack([previewer.to_rgb(z[None]) for z in latents]).astype(np.float32)
+        previews = np.stack([previewer.to_rgb(z[None]).numpy() for z in latents]).astype(np.float32)
         return float(np.abs(previews - target).mean())
 
     fitted = error(LatentPreviewer.for_model(files.kiln_config))

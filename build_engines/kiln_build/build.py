@@ -1,10 +1,14 @@
-"""The build-engines stages in order: export, clean, validate, (TensorRT) build, manifest.
+"""The build-engines stages in order: export, clean, validate, (TensorRT) build and numerics
+check, manifest.
 
 For `--format tensorrt` the TensorRT and CUDA check runs first, before any model is read, so
-a host without them fails in a second. Graphs are exported, cleaned and validated in a
-staging folder and only moved into the output directory once every one of them passed, so a
-failed build never leaves graphs that do not match the manifest. A TensorRT build reuses
-the ONNX graphs already in the directory when they belong to the same model and opset.
+a host without them fails in a second, and the profile flags are resolved against the
+model's limits before anything is exported. Graphs are exported, cleaned and validated in a
+staging folder and only moved into the output directory once every one of them passed;
+TensorRT engines likewise are built and compared with onnxruntime in a staging folder and
+moved in once all passed. So a failed build never leaves files that do not match the
+manifest. A TensorRT build reuses the ONNX graphs already in the directory when they belong
+to the same model and opset.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kiln_build.profiles import ProfileFlags, check_flags, component_profiles
+from kiln_build.profiles import (
+    ModelLimits,
+    ProfileFlags,
+    ProfilePlan,
+    component_profiles,
+    resolve_plan,
+)
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import (
     COMPONENT_NAMES,
@@ -44,8 +54,6 @@ from kiln_server.engines.manifest import (
 )
 
 T = TypeVar("T")
-# Image sizes must be multiples of this: SDXL's 8x VAE times its UNet's 4x downsampling.
-SIZE_MULTIPLE = 32
 
 
 @dataclass
@@ -60,10 +68,15 @@ class BuildOptions:
     default_size: tuple[int, int] | None = None  # (height, width); default: the model's
     opset: int = 17
     flags: ProfileFlags = field(default_factory=ProfileFlags)
+    # The served model's request limits the default profiles cover; None: read them from
+    # the model folder (its kiln.json, else the registry's defaults).
+    limits: ModelLimits | None = None
     validate: bool = True
     rtol: float = 1e-3
     timing_cache: Path | None = None
     workspace_bytes: int = 8 << 30
+    refittable: bool = False  # TensorRT: engines whose weights can be refitted (can be slower)
+    numerics_check: bool = True  # TensorRT: compare each engine with onnxruntime
     progress: bool = True
 
 
@@ -79,6 +92,8 @@ class BuildSummary:
     file_sizes: dict[str, int] = field(default_factory=dict)
     validation: list[str] = field(default_factory=list)
     node_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # TensorRT: each engine's comparison with onnxruntime, one line per component.
+    numerics: dict[str, str] = field(default_factory=dict)
 
 
 def _stage(items: Iterable[T], desc: str, enabled: bool, total: int) -> Iterator[T]:
@@ -128,8 +143,9 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     """Run every stage for `options`; returns the summary, raises EngineError on any failure.
 
     Failure paths (missing TensorRT or CUDA, unusable flags, a graph that fails the checker
-    or differs from torch, a TensorRT build error) raise EngineError with a message naming
-    what failed; nothing in the output directory changes for a failed ONNX stage.
+    or differs from torch, a TensorRT build error, an engine that differs from onnxruntime)
+    raise EngineError with a message naming what failed; nothing in the output directory
+    changes for a failed ONNX stage, and no engine or manifest for a failed TensorRT stage.
     """
     report = say or (lambda text: print(text, file=sys.stderr))
     trt: Any = None
@@ -152,7 +168,11 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     default = default_request(files)
     if options.default_size is not None:
         default = ShapeRequest(1, *options.default_size)
-    check_flags(options.flags, default, SIZE_MULTIPLE)
+    multiple = files.dims.graph_size_multiple
+    plan: ProfilePlan | None = None
+    if trt is not None:
+        limits = options.limits or _folder_limits(options)
+        plan = resolve_plan(options.flags, default, limits, multiple)
     specs = sdxl_component_specs(files.dims)
     model_hash = model_content_hash(options.model_path)
     out_dir = options.out_dir
@@ -169,7 +189,7 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
         summary.reused_onnx = True
         report(f"reusing the ONNX graphs in {out_dir} (same model, opset {options.opset})")
     else:
-        _onnx_stages(options, files, specs, default, model_hash, manifest, summary)
+        _onnx_stages(options, files, specs, default, multiple, model_hash, manifest, summary)
         write_manifest(out_dir, manifest)
 
     for name, entry in manifest.onnx.items():
@@ -180,10 +200,18 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
             for v in entry.validated
         ]
 
-    if trt is not None and machine is not None:
-        _tensorrt_stage(options, trt, machine, specs, default, model_hash, manifest, summary)
+    if trt is not None and machine is not None and plan is not None:
+        _tensorrt_stage(options, trt, machine, specs, plan, model_hash, manifest, summary)
         write_manifest(out_dir, manifest)
     return summary
+
+
+def _folder_limits(options: BuildOptions) -> ModelLimits:
+    """The model's request limits as `kiln serve` would read them from its folder alone."""
+    from kiln_server.models.registry import make_spec
+
+    spec = make_spec(options.model_name or options.model_path.name, options.model_path, {})
+    return ModelLimits(spec.min_size, spec.max_size, spec.max_num_outputs)
 
 
 def _onnx_stages(
@@ -191,6 +219,7 @@ def _onnx_stages(
     files: Any,
     specs: dict[str, ComponentSpec],
     default: Any,
+    size_multiple: int,
     model_hash: str,
     manifest: Manifest,
     summary: BuildSummary,
@@ -228,7 +257,7 @@ def _onnx_stages(
                     specs[name],
                     torch_modules[name],
                     cleaned[name].path,
-                    validation_requests(specs[name], default),
+                    validation_requests(specs[name], default, size_multiple),
                     rtol=options.rtol,
                 )
                 checks[name] = [c.to_json() for c in results]
@@ -264,45 +293,81 @@ def _tensorrt_stage(
     trt: Any,
     machine: MachineInfo,
     specs: dict[str, ComponentSpec],
-    default: Any,
+    plan: ProfilePlan,
     model_hash: str,
     manifest: Manifest,
     summary: BuildSummary,
 ) -> None:
-    from kiln_build.tensorrt_build import build_engine, engine_file_name, timing_cache_name
+    from kiln_build.numerics import check_engine_numerics
+    from kiln_build.tensorrt_build import (
+        BuildResult,
+        build_engine,
+        engine_file_name,
+        timing_cache_name,
+    )
+    from kiln_server.engines.engine_numerics import NumericsRecord, numerics_failure
 
     out_dir = options.out_dir
     cache = options.timing_cache or out_dir / timing_cache_name(machine)
-    components: dict[str, TensorRTComponent] = {}
+    built: dict[str, tuple[BuildResult, NumericsRecord | None]] = {}
+    staging = Path(tempfile.mkdtemp(prefix=".staging-trt-", dir=out_dir))
     start = time.perf_counter()
-    for name in _stage(COMPONENT_NAMES, "build", options.progress, len(COMPONENT_NAMES)):
-        spec = specs[name]
-        onnx_entry = manifest.onnx[name]
-        result = build_engine(
-            trt,
-            spec,
-            out_dir / onnx_entry.file,
-            out_dir / engine_file_name(name, machine),
-            component_profiles(spec, default, options.flags),
-            timing_cache=cache,
-            workspace_bytes=options.workspace_bytes,
-        )
-        components[name] = TensorRTComponent(
-            name=name,
-            file=result.path.name,
-            sha256=file_sha256(result.path),
-            size_bytes=result.path.stat().st_size,
-            model_content_hash=model_hash,
-            onnx_sha256=onnx_entry.sha256,
-            precision=result.precision,
-            refittable=True,
-            inputs=tensor_entries(spec.inputs),
-            outputs=tensor_entries(spec.outputs),
-            profiles=result.profiles,
-        )
-        summary.file_sizes[result.path.name] = result.path.stat().st_size
+    try:
+        for name in _stage(COMPONENT_NAMES, "build", options.progress, len(COMPONENT_NAMES)):
+            spec = specs[name]
+            onnx_path = out_dir / manifest.onnx[name].file
+            ranges = component_profiles(spec, plan)
+            result = build_engine(
+                trt,
+                spec,
+                onnx_path,
+                staging / engine_file_name(name, machine),
+                ranges,
+                timing_cache=cache,
+                workspace_bytes=options.workspace_bytes,
+                refittable=options.refittable,
+            )
+            numerics = None
+            if options.numerics_check:
+                numerics = check_engine_numerics(
+                    spec, onnx_path, result.path, ranges, result.precision
+                )
+                summary.numerics[name] = numerics.describe()
+                if not numerics.passed:
+                    raise EngineError(numerics_failure(name, result.precision, numerics))
+            built[name] = (result, numerics)
+        components: dict[str, TensorRTComponent] = {}
+        for name, (result, numerics) in built.items():
+            target = out_dir / result.path.name
+            os.replace(result.path, target)
+            components[name] = TensorRTComponent(
+                name=name,
+                file=target.name,
+                sha256=file_sha256(target),
+                size_bytes=target.stat().st_size,
+                model_content_hash=model_hash,
+                onnx_sha256=manifest.onnx[name].sha256,
+                precision=result.precision,
+                refittable=result.refittable,
+                inputs=tensor_entries(specs[name].inputs),
+                outputs=tensor_entries(specs[name].outputs),
+                profiles=result.profiles,
+                numerics=numerics,
+            )
+            summary.file_sizes[target.name] = target.stat().st_size
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     summary.tensorrt_seconds = time.perf_counter() - start
-    manifest.build_args = options.flags.as_args()
+    manifest.build_args = tensorrt_build_args(options)
     manifest.replace_tensorrt_build(
         TensorRTBuild(machine=machine, components=components, timing_cache=cache.name)
     )
+
+
+def tensorrt_build_args(options: BuildOptions) -> list[str]:
+    """The `kiln build-engines` flags that shaped the engines, for the manifest's rebuild hint.
+
+    The profile flags as given, and `--refittable` when the engines are refittable (the
+    numerics check does not change the engines, so its flag is not repeated).
+    """
+    return options.flags.as_args() + (["--refittable"] if options.refittable else [])

@@ -1,7 +1,8 @@
 """`kiln build-engines`: export a model's components to ONNX and (on a GPU host) TensorRT.
 
     kiln build-engines [--model NAME | --model-path DIR] [--format onnx|tensorrt] [--out DIR]
-                       [--batch-sizes 1,2,4] [--min-size PX] [--max-size PX] ...
+                       [--batch-sizes 1,2,4] [--min-size PX] [--max-size PX] [--vae-batch N]
+                       [--refittable] [--skip-numerics-check] ...
 
 Heavy imports (torch, onnx, TensorRT) happen inside the handler so `kiln --help` stays fast.
 Every failure prints one `error:` line naming what is wrong and what to do, and exits 1.
@@ -14,18 +15,31 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiln_build.profiles import ModelLimits
 
 DEFAULT_OUT = Path("engines")
+PROFILE_NOTE = (
+    "TensorRT engines only run the batch sizes and image sizes of their optimization "
+    "profiles, and a server using them refuses every request beyond these with "
+    "INVALID_ARGUMENT. The defaults cover every request the model's own limits allow "
+    "(num_outputs up to its max_num_outputs with guidance, sides from its min_size to "
+    "its max_size); narrower ranges build faster and need less GPU memory but give up "
+    "the requests outside them."
+)
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """The model to build: its name (engines go to <out>/<name>), folder and defaults."""
+    """The model to build: its name (engines go to <out>/<name>), folder, defaults, limits."""
 
     name: str
     path: Path
     default_size: tuple[int, int] | None = None  # (height, width) from the registry
+    # Request limits from the registry entry; None: read from the folder at build time.
+    limits: ModelLimits | None = None
 
 
 def resolve_model(name: str | None, path: Path | None, config: Path | None) -> ResolvedModel:
@@ -36,6 +50,7 @@ def resolve_model(name: str | None, path: Path | None, config: Path | None) -> R
     With `--model-path` the folder is built as NAME (default: the folder's name). Raises
     ValueError (RegistryError/SettingsError) naming an unknown model or a bad config.
     """
+    from kiln_build.profiles import ModelLimits
     from kiln_server.models.registry import (
         BUILTIN_MODELS,
         ModelRegistry,
@@ -56,7 +71,12 @@ def resolve_model(name: str | None, path: Path | None, config: Path | None) -> R
     registry = ModelRegistry.from_config(read_config_file(config) if config else {}, cache_dir)
     spec = registry.get(name or "")
     if spec is not None:
-        return ResolvedModel(spec.name, spec.path, (spec.default_height, spec.default_width))
+        return ResolvedModel(
+            spec.name,
+            spec.path,
+            (spec.default_height, spec.default_width),
+            ModelLimits(spec.min_size, spec.max_size, spec.max_num_outputs),
+        )
     if name in BUILTIN_MODELS:
         return ResolvedModel(name, builtin_model_path(name, cache_dir))
     known = sorted({*registry.models, *BUILTIN_MODELS})
@@ -85,9 +105,11 @@ def register(subparsers: Any) -> None:
         help="export a model to ONNX (and TensorRT engines on a GPU host)",
         description=(
             "Export every component of an SDXL model to ONNX, clean and validate the graphs "
-            "against torch, and with --format tensorrt build TensorRT engines for this GPU. "
-            "Writes the engines and a manifest.json into OUT/<model name>/."
+            "against torch, and with --format tensorrt build TensorRT engines for this GPU "
+            "and check each against onnxruntime. Writes the engines and a manifest.json "
+            "into OUT/<model name>/."
         ),
+        epilog=PROFILE_NOTE,
     )
     parser.add_argument(
         "--model",
@@ -121,13 +143,57 @@ def register(subparsers: Any) -> None:
         "--batch-sizes",
         metavar="N,N",
         type=_batch_sizes,
-        help="TensorRT: images per call to support (adds a dynamic batch profile)",
+        help=(
+            "TensorRT: images per UNet call to support; the largest sets the UNet profile "
+            "(2 rows per image under guidance; default: the model's max_num_outputs, e.g. "
+            "8 images = 16 rows); requests for more images are refused"
+        ),
     )
     parser.add_argument(
-        "--min-size", metavar="PX", type=int, help="TensorRT: smallest image side to support"
+        "--min-size",
+        metavar="PX",
+        type=int,
+        help=(
+            "TensorRT: smallest image side to support (default: the model's min_size, "
+            "rounded up to the multiple its UNet graph needs); smaller requests are refused"
+        ),
     )
     parser.add_argument(
-        "--max-size", metavar="PX", type=int, help="TensorRT: largest image side to support"
+        "--max-size",
+        metavar="PX",
+        type=int,
+        help=(
+            "TensorRT: largest image side to support (default: the model's max_size, "
+            "rounded down to that multiple); larger requests are refused"
+        ),
+    )
+    parser.add_argument(
+        "--vae-batch",
+        metavar="N",
+        type=int,
+        help=(
+            "TensorRT: images per VAE decoder and encoder call (default 4); the server "
+            "decodes larger requests in chunks of N, and a larger N needs more GPU memory"
+        ),
+    )
+    parser.add_argument(
+        "--refittable",
+        action="store_true",
+        help=(
+            "TensorRT: build engines whose weights can be replaced later without a rebuild "
+            "(for LoRA or other weight refits); refittable engines can be slower, so only "
+            "ask for them when engines will be refitted (default: off)"
+        ),
+    )
+    parser.add_argument(
+        "--skip-numerics-check",
+        action="store_true",
+        help=(
+            "TensorRT: do not compare each built engine with onnxruntime (CPU, fp32) on the "
+            "same graph and inputs; the check, recorded in the manifest, fails the build "
+            "when an engine's outputs are not finite or differ beyond the tolerance of "
+            "its precision (fp16 or fp32)"
+        ),
     )
     parser.add_argument(
         "--timing-cache",
@@ -183,10 +249,13 @@ def _run(args: argparse.Namespace) -> int:
         config=str(args.config.resolve()) if args.config else None,
         default_size=model.default_size,
         opset=args.opset,
-        flags=ProfileFlags(args.batch_sizes, args.min_size, args.max_size),
+        flags=ProfileFlags(args.batch_sizes, args.min_size, args.max_size, args.vae_batch),
+        limits=model.limits,
         validate=not args.no_validate,
         timing_cache=args.timing_cache,
         workspace_bytes=int(args.workspace_gib * (1 << 30)),
+        refittable=args.refittable,
+        numerics_check=not args.skip_numerics_check,
         progress=not args.quiet,
     )
     summary = run_build(options)
@@ -201,6 +270,8 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"  {line}", file=out)
     if summary.tensorrt_seconds:
         print(f"tensorrt build: {summary.tensorrt_seconds:.1f} s", file=out)
+        for name, line in summary.numerics.items():
+            print(f"  {name}: {line}", file=out)
     for file, size in summary.file_sizes.items():
         print(f"  {file}: {_human(size)}", file=out)
     backend = "tensorrt" if args.format == "tensorrt" else "onnxruntime"

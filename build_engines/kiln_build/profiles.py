@@ -1,12 +1,22 @@
 """Optimization profiles for each component, computed from its declaration and the flags.
 
 Pure logic (no TensorRT): the TensorRT build turns each `ShapeRange` into an optimization
-profile through `ComponentSpec.profile`, and the runtime picks among them per call.
+profile through `ComponentSpec.profile`, and the runtime picks among them per call. A
+server serving the engines refuses, before any work, every request outside these ranges,
+so the defaults cover every request the model's own limits allow:
+
+- UNet: up to the model's `max_num_outputs` images per call, two rows each under
+  classifier-free guidance (16 rows for SDXL's default of 8 images);
+- text encoders: one request's prompts per call (prompt and negative prompt: 2 rows);
+- VAE decoder and encoder: `--vae-batch` images per call (default 4); the pipeline
+  decodes larger requests in chunks of that many;
+- sizes: the model's min_size to max_size, rounded inwards to the multiple the exported
+  graphs need (`ModelDims.graph_size_multiple`).
 
 Image-sized components (UNet, VAE) get a static profile first, at the model's default size
-and batch (min = opt = max, so the runtime can replay CUDA graphs), then a dynamic profile
-covering the flag ranges of batch and size when that differs. The text encoders' shapes do
-not depend on the image, so they get one profile over the batch range.
+and one image (min = opt = max, so the runtime can replay CUDA graphs), then the dynamic
+profile over the whole range with the static shape as its optimum. The text encoders'
+shapes do not depend on the image, so they get one profile over their rows.
 """
 
 from __future__ import annotations
@@ -17,18 +27,35 @@ from dataclasses import dataclass
 from kiln_server.engines.buffers import ROWS_PER_IMAGE
 from kiln_server.engines.components import ComponentSpec, ShapeRange, ShapeRequest
 
+# UNet rows per image: classifier-free guidance runs the prompt and the negative prompt.
+UNET_ROWS_PER_IMAGE = ROWS_PER_IMAGE["unet"]
+# Rows one text-encoder call gets at most: a request's prompt and its negative prompt,
+# encoded once per request whatever its number of images (today one text per call).
+TEXT_ROWS_PER_REQUEST = 2
+DEFAULT_VAE_BATCH = 4
+
 
 class ProfileError(ValueError):
     """The requested batch sizes or image sizes are unusable; the message names the flag."""
 
 
 @dataclass(frozen=True)
+class ModelLimits:
+    """The request limits of the model the engines serve (from its registry entry)."""
+
+    min_size: int = 256
+    max_size: int = 2048
+    max_num_outputs: int = 8
+
+
+@dataclass(frozen=True)
 class ProfileFlags:
-    """What `--batch-sizes`, `--min-size` and `--max-size` asked for (None: not given)."""
+    """What `--batch-sizes`, `--min-size`, `--max-size`, `--vae-batch` asked (None: not given)."""
 
     batch_sizes: tuple[int, ...] | None = None
     min_size: int | None = None
     max_size: int | None = None
+    vae_batch: int | None = None
 
     def as_args(self) -> list[str]:
         """The flags as `kiln build-engines` arguments (for the manifest's rebuild hint)."""
@@ -39,68 +66,112 @@ class ProfileFlags:
             args += ["--min-size", str(self.min_size)]
         if self.max_size is not None:
             args += ["--max-size", str(self.max_size)]
+        if self.vae_batch is not None:
+            args += ["--vae-batch", str(self.vae_batch)]
         return args
 
 
-def check_flags(flags: ProfileFlags, default: ShapeRequest, size_multiple: int) -> None:
-    """Raise ProfileError naming the flag when the ranges are unusable for `default`.
+@dataclass(frozen=True)
+class ProfilePlan:
+    """The resolved ranges every component's profiles are built from.
 
-    Batch sizes must be positive; sizes positive multiples of `size_multiple`, with
-    min-size <= the default height and width <= max-size.
+    `default` is one image at the model's default size; `images` the most images one UNet
+    call takes; `vae_images` the most one VAE call takes; `min_size`..`max_size` the image
+    sides, multiples of `size_multiple`.
+    """
+
+    default: ShapeRequest
+    images: int
+    vae_images: int
+    min_size: int
+    max_size: int
+    size_multiple: int
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def resolve_plan(
+    flags: ProfileFlags, default: ShapeRequest, limits: ModelLimits, size_multiple: int
+) -> ProfilePlan:
+    """The ranges to build for: the flags where given, else the model's limits.
+
+    Sizes default to the model's min_size (rounded up) and max_size (rounded down) to
+    `size_multiple`; UNet images to its max_num_outputs; VAE images to DEFAULT_VAE_BATCH.
+    Raises ProfileError naming the flag when a value is unusable: batch sizes not positive,
+    sizes not positive multiples of `size_multiple`, a range that excludes the default size,
+    or a default size the graphs cannot run.
     """
     if flags.batch_sizes is not None and (
         not flags.batch_sizes or any(b < 1 for b in flags.batch_sizes)
     ):
         raise ProfileError("--batch-sizes must list positive integers, e.g. 1,2,4")
+    if flags.vae_batch is not None and flags.vae_batch < 1:
+        raise ProfileError(f"--vae-batch {flags.vae_batch} must be a positive integer")
     for flag, value in (("--min-size", flags.min_size), ("--max-size", flags.max_size)):
         if value is not None and (value <= 0 or value % size_multiple):
             raise ProfileError(f"{flag} {value} must be a positive multiple of {size_multiple}")
+    for side in (default.height, default.width):
+        if side % size_multiple:
+            raise ProfileError(
+                f"the model's default size {default.width}x{default.height} is not a multiple "
+                f"of {size_multiple}, which its exported UNet graph needs; set default_width "
+                "and default_height to multiples of it"
+            )
     low = min(default.height, default.width)
     high = max(default.height, default.width)
-    if flags.min_size is not None and flags.min_size > low:
-        raise ProfileError(f"--min-size {flags.min_size} exceeds the default size {low}")
-    if flags.max_size is not None and flags.max_size < high:
-        raise ProfileError(f"--max-size {flags.max_size} is below the default size {high}")
-
-
-def component_profiles(
-    spec: ComponentSpec, default: ShapeRequest, flags: ProfileFlags
-) -> list[ShapeRange]:
-    """The profiles to build for `spec`: static default first, then the dynamic range if any.
-
-    `default.batch` counts images per call; each component's rows are that times its
-    ROWS_PER_IMAGE (2 for the UNet under classifier-free guidance). The dynamic profile
-    spans 1 row to the largest batch size's rows, and min-size to max-size on both axes
-    (defaults: the default batch and size), with the static shape as its optimum.
-    """
-    per_image = ROWS_PER_IMAGE.get(spec.name, 1)
-    sizes: Sequence[int] = flags.batch_sizes or (default.batch,)
-    opt_rows = default.batch * per_image
-    max_rows = max(max(sizes), default.batch) * per_image
-    opt = ShapeRequest(opt_rows, default.height, default.width)
-    if not spec.image_sized:
-        return [
-            ShapeRange(
-                min=ShapeRequest(1, default.height, default.width),
-                opt=opt,
-                max=ShapeRequest(max_rows, default.height, default.width),
-            )
-        ]
-    low, high = flags.min_size, flags.max_size
-    dynamic = ShapeRange(
-        min=ShapeRequest(
-            1,
-            low if low is not None else default.height,
-            low if low is not None else default.width,
-        ),
-        opt=opt,
-        max=ShapeRequest(
-            max_rows,
-            high if high is not None else default.height,
-            high if high is not None else default.width,
-        ),
+    min_size = flags.min_size
+    if min_size is None:
+        min_size = min(_round_up(limits.min_size, size_multiple), low)
+    max_size = flags.max_size
+    if max_size is None:
+        max_size = max(limits.max_size // size_multiple * size_multiple, high)
+    if min_size > low:
+        raise ProfileError(f"--min-size {min_size} exceeds the default size {low}")
+    if max_size < high:
+        raise ProfileError(f"--max-size {max_size} is below the default size {high}")
+    images = max(flags.batch_sizes) if flags.batch_sizes else max(limits.max_num_outputs, 1)
+    return ProfilePlan(
+        default=ShapeRequest(1, default.height, default.width),
+        images=images,
+        vae_images=flags.vae_batch if flags.vae_batch is not None else DEFAULT_VAE_BATCH,
+        min_size=min_size,
+        max_size=max_size,
+        size_multiple=size_multiple,
     )
+
+
+def max_rows(component: str, plan: ProfilePlan) -> int:
+    """The most rows one call of `component` takes under `plan`."""
+    if component == "unet":
+        return plan.images * UNET_ROWS_PER_IMAGE
+    if component.startswith("text_encoder"):
+        return TEXT_ROWS_PER_REQUEST
+    return plan.vae_images
+
+
+def component_profiles(spec: ComponentSpec, plan: ProfilePlan) -> list[ShapeRange]:
+    """The profiles to build for `spec`: static default first, then the dynamic range.
+
+    The static profile is one image at the default size (2 UNet rows under guidance, 1 VAE
+    image); the dynamic one spans 1 row to `max_rows` and min_size to max_size on both
+    sides, with the static shape as its optimum. Text encoders get one profile of 1 to
+    TEXT_ROWS_PER_REQUEST rows.
+    """
+    default = plan.default
+    top = max_rows(spec.name, plan)
+    if not spec.image_sized:
+        opt = ShapeRequest(top, default.height, default.width)
+        return [ShapeRange(min=ShapeRequest(1, default.height, default.width), opt=opt, max=opt)]
+    opt_rows = UNET_ROWS_PER_IMAGE if spec.name == "unet" else 1
+    opt = ShapeRequest(min(opt_rows, top), default.height, default.width)
     static = ShapeRange(min=opt, opt=opt, max=opt)
+    dynamic = ShapeRange(
+        min=ShapeRequest(1, plan.min_size, plan.min_size),
+        opt=opt,
+        max=ShapeRequest(top, plan.max_size, plan.max_size),
+    )
     return [static] if dynamic == static else [static, dynamic]
 
 

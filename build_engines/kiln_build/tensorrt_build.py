@@ -2,9 +2,11 @@
 
 Precision: the UNet and text encoders build in fp16 (TensorRT picks fp16 kernels where they
 are faster; inputs and outputs stay fp32 as declared); the VAE stays fp32, because SDXL's VAE
-overflows fp16 and decodes black images. Every engine is refittable (LoRA weights can be
-swapped in later without a rebuild), uses the optimization profiles from `profiles.py`, and
-reads and extends one timing cache per machine so rebuilds skip kernel timing.
+overflows fp16 and decodes black images. Engines are refittable (weights, e.g. a LoRA's,
+can be swapped in later without a rebuild) only when asked for: keeping weights replaceable
+rules out some of TensorRT's weight-dependent optimizations, so such engines can be slower.
+Each engine uses the optimization profiles from `profiles.py`, and reads and extends one
+timing cache per machine so rebuilds skip kernel timing.
 
 File names carry the GPU, compute capability, TensorRT and CUDA major versions, so builds
 for two machines never overwrite each other. Only `build_engine` touches TensorRT (imported
@@ -66,13 +68,14 @@ def timing_cache_name(machine: MachineInfo) -> str:
 
 @dataclass(frozen=True)
 class BuildResult:
-    """One built engine: its file, precision, profiles, and how long the build took."""
+    """One built engine: its file, precision, profiles, refittability, and build time."""
 
     component: str
     path: Path
     precision: str
     profiles: tuple[ShapeRange, ...]
     seconds: float
+    refittable: bool = False
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
@@ -95,13 +98,15 @@ def build_engine(
     *,
     timing_cache: Path | None = None,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    refittable: bool = False,
 ) -> BuildResult:
     """Build and serialize the engine of `spec` from `onnx_path` into `engine_path`.
 
     `trt` is the imported tensorrt module (see machine.require_tensorrt). One optimization
     profile per ShapeRange, in order (the first, static, is the default). The timing cache
-    file is read when present and rewritten with what this build timed. Raises EngineError
-    with TensorRT's parser or builder errors when the build fails.
+    file is read when present and rewritten with what this build timed. `refittable` sets
+    BuilderFlag.REFIT (weights replaceable later; off by default, as it can cost speed).
+    Raises EngineError with TensorRT's parser or builder errors when the build fails.
     """
     precision = precision_for(spec.name)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -114,7 +119,8 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    config.set_flag(trt.BuilderFlag.REFIT)
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     for shape_range in profiles:
@@ -138,5 +144,10 @@ def build_engine(
     if timing_cache is not None:
         _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     return BuildResult(
-        spec.name, engine_path, precision, tuple(profiles), time.perf_counter() - start
+        spec.name,
+        engine_path,
+        precision,
+        tuple(profiles),
+        time.perf_counter() - start,
+        refittable=refittable,
     )

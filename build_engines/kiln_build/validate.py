@@ -61,19 +61,23 @@ class ShapeCheck:
         }
 
 
-def validation_requests(spec: ComponentSpec, default: ShapeRequest) -> list[ShapeRequest]:
+def validation_requests(
+    spec: ComponentSpec, default: ShapeRequest, size_multiple: int = SIZE_STEP
+) -> list[ShapeRequest]:
     """Shapes to validate at, none equal to the export shape (2 rows at the default size).
 
     Text encoders: 1 and 3 rows. Image-sized components: 1 row at the default size, 3 rows
-    landscape (one SIZE_STEP wider) and 2 rows portrait (one SIZE_STEP taller).
+    landscape and 2 rows portrait, one step wider and taller: SIZE_STEP, or the graphs'
+    size multiple when that is larger (so every size is one the graphs accept).
     """
     h, w = default.height, default.width
     if not spec.image_sized:
         return [ShapeRequest(1, h, w), ShapeRequest(3, h, w)]
+    step = max(SIZE_STEP, size_multiple)
     return [
         ShapeRequest(1, h, w),
-        ShapeRequest(3, h, w + SIZE_STEP),
-        ShapeRequest(2, h + SIZE_STEP, w),
+        ShapeRequest(3, h, w + step),
+        ShapeRequest(2, h + step, w),
     ]
 
 

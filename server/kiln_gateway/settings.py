@@ -129,10 +129,6 @@ def _alias(key: str, target: str, source: str) -> Alias:
     return Alias(match["owner"], match["name"], target, match["version"])
 
 
-def _to_bool(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
-
-
 _CONVERTERS: dict[str, Any] = {
     "port": int,
     "retention_seconds": float,

@@ -10,15 +10,26 @@ Fairness: waiting jobs are ordered by priority plus age (every `aging_seconds` o
 is worth one priority level) and then by arrival. Admission into the running batch walks
 that order and stops at the first job of another shape, so a different-shape job at the
 head of the line is never overtaken: the running batch drains and its shape goes next.
+
+The engine thread only runs engines: it computes preview pixels and decodes finished
+images on the engines' device, then hands those tensors to the output thread, which waits
+for the device, moves them to the host, encodes previews and emits the events. A job's
+events are emitted in the order they happened (queued, started, progress..., images,
+completed): once a job has something with the output thread, its later events follow the
+same way; otherwise they are emitted at once, on the thread where they happen.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 from kiln_server.events import (
     Decoded,
@@ -35,6 +46,8 @@ from kiln_server.pipeline.sdxl import DenoiseState, SDXLPipeline
 logger = logging.getLogger(__name__)
 
 ShapeKey = tuple[str, int, int]
+ENGINE_THREAD = "kiln-engine"
+OUTPUT_THREAD = "kiln-output"
 
 
 class QueueFull(Exception):
@@ -112,8 +125,116 @@ class BatcherStats:
         return self.rows / self.steps if self.steps else 0.0
 
 
+HandOff = Callable[[], list[JobEvent]]
+"""Work for the output thread: returns the job's events to emit, in order."""
+
+
+def mark_ready(tensor: torch.Tensor) -> torch.cuda.Event | None:
+    """On CUDA, an event recorded after the work that computes `tensor` on the current
+    stream, for the output thread to wait on; None on the CPU, where it is ready now."""
+    if tensor.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(tensor.device))
+    return event
+
+
+class OutputThread:
+    """Runs hand-offs from the engine thread, and keeps each job's events in order.
+
+    `emit` and `hand_off` may be called from any thread. A job's events pass through the
+    queue only while it has a hand-off pending, so a step without a preview costs the
+    engine thread no thread switch.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Job, HandOff] | None] = queue.SimpleQueue()
+        self._condition = threading.Condition()
+        self._pending: dict[int, int] = {}  # id(job) -> its items in the queue
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread = threading.Thread(target=self._run, name=OUTPUT_THREAD, daemon=True)
+        self._thread.start()
+
+    def emit(self, job: Job, event: JobEvent) -> None:
+        """Emit now, or after the job's pending hand-offs when it has any."""
+        with self._condition:
+            if id(job) in self._pending:
+                self._enqueue(job, lambda: [event])
+                return
+        job.emit(event)
+
+    def hand_off(self, job: Job, work: HandOff) -> None:
+        """Run `work` on the output thread and emit the events it returns."""
+        with self._condition:
+            self._enqueue(job, work)
+
+    def to_host(self, tensor: torch.Tensor, ready: torch.cuda.Event | None) -> np.ndarray:
+        """`tensor` on the host, once `ready` (from mark_ready) says the device wrote it.
+
+        Runs on the output thread. On CUDA the copy runs on a stream of its own, so it
+        does not queue behind the engine's next step.
+        """
+        if ready is None:
+            return tensor.cpu().numpy()
+        ready.synchronize()
+        stream = self._copy_streams.get(tensor.device)
+        if stream is None:
+            stream = self._copy_streams[tensor.device] = torch.cuda.Stream(tensor.device)
+        with torch.cuda.stream(stream):
+            host = tensor.to("cpu")  # synchronous: done before `tensor` can be freed
+        return host.numpy()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until nothing is pending (True) or `timeout` passes (False)."""
+        with self._condition:
+            return self._condition.wait_for(lambda: not self._pending, timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued (hand-offs queued later never run), then end the thread."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _enqueue(self, job: Job, work: HandOff) -> None:
+        self._pending[id(job)] = self._pending.get(id(job), 0) + 1
+        self._queue.put((job, work))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job, work = item
+            try:
+                events = work()
+            except Exception as exc:  # the device or the host copy failed: this job only
+                logger.exception(
+                    "request failed in the output thread", extra={"request_id": job.request_id}
+                )
+                events = [Failed("INTERNAL", f"generation failed in the engine: {_name(exc)}")]
+            for event in events:
+                try:
+                    job.emit(event)
+                except Exception:  # a listener's fault must not stop the other jobs' events
+                    logger.exception("an event callback failed")
+            # Only now may the job's next event skip the queue: it cannot overtake these.
+            with self._condition:
+                left = self._pending[id(job)] - 1
+                if left:
+                    self._pending[id(job)] = left
+                else:
+                    del self._pending[id(job)]
+                    self._condition.notify_all()
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
 class Batcher:
-    """Schedules jobs onto the pipelines from one engine thread."""
+    """Schedules jobs onto the pipelines from one engine thread; see the module docstring
+    for what its output thread does."""
 
     def __init__(
         self,
@@ -132,6 +253,7 @@ class Batcher:
         self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._output = OutputThread()
 
     # ----- API side (any thread) -----
 
@@ -166,12 +288,14 @@ class Batcher:
             return len(self._waiting) + len(self._running)
 
     def start(self) -> None:
-        """Start the engine thread."""
-        self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+        """Start the engine thread and the output thread."""
+        self._output.start()
+        self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
         self._thread.start()
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Refuse new jobs and wait for every accepted one to end. True if all ended."""
+        """Refuse new jobs and wait for every accepted one to end, its last event emitted.
+        True if all ended."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
             self._draining = True
@@ -181,19 +305,24 @@ class Batcher:
                 if remaining is not None and remaining <= 0:
                     return False
                 self._condition.wait(timeout=remaining)
-        return True
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        return self._output.wait_idle(remaining)
 
     def stop(self) -> None:
-        """Stop the engine thread; jobs still queued fail with UNAVAILABLE."""
+        """Stop the engine thread; jobs still queued fail with UNAVAILABLE. Events of jobs
+        that finished before are all emitted when this returns."""
         with self._condition:
             self._stopping = True
             leftovers = self._waiting + self._running
             self._waiting, self._running = [], []
             self._condition.notify_all()
         for job in leftovers:
-            job.emit(Failed("UNAVAILABLE", "the server stopped before this request finished"))
+            self._output.emit(
+                job, Failed("UNAVAILABLE", "the server stopped before this request finished")
+            )
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._output.stop()
 
     # ----- engine thread -----
 
@@ -265,7 +394,7 @@ class Batcher:
         except Exception as exc:  # an engine fault fails this job only
             self._fail(job, exc)
             return
-        job.emit(Started(total_steps=job.state.total_steps))
+        self._output.emit(job, Started(total_steps=job.state.total_steps))
 
     def _step(self) -> None:
         with self._condition:
@@ -291,36 +420,53 @@ class Batcher:
                 self._finish(pipeline, job, state)
 
     def _report_progress(self, pipeline: SDXLPipeline, job: Job, state: DenoiseState) -> None:
+        step, total = state.step_index, state.total_steps
         options = job.params.preview
-        preview = None
-        due = options.every_n_steps and (
-            state.step_index % options.every_n_steps == 0 or state.finished
-        )
-        if due:
+        due = options.every_n_steps and (step % options.every_n_steps == 0 or state.finished)
+        if not due:
+            self._output.emit(job, Progress(step, total))
+            return
+        try:
+            pixels = pipeline.preview_pixels(state)
+            ready = mark_ready(pixels)
+        except Exception:  # a preview is a nicety; never fail the job over it
+            logger.exception("preview failed", extra={"request_id": job.request_id})
+            self._output.emit(job, Progress(step, total))
+            return
+        size = pipeline.preview_size(state, options)
+
+        def encode() -> list[JobEvent]:
             try:
-                preview = pipeline.preview(state, options)
-            except Exception:  # a preview is a nicety; never fail the job over it
+                host = self._output.to_host(pixels, ready)
+                preview = pipeline.previewer.encode(host, size, options.format, options.quality)
+            except Exception:
                 logger.exception("preview failed", extra={"request_id": job.request_id})
-        job.emit(Progress(state.step_index, state.total_steps, preview))
+                return [Progress(step, total)]
+            return [Progress(step, total, preview)]
+
+        self._output.hand_off(job, encode)
 
     def _finish(self, pipeline: SDXLPipeline, job: Job, state: DenoiseState) -> None:
         try:
             started = time.perf_counter()
-            pixels = pipeline.decode(state)
+            images = pipeline.decode(state)
+            ready = mark_ready(images)
             job.engine_seconds += time.perf_counter() - started
         except Exception as exc:
             self._fail(job, exc)
             return
         now = self.clock()
         admitted = job.admitted_at if job.admitted_at is not None else now
-        job.emit(Decoded(pixels))
-        job.emit(
-            Finished(
-                queue_seconds=admitted - job.arrival,
-                inference_seconds=now - admitted,
-                engine_seconds=job.engine_seconds,
-            )
+        finished = Finished(
+            queue_seconds=admitted - job.arrival,
+            inference_seconds=now - admitted,
+            engine_seconds=job.engine_seconds,
         )
+
+        def deliver() -> list[JobEvent]:
+            return [Decoded(self._output.to_host(images, ready)), finished]
+
+        self._output.hand_off(job, deliver)
         self.stats.jobs_completed += 1
         total = now - job.arrival
         self.stats.mean_job_seconds += (total - self.stats.mean_job_seconds) * 0.2
@@ -331,7 +477,7 @@ class Batcher:
             "request failed in the engine", extra={"request_id": job.request_id}, exc_info=exc
         )
         self.stats.jobs_failed += 1
-        job.emit(Failed("INTERNAL", f"generation failed in the engine: {type(exc).__name__}"))
+        self._output.emit(job, Failed("INTERNAL", f"generation failed in the engine: {_name(exc)}"))
         self._remove_running(job)
 
     def _remove_running(self, job: Job) -> None:
@@ -345,7 +491,7 @@ class Batcher:
         for position, job in enumerate(self._priority_order()):
             if job.last_position != position:
                 job.last_position = position
-                job.emit(Queued(position))
+                self._output.emit(job, Queued(position))
 
     def _retry_after(self) -> float:
         """A client's sensible wait before retrying: about one queue turnover."""

@@ -34,6 +34,30 @@ def register(subparsers: Any) -> None:
         type=Path,
         help="folder written by `kiln build-engines` (one subfolder per model)",
     )
+    parser.add_argument(
+        "--device",
+        help="where the engines run: cuda, cuda:N or cpu (default: cuda when torch sees a GPU, "
+        "else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        help="torch backend precision of the UNet and text encoders (default: fp16 on a GPU, "
+        "fp32 on the CPU); SDXL's VAE decodes in fp32 unless the model ships an fp16-safe VAE",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch backend: compile the UNet with torch.compile during warm-up (slower start)",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        default=None,
+        help="torch backend on a GPU: replay each UNet batch shape from a CUDA graph "
+        "captured during warm-up",
+    )
     parser.add_argument("--cache-dir", type=Path, help="where built-in models are cached")
     parser.add_argument("--max-queue", type=int, help="requests allowed to wait (default 64)")
     parser.add_argument(

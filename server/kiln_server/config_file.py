@@ -39,3 +39,10 @@ def convert_setting(
         return converters.get(name, str)(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{source}: invalid value {value!r} for {name}: {exc}") from exc
+
+
+def to_bool(value: Any) -> bool:
+    """A boolean setting: a bool as is; from text, true for 1, true, yes or on."""
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")

@@ -34,7 +34,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class Decoded:
-    """Every output of the job, uint8 [N, H, W, 3], in seed order."""
+    """Every output of the job, uint8 [N, H, W, 3] on the host, in seed order."""
 
     pixels: np.ndarray
 

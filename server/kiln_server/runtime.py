@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kiln_server.engines.base import EngineSet
+from kiln_server.engines.components import ShapeRequest
+from kiln_server.engines.device import Placement
+from kiln_server.engines.sample_inputs import sample_inputs
 from kiln_server.models.loader import SDXLModelFiles, read_model_files
 from kiln_server.models.registry import ModelRegistry, ModelSpec
 from kiln_server.pipeline.params import PreviewParams
 from kiln_server.pipeline.sdxl import SDXLPipeline
+from kiln_server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +45,24 @@ def load_engines(
     model_name: str,
     config: Path | None = None,
     threads: int | None = None,
+    placement: Placement | None = None,
 ) -> EngineSet:
     """Load one model's engines on the requested (or fastest available) backend."""
-    from kiln_server.engines.loading import load_engine_set, resolve_backend
+    from kiln_server.engines.loading import choose_backend, load_engine_set
 
-    chosen = resolve_backend(backend, engines_dir)
-    return load_engine_set(
-        chosen, files, engines_dir, model_name=model_name, config=config, threads=threads
+    device = placement.device if placement is not None else None
+    choice = choose_backend(backend, engines_dir, device)
+    engines = load_engine_set(
+        choice.backend,
+        files,
+        engines_dir,
+        model_name=model_name,
+        config=config,
+        threads=threads,
+        placement=placement,
     )
+    engines.reason = choice.reason
+    return engines
 
 
 def load_model(
@@ -56,18 +71,22 @@ def load_model(
     engines_root: Path | None,
     config: Path | None = None,
     threads: int | None = None,
+    placement: Placement | None = None,
 ) -> LoadedModel:
     """Read the model folder, load its engines once, and build its pipeline."""
     started = time.perf_counter()
     files = read_model_files(spec.path)
     engines_dir = model_engines_dir(engines_root, spec.name)
-    engines = load_engines(backend, files, engines_dir, spec.name, config, threads)
+    engines = load_engines(backend, files, engines_dir, spec.name, config, threads, placement)
     pipeline = SDXLPipeline(files, engines)
     logger.info(
         "model loaded",
         extra={
             "model": spec.name,
             "backend": engines.backend,
+            "why": engines.reason,
+            "placement": engines.placement,
+            "limits": pipeline.limits.describe(),
             "path": str(spec.path),
             "seconds": round(time.perf_counter() - started, 3),
         },
@@ -75,11 +94,23 @@ def load_model(
     return LoadedModel(spec=spec, pipeline=pipeline)
 
 
-def warm_up(model: LoadedModel) -> float:
-    """Run a short generation at the model's default size (with a preview); return seconds.
+def batch_row_limit(model: LoadedModel, server_default: int) -> int:
+    """UNet rows per step: the model's setting (else the server's), capped by the engines'
+    declared UNet rows (a TensorRT profile's maximum; torch and onnxruntime take any)."""
+    limit = model.spec.max_batch_rows or server_default
+    engine_max = model.pipeline.limits.unet_rows
+    return limit if engine_max is None else min(limit, engine_max)
 
-    The first call into an engine allocates buffers and (on a GPU) selects kernels; doing
-    it here keeps that cost out of the first user's request.
+
+def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
+    """Pay every first-call cost before SERVING; return the seconds it took.
+
+    A short generation at the model's default size (with a preview) runs every engine
+    once (the VAE encoder separately): the first call allocates buffers and selects
+    kernels, and the second call of a shape is the one TensorRT captures a CUDA graph on,
+    hence two steps. `unet_rows` lists further UNet batch sizes to run at the default
+    size: with torch.compile or CUDA graphs each new shape compiles or captures, so the
+    batch sizes the batcher forms are paid for here, not by a user's request.
     """
     spec = model.spec
     params = spec.default_request(
@@ -91,7 +122,15 @@ def warm_up(model: LoadedModel) -> float:
     while not state.finished:
         pipeline.denoise_step([state])
         pipeline.preview(state, params.preview)
-    pipeline.decode(state)
+    pipeline.decode(state).cpu()
+    engines = pipeline.engines
+    calls = [(engines.unet, rows) for rows in unet_rows]
+    if engines.vae_encoder is not None:  # loaded for image inputs; the loop above skips it
+        calls.append((engines.vae_encoder, 1))
+    for engine, rows in calls:
+        request = ShapeRequest(rows, spec.default_height, spec.default_width)
+        inputs = sample_inputs(engine.spec, request)
+        engine.infer({name: value.to(pipeline.device) for name, value in inputs.items()})
     seconds = time.perf_counter() - started
     logger.info("model warmed up", extra={"model": spec.name, "seconds": round(seconds, 3)})
     return seconds
@@ -110,26 +149,36 @@ def default_engine_threads() -> int:
 
 
 def load_registry_models(
-    registry: ModelRegistry,
-    backend: str | None,
-    engines_root: Path | None,
-    config: Path | None = None,
-    threads: int | None = None,
+    registry: ModelRegistry, settings: ServerSettings
 ) -> dict[str, LoadedModel]:
     """Load and warm up every model of the registry, in registry order.
 
-    `threads` sets the CPU engines' intra-op threads (torch and onnxruntime); None or 0
-    means `default_engine_threads()`.
+    Device, precision, compilation and backend come from `settings`;
+    `settings.intra_op_threads` sets the CPU engines' intra-op threads (torch and
+    onnxruntime), 0 meaning `default_engine_threads()`. Raises EngineError when the device
+    settings cannot run here.
     """
     import torch
 
-    threads = threads or default_engine_threads()
+    placement = Placement.resolve(
+        settings.device,
+        settings.dtype,
+        compile=settings.compile,
+        cuda_graphs=settings.cuda_graphs,
+    )
+    threads = settings.intra_op_threads or default_engine_threads()
     torch.set_num_threads(threads)
-    logger.info("engine threads", extra={"threads": threads})
+    logger.info("engine placement", extra={"threads": threads, "placement": placement.describe()})
     loaded: dict[str, LoadedModel] = {}
     for spec in registry.models.values():
         logger.info("loading model", extra={"model": spec.name, "path": str(spec.path)})
-        loaded[spec.name] = load_model(spec, backend, engines_root, config, threads)
+        model = load_model(
+            spec, settings.backend, settings.engines, settings.config, threads, placement
+        )
+        loaded[spec.name] = model
         logger.info("warming up model", extra={"model": spec.name})
-        warm_up(loaded[spec.name])
+        rows: Sequence[int] = ()
+        if placement.compile or placement.cuda_graphs:
+            rows = range(1, batch_row_limit(model, settings.max_batch_rows) + 1)
+        warm_up(model, rows)
     return loaded

@@ -26,6 +26,7 @@ from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
 from kiln_server.core.client import EngineCoreClient, EngineCoreError
 from kiln_server.core.messages import ServedModel
+from kiln_server.engines.limits import EngineLimits
 from kiln_server.events import (
     Decoded,
     Failed,
@@ -41,7 +42,12 @@ from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.pipeline.prompts import PromptTokenizer
 from kiln_server.pipeline.schedulers import scheduler_names
-from kiln_server.validation import ModelNotFound, RequestInvalid, validate_request
+from kiln_server.validation import (
+    ModelNotFound,
+    RequestInvalid,
+    ServedLimits,
+    validate_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +155,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     def _max_tokens(self, model: str) -> int:
         return self.tokenizers[model].max_tokens
 
+    def _engine_limits(self, model: str) -> EngineLimits | None:
+        served = self.served.get(model)
+        return served.limits if served else None
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -156,6 +166,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         infos = []
         for spec in self.registry.models.values():
             served = self.served.get(spec.name)
+            limits = ServedLimits.of(spec, served.limits if served else None)
             infos.append(
                 pb.ModelInfo(
                     name=spec.name,
@@ -166,13 +177,18 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     default_num_inference_steps=spec.default_num_inference_steps,
                     default_guidance_scale=spec.default_guidance_scale,
                     default_scheduler=spec.default_scheduler,
-                    min_size=spec.min_size,
-                    max_size=spec.max_size,
+                    min_size=max(limits.min_width, limits.min_height),
+                    max_size=min(limits.max_width, limits.max_height),
+                    size_multiple=limits.size_multiple,
                     max_num_inference_steps=spec.max_num_inference_steps,
-                    max_num_outputs=spec.max_num_outputs,
+                    max_num_outputs=limits.outputs_for(spec.default_guidance_scale),
                     max_guidance_scale=spec.max_guidance_scale,
                     max_prompt_tokens=self._max_tokens(spec.name) if served else 0,
                     schedulers=scheduler_names(),
+                    device=served.placement if served else "",
+                    backend_reason=served.reason if served else "",
+                    max_batch_rows=served.max_batch_rows if served else 0,
+                    description=spec.description,
                 )
             )
         return pb.ListModelsResponse(models=infos, default_model=self.registry.default_model)
@@ -193,7 +209,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             )
         assert core is not None
         try:
-            params = validate_request(request, self.registry, self._count_tokens, self._max_tokens)
+            params = validate_request(
+                request,
+                self.registry,
+                self._count_tokens,
+                self._max_tokens,
+                self._engine_limits,
+            )
         except RequestInvalid as error:
             logger.info("rejected invalid request: %s", error, extra=log)
             await abort_with(context, bad_request_status(error))

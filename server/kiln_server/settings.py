@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kiln_server.config_file import SettingsError, convert_setting, read_config_file
+from kiln_server.config_file import SettingsError, convert_setting, read_config_file, to_bool
 from kiln_server.models.registry import default_cache_dir
 
 __all__ = ["ServerSettings", "SettingsError", "load_settings", "read_config_file"]
@@ -27,6 +27,10 @@ class ServerSettings:
     config: Path | None = None
     backend: str | None = None  # None picks the fastest available
     engines: Path | None = None
+    device: str | None = None  # None: cuda when torch sees a GPU, else cpu
+    dtype: str | None = None  # None: fp16 on a GPU, fp32 on the CPU
+    compile: bool = False
+    cuda_graphs: bool = False
     cache_dir: Path = field(default_factory=default_cache_dir)
     max_queue: int = 64
     max_batch_rows: int = 8
@@ -46,6 +50,8 @@ _CONVERTERS: dict[str, Any] = {
     "max_message_mb": int,
     "aging_seconds": float,
     "drain_timeout": float,
+    "compile": to_bool,
+    "cuda_graphs": to_bool,
     "config": Path,
     "engines": Path,
     "cache_dir": Path,
@@ -89,6 +95,8 @@ def load_settings(
         raise SettingsError(
             f"unknown backend {settings.backend!r}: choose torch, onnxruntime or tensorrt"
         )
+    if settings.dtype not in (None, "fp16", "bf16", "fp32"):
+        raise SettingsError(f"unknown dtype {settings.dtype!r}: choose fp16, bf16 or fp32")
     if settings.max_queue < 1 or settings.max_batch_rows < 1:
         raise SettingsError("max_queue and max_batch_rows must be at least 1")
     if settings.intra_op_threads < 0:

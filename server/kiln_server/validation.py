@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_server.engines.limits import EngineLimits
 from kiln_server.models.registry import ModelRegistry, ModelSpec
 from kiln_server.pipeline.params import GenerationParams, PreviewParams
 from kiln_server.pipeline.schedulers import scheduler_names
@@ -71,15 +72,77 @@ class ModelNotFound(LookupError):
 TokenCounter = Callable[[str, str], int]
 
 
-def _check_size(name: str, value: int, spec: ModelSpec, errors: list[FieldViolation]) -> None:
-    if value % 8:
-        errors.append(FieldViolation(name, f"must be a multiple of 8, got {value}"))
-    elif not spec.min_size <= value <= spec.max_size:
+@dataclass(frozen=True)
+class ServedLimits:
+    """The sizes and outputs a served model admits: its own limits within its engines'.
+
+    A request outside these is refused before any work, so nothing reaches an engine that
+    cannot run it. `max_unet_rows` None means the engines take any batch.
+    """
+
+    size_multiple: int
+    min_width: int
+    max_width: int
+    min_height: int
+    max_height: int
+    max_num_outputs: int
+    max_unet_rows: int | None = None
+
+    @classmethod
+    def of(cls, spec: ModelSpec, engines: EngineLimits | None) -> ServedLimits:
+        """`spec`'s limits narrowed by the loaded engines' declaration (None: none loaded)."""
+        if engines is None:
+            return cls(
+                8, spec.min_size, spec.max_size, spec.min_size, spec.max_size, spec.max_num_outputs
+            )
+        multiple = math.lcm(8, engines.size_multiple)
+
+        def bounds(axis: str) -> tuple[int, int]:
+            low, high = engines.size_range(axis)
+            low = max(spec.min_size, low or 0)
+            high = min(spec.max_size, high if high is not None else spec.max_size)
+            # Round inward to the size step, so both ends are sizes the engines can run.
+            return -(-low // multiple) * multiple, high // multiple * multiple
+
+        min_width, max_width = bounds("width")
+        min_height, max_height = bounds("height")
+        return cls(
+            multiple,
+            min_width,
+            max_width,
+            min_height,
+            max_height,
+            spec.max_num_outputs,
+            engines.unet_rows,
+        )
+
+    def size_range(self, axis: str) -> tuple[int, int]:
+        """(min, max) pixels along 'width' or 'height'."""
+        if axis == "width":
+            return self.min_width, self.max_width
+        return self.min_height, self.max_height
+
+    def outputs_for(self, guidance_scale: float) -> int:
+        """Most outputs one request may ask for at `guidance_scale`: the model's maximum,
+        and no more than one UNet call takes (two rows per image under guidance)."""
+        if self.max_unet_rows is None:
+            return self.max_num_outputs
+        per_image = 2 if guidance_scale > 1.0 else 1
+        return max(1, min(self.max_num_outputs, self.max_unet_rows // per_image))
+
+
+def _check_size(name: str, value: int, limits: ServedLimits, errors: list[FieldViolation]) -> None:
+    low, high = limits.size_range(name)
+    if value % limits.size_multiple:
         errors.append(
             FieldViolation(
-                name, f"must be between {spec.min_size} and {spec.max_size}, got {value}"
+                name,
+                f"must be a multiple of {limits.size_multiple} for this model's engines, "
+                f"got {value}",
             )
         )
+    elif not low <= value <= high:
+        errors.append(FieldViolation(name, f"must be between {low} and {high}, got {value}"))
 
 
 def _check_prompt(
@@ -100,8 +163,13 @@ def validate_request(
     registry: ModelRegistry,
     count_tokens: TokenCounter,
     max_tokens: Callable[[str], int],
+    engine_limits: Callable[[str], EngineLimits | None] = lambda _model: None,
 ) -> GenerationParams:
-    """Resolve defaults and check every field; raise RequestInvalid or ModelNotFound."""
+    """Resolve defaults and check every field; raise RequestInvalid or ModelNotFound.
+
+    Sizes and output counts are checked against the model's limits narrowed by
+    `engine_limits(model)`, what its loaded engines declare they can run.
+    """
     spec = registry.get(request.model)
     if spec is None:
         raise ModelNotFound(request.model, sorted(registry.models))
@@ -121,18 +189,11 @@ def validate_request(
         if problem:
             errors.append(problem)
 
+    limits = ServedLimits.of(spec, engine_limits(spec.name))
     width = request.width or spec.default_width
     height = request.height or spec.default_height
-    _check_size("width", width, spec, errors)
-    _check_size("height", height, spec, errors)
-
-    num_outputs = request.num_outputs or 1
-    if num_outputs > spec.max_num_outputs:
-        errors.append(
-            FieldViolation(
-                "num_outputs", f"must be between 1 and {spec.max_num_outputs}, got {num_outputs}"
-            )
-        )
+    _check_size("width", width, limits, errors)
+    _check_size("height", height, limits, errors)
 
     steps = request.num_inference_steps or spec.default_num_inference_steps
     if steps > spec.max_num_inference_steps:
@@ -153,6 +214,23 @@ def validate_request(
             FieldViolation(
                 "guidance_scale",
                 f"must be between 0 and {spec.max_guidance_scale}, got {guidance}",
+            )
+        )
+
+    num_outputs = request.num_outputs or 1
+    if num_outputs > spec.max_num_outputs:
+        errors.append(
+            FieldViolation(
+                "num_outputs", f"must be between 1 and {spec.max_num_outputs}, got {num_outputs}"
+            )
+        )
+    elif math.isfinite(guidance) and num_outputs > limits.outputs_for(guidance):
+        errors.append(
+            FieldViolation(
+                "num_outputs",
+                f"must be at most {limits.outputs_for(guidance)} at guidance_scale {guidance:g}: "
+                f"this model's engines run at most {limits.max_unet_rows} UNet rows per call, "
+                f"two per image under guidance; got {num_outputs}",
             )
         )
 

@@ -121,7 +121,7 @@ class KilnSampler:
         with torch.no_grad():
             while not all(state.finished for state in states):
                 self.pipeline.denoise_step([s for s in states if not s.finished])
-            return [self.pipeline.decode(state)[0] for state in states]
+            return [self.pipeline.decode(state)[0].cpu().numpy() for state in states]
 
 
 class DiffusersSampler:

@@ -462,14 +462,20 @@ def format_models(response: pb.ListModelsResponse) -> str:
     lines: list[str] = []
     for model in response.models:
         marker = " (default)" if model.name == response.default_model else ""
-        lines.append(f"{model.name}{marker}  [{model.family}, {model.backend}]")
+        where = f", {model.device}" if model.device else ""
+        lines.append(f"{model.name}{marker}  [{model.family}, {model.backend}{where}]")
+        if model.description:
+            lines.append(f"  about:    {model.description}")
+        if model.backend_reason:
+            lines.append(f"  backend:  {model.backend_reason}")
         lines.append(
             f"  defaults: {model.default_width}x{model.default_height}, "
             f"{model.default_num_inference_steps} steps, "
             f"guidance {model.default_guidance_scale:g}, scheduler {model.default_scheduler}"
         )
         lines.append(
-            f"  limits:   size {model.min_size}-{model.max_size} px, "
+            f"  limits:   size {model.min_size}-{model.max_size} px"
+            f"{f' in steps of {model.size_multiple}' if model.size_multiple else ''}, "
             f"steps <= {model.max_num_inference_steps}, outputs <= {model.max_num_outputs}, "
             f"guidance <= {model.max_guidance_scale:g}, prompt <= {model.max_prompt_tokens} tokens"
         )

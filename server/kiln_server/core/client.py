@@ -1,9 +1,12 @@
 """The API process's handle on the engine core process.
 
 EngineCoreClient starts the core, waits for it to report its models ready, and routes
-each job's events (read by a reader thread) to the callback given at submit. If the core
-dies, or its messages stop making sense, every job still in flight ends with UNAVAILABLE
-and the owner is told, so no request is ever left waiting.
+each job's events (read by a reader thread) to the callback given at submit. A job's final
+images arrive in shared memory: the reader copies them out and unlinks the block before
+the callback sees them, and unlinks the blocks of jobs nobody listens to any more, so no
+block outlives its message. If the core dies, or its messages stop making sense, every job
+still in flight ends with UNAVAILABLE, the blocks the core left are removed, and the owner
+is told, so no request is ever left waiting.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+from kiln_server.core import shared_arrays
 from kiln_server.core.messages import (
     CancelJob,
     Command,
     CoreFailed,
     CoreReady,
+    JobImages,
     JobUpdate,
     Report,
     ServedModel,
@@ -33,7 +38,7 @@ from kiln_server.core.messages import (
     StopCore,
     SubmitJob,
 )
-from kiln_server.events import Failed, Finished, JobEvent, Refused
+from kiln_server.events import Decoded, Failed, Finished, JobEvent, Refused
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.settings import ServerSettings
@@ -91,6 +96,10 @@ class EngineCoreClient:
         thread that started it (PR_SET_PDEATHSIG), and the main thread lives as long as
         the server.
         """
+        swept = shared_arrays.sweep_stale()
+        if swept:
+            logger.warning("removed %d shared-memory blocks left by a killed server", swept)
+        shared_arrays.start_tracker()
         ours, theirs = socket.socketpair()
         try:
             with theirs:
@@ -205,6 +214,8 @@ class EngineCoreClient:
     def _handle(self, report: Report) -> None:
         if isinstance(report, JobUpdate):
             self._deliver(report)
+        elif isinstance(report, JobImages):
+            self._deliver_images(report)
         elif isinstance(report, CoreReady):
             self._loaded.set()
             self._ready.set_result(report.models)
@@ -220,6 +231,21 @@ class EngineCoreClient:
         if callback is not None:  # None: the API side cancelled and stopped listening
             self._call(callback, update.event)
 
+    def _deliver_images(self, report: JobImages) -> None:
+        with self._lock:
+            callback = self._jobs.get(report.job_id)
+        if callback is None:  # cancelled, or its client went away: only the block is left
+            shared_arrays.discard(report.pixels)
+            return
+        try:
+            pixels = shared_arrays.receive_array(report.pixels)
+        except FileNotFoundError:  # only a core that died can lose a block it sent
+            with self._lock:
+                self._jobs.pop(report.job_id, None)
+            self._call(callback, Failed("UNAVAILABLE", "the engine core lost the images"))
+            return
+        self._call(callback, Decoded(pixels))
+
     @staticmethod
     def _call(callback: EventCallback, event: JobEvent) -> None:
         try:
@@ -234,6 +260,9 @@ class EngineCoreClient:
             code: int | None = self._process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
+        else:
+            # Blocks it created but never announced (it died between the two).
+            shared_arrays.sweep(self._process.pid)
         unexpected = not self._stopping and self._loaded.is_set()
         if self._stopping:
             message = "the server stopped before this request finished"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiln_server.core.shared_arrays import SharedArray
+from kiln_server.engines.limits import EngineLimits
 from kiln_server.events import JobEvent
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
@@ -48,11 +50,18 @@ Command = StartCore | SubmitJob | CancelJob | StopCore
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A model the core has loaded and warmed up."""
+    """A model the core has loaded and warmed up, and what its engines can run.
+
+    `placement` is its device and precision ("cuda:0 fp16"), `reason` why its backend was
+    chosen; validation and ListModels read `limits`.
+    """
 
     name: str
     backend: str
     max_batch_rows: int
+    limits: EngineLimits
+    placement: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,4 +86,13 @@ class JobUpdate:
     event: JobEvent
 
 
-Report = CoreReady | CoreFailed | JobUpdate
+@dataclass(frozen=True)
+class JobImages:
+    """A job's Decoded event, its pixels in a shared-memory block the API process now owns:
+    it reads (or discards) and unlinks the block."""
+
+    job_id: int
+    pixels: SharedArray
+
+
+Report = CoreReady | CoreFailed | JobUpdate | JobImages

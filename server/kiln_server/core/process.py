@@ -3,8 +3,10 @@
 EngineCoreClient starts it as `python -m kiln_server.core.process FD PARENT_PID`, FD being
 its end of a socket pair. The first message on it is StartCore. Then the main thread reads
 commands (and answers a refused submit itself, as the batcher reports `queued` from it),
-while the batcher's engine thread runs the denoising loop and sends every other event of
-each job back.
+while the batcher's engine thread runs the denoising loop and its output thread moves
+previews and images to the host; each sends the events it emits. A job's final images
+cross to the API process in shared memory (kiln_server.core.shared_arrays): only the
+block's name goes through the socket.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from kiln_server.batcher import Batcher, BatcherSettings, Draining, Job, QueueFull
+from kiln_server.core import shared_arrays
 from kiln_server.core.messages import (
     CancelJob,
     CoreFailed,
     CoreReady,
+    JobImages,
     JobUpdate,
     Report,
     ServedModel,
@@ -30,34 +34,23 @@ from kiln_server.core.messages import (
     StopCore,
     SubmitJob,
 )
-from kiln_server.events import Failed, Finished, JobEvent, Refused
+from kiln_server.events import Decoded, Failed, Finished, JobEvent, Refused
 from kiln_server.logs import configure_logging
-from kiln_server.runtime import LoadedModel, load_registry_models
+from kiln_server.runtime import batch_row_limit, load_registry_models
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
 
-def batch_row_limit(model: LoadedModel, server_default: int) -> int:
-    """UNet rows per step: the model's setting (else the server's), capped by the engine.
-
-    A TensorRT engine's profiles bound the batch one call accepts; torch and onnxruntime
-    engines accept any batch.
-    """
-    limit = model.spec.max_batch_rows or server_default
-    engine_max = model.pipeline.engines.unet.max_batch
-    return limit if engine_max is None else min(limit, engine_max)
-
-
 class ReportSender:
     """Writes reports to the socket; safe to call from any thread.
 
-    The engine thread sends its own events rather than handing them to a sender thread:
-    each hand-off would cost the engine thread an interpreter-lock switch, about 2% of a
-    small model's step time, while a send is one short write (the API process's reader
-    thread drains the socket continuously, so even a batch of large images only waits for
-    the copy).
+    The engine thread sends its own small events rather than handing them to a sender
+    thread: each hand-off would cost the engine thread an interpreter-lock switch, about 2%
+    of a small model's step time, while a send is one short write. What is large or slow
+    (previews to encode, final images) the batcher's output thread sends, and images
+    travel in shared memory, so no report is large.
     """
 
     def __init__(self, connection: Connection) -> None:
@@ -65,15 +58,18 @@ class ReportSender:
         self._lock = threading.Lock()
         self._closed = False
 
-    def put(self, report: Report) -> None:
-        """Send one report; dropped quietly once the API process is gone."""
+    def put(self, report: Report) -> bool:
+        """Send one report: True once written; False (dropped quietly) when the API
+        process is gone."""
         with self._lock:
             if self._closed:
-                return
+                return False
             try:
                 self._connection.send(report)
             except OSError:
                 self._closed = True  # nobody is left to tell
+                return False
+            return True
 
     def close(self) -> None:
         """Send nothing more."""
@@ -82,7 +78,8 @@ class ReportSender:
 
 
 class EngineCore:
-    """The batcher behind the socket: jobs by id, their events back as JobUpdates."""
+    """The batcher behind the socket: jobs by id, their events back as JobUpdates, their
+    images as JobImages in shared memory."""
 
     def __init__(self, batcher: Batcher, sender: ReportSender) -> None:
         self.batcher = batcher
@@ -95,6 +92,18 @@ class EngineCore:
             if isinstance(event, Finished | Failed):
                 with self._lock:
                     self._jobs.pop(job_id, None)
+            if isinstance(event, Decoded):
+                try:
+                    shared_arrays.send_array(
+                        event.pixels, lambda block: self.sender.put(JobImages(job_id, block))
+                    )
+                    return
+                except OSError as error:
+                    logger.warning(
+                        "no room in shared memory (%s); images go through the socket", error
+                    )
+                except Exception:  # the socket still works, and images must not be lost
+                    logger.exception("shared memory failed; images go through the socket")
             self.sender.put(JobUpdate(job_id, event))
 
         return emit
@@ -172,13 +181,7 @@ def run_engine_core(connection: Connection) -> None:
     configure_logging(settings.log_format, settings.log_level)
     sender = ReportSender(connection)
     try:
-        models = load_registry_models(
-            registry,
-            settings.backend,
-            settings.engines,
-            settings.config,
-            settings.intra_op_threads,
-        )
+        models = load_registry_models(registry, settings)
     except Exception as error:  # every start-up failure is reported, then the core exits
         logger.debug("start-up failed", exc_info=error)
         sender.put(CoreFailed(str(error) or type(error).__name__))
@@ -194,10 +197,19 @@ def run_engine_core(connection: Connection) -> None:
             aging_seconds=settings.aging_seconds,
         ),
     )
+    shared_arrays.start_tracker()
     batcher.start()
     core = EngineCore(batcher, sender)
     served = tuple(
-        ServedModel(name, model.pipeline.backend, limits[name]) for name, model in models.items()
+        ServedModel(
+            name,
+            model.pipeline.backend,
+            limits[name],
+            model.pipeline.limits,
+            model.pipeline.engines.placement,
+            model.pipeline.engines.reason,
+        )
+        for name, model in models.items()
     )
     sender.put(CoreReady(served))
     core.serve(connection)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -20,9 +20,10 @@ class EngineError(RuntimeError):
 class Engine(Protocol):
     """Runs one model component on named CPU/GPU tensors.
 
-    `infer` takes exactly the component's declared inputs (by name, declared dtypes) and
-    returns every declared output by name. Engines may reuse output buffers between calls,
-    so callers copy what they keep past the next call.
+    `infer` takes exactly the component's declared inputs (by name) and returns every
+    declared output by name, on the engine's device, as tensors the caller owns: no later
+    call writes into them (schedulers keep past predictions, so a reused buffer would
+    silently corrupt images).
     """
 
     spec: ComponentSpec
@@ -36,7 +37,12 @@ class Engine(Protocol):
 
 @dataclass
 class EngineSet:
-    """The engines of one model on one backend: what the pipeline drives."""
+    """The engines of one model on one backend: what the pipeline drives.
+
+    Every engine takes inputs on `device` and returns outputs there. `placement` describes
+    device and precision for logs and ListModels; `reason` says why this backend was
+    chosen.
+    """
 
     backend: str
     text_encoder: Engine
@@ -44,3 +50,6 @@ class EngineSet:
     unet: Engine
     vae_decoder: Engine
     vae_encoder: Engine | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    placement: str = "cpu fp32"
+    reason: str = ""

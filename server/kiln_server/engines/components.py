@@ -42,11 +42,23 @@ class ModelDims:
     max_tokens: int = 77
     num_time_ids: int = 6
     image_channels: int = 3
+    # Halvings of the latent inside the UNet (down blocks but the last): SDXL's 3 blocks give 2.
+    unet_downsamples: int = 2
 
     @property
     def context_dim(self) -> int:
         """Width of the UNet's cross-attention context: both encoders' hidden states."""
         return self.text_hidden_size + self.text_hidden_size_2
+
+    @property
+    def graph_size_multiple(self) -> int:
+        """Pixels an exported UNet graph's sizes must divide by.
+
+        Eager diffusers resizes its upsampled features to match odd skip connections, but
+        an exported graph fixes those shapes, so every downsampling must divide the latent
+        exactly: SDXL's 2 halvings times its VAE factor 8 make 32.
+        """
+        return self.vae_scale_factor * 2**self.unet_downsamples
 
 
 @dataclass(frozen=True)

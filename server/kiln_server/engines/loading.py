@@ -1,6 +1,6 @@
 """Choosing a backend and loading a model's engines on it, once, at start-up.
 
-`resolve_backend` picks the fastest backend the machine and the engines directory allow.
+`choose_backend` picks the fastest backend the device and the engines directory allow.
 `load_engine_set` checks the engines directory's manifest against the served model and
 this machine before it loads anything, then loads every engine once (the server's warm-up
 generation then pays the first-call costs before it reports SERVING).
@@ -9,11 +9,15 @@ generation then pays the first-call costs before it reports SERVING).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from kiln_server.engines.base import BACKENDS, Engine, EngineError, EngineSet
 from kiln_server.engines.components import ShapeRequest, sdxl_component_specs
+from kiln_server.engines.device import Placement
 from kiln_server.engines.manifest import (
     MANIFEST_NAME,
     CheckContext,
@@ -39,30 +43,61 @@ def _manifest_if_present(engines_dir: Path | None) -> Manifest | None:
     return read_manifest(engines_dir)
 
 
-def resolve_backend(requested: str | None, engines_dir: Path | None) -> str:
-    """The backend to serve with.
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend to serve with and why: the start-up log and ListModels show both."""
+
+    backend: str
+    reason: str
+
+
+def choose_backend(
+    requested: str | None, engines_dir: Path | None, device: torch.device | None = None
+) -> BackendChoice:
+    """The backend to serve with on `device` (default: the CPU), and why that one.
 
     An explicit `requested` backend is returned as is (EngineError when it is not one of
     BACKENDS; whether it can load is `load_engine_set`'s concern). Otherwise the fastest
     available: `tensorrt` when TensorRT and CUDA work here and the manifest in
-    `engines_dir` has engines built for this machine, else `onnxruntime` when it has ONNX
-    graphs, else `torch`. A corrupt manifest raises EngineError rather than being ignored.
+    `engines_dir` has engines built for this GPU; else, on a GPU, `torch` on CUDA; else
+    `onnxruntime` when the manifest has ONNX graphs; else `torch`. A corrupt manifest
+    raises EngineError rather than being ignored.
     """
     if requested is not None:
         if requested not in BACKENDS:
             raise EngineError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-        return requested
+        return BackendChoice(requested, "requested with --backend")
+    on_gpu = device is not None and device.type == "cuda"
     manifest = _manifest_if_present(engines_dir)
-    if manifest is None:
-        return "torch"
-    if manifest.tensorrt:
-        from kiln_server.engines.machine import probe_machine, tensorrt_missing
+    why_not_tensorrt = "no engines directory (--engines)"
+    if manifest is not None and engines_dir is not None:
+        why_not_tensorrt = f"{engines_dir} has no TensorRT engines"
+        if manifest.tensorrt:
+            from kiln_server.engines.machine import probe_machine, tensorrt_missing
 
-        if not tensorrt_missing() and manifest.tensorrt_build_for(probe_machine()) is not None:
-            return "tensorrt"
-    if manifest.onnx:
-        return "onnxruntime"
-    return "torch"
+            missing = tensorrt_missing()
+            if missing:
+                why_not_tensorrt = f"TensorRT cannot run here (missing {' and '.join(missing)})"
+            elif manifest.tensorrt_build_for(probe_machine()) is None:
+                why_not_tensorrt = (
+                    f"the TensorRT engines in {engines_dir} were built for another GPU"
+                )
+            else:
+                return BackendChoice(
+                    "tensorrt", f"TensorRT engines built for this GPU in {engines_dir}"
+                )
+    if on_gpu:
+        return BackendChoice("torch", f"torch on CUDA: {why_not_tensorrt}")
+    if manifest is not None and manifest.onnx:
+        return BackendChoice("onnxruntime", f"ONNX graphs in {engines_dir}, on the CPU")
+    return BackendChoice("torch", f"torch on the CPU: {why_not_tensorrt}")
+
+
+def resolve_backend(
+    requested: str | None, engines_dir: Path | None, device: torch.device | None = None
+) -> str:
+    """The name of `choose_backend`'s choice."""
+    return choose_backend(requested, engines_dir, device).backend
 
 
 def load_engine_set(
@@ -74,6 +109,7 @@ def load_engine_set(
     config: Path | None = None,
     verify_hashes: bool = True,
     threads: int | None = None,
+    placement: Placement | None = None,
 ) -> EngineSet:
     """Load every engine of the model in `files` on `backend`, once.
 
@@ -85,16 +121,28 @@ def load_engine_set(
     any engine is loaded. For tensorrt, missing TensorRT or CUDA is reported first.
     `model_name` is the model's name in that command (default: the engines directory's
     name, as engines of model NAME live in <engines root>/NAME/); `config` is the server's
-    config file that defines NAME, added to the command as `--config`.
+    config file that defines NAME, added to the command as `--config`. `placement` is the
+    device and precision (default: the CPU in fp32); onnxruntime runs on the GPU when
+    onnxruntime-gpu is installed and falls back to the CPU (saying so) otherwise; TensorRT
+    engines carry their own precision.
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     specs = sdxl_component_specs(files.dims)
+    placement = placement or Placement(torch.device("cpu"), torch.float32)
     if backend == "torch":
-        from kiln_server.engines.torch_engine import load_torch_engines
+        from kiln_server.engines.torch_engine import load_torch_engines, vae_dtype
         from kiln_server.models.loader import load_modules
 
-        return load_torch_engines(load_modules(files.path), files.dims)
+        modules = load_modules(
+            files.path, placement.dtype, vae_dtype(placement.dtype, files.vae_force_upcast)
+        )
+        return load_torch_engines(modules, files.dims, placement, vae_upcast=files.vae_force_upcast)
+    if placement.compile or placement.cuda_graphs:
+        raise EngineError(
+            f"--compile and --cuda-graphs apply to the torch backend, not {backend} "
+            "(TensorRT engines replay CUDA graphs by themselves)"
+        )
     fmt = "onnx" if backend == "onnxruntime" else "tensorrt"
     if engines_dir is None:
         raise EngineError(
@@ -121,14 +169,28 @@ def load_engine_set(
         model_name=model_name,
     )
     engines: dict[str, Engine] = {}
+    device = placement.device
+    description = "tensorrt engines' own precision"
     if backend == "onnxruntime":
-        from kiln_server.engines.onnxruntime_engine import OnnxRuntimeEngine
+        from kiln_server.engines.onnxruntime_engine import OnnxRuntimeEngine, default_providers
 
         paths = check_onnx_engines(
             manifest, specs, ctx, required=REQUIRED_COMPONENTS, verify_hash=verify_hashes
         )
+        providers = default_providers(device)
+        device = (
+            torch.device("cuda", device.index or 0) if len(providers) > 1 else torch.device("cpu")
+        )
+        if placement.device.type == "cuda" and device.type == "cpu":
+            log.warning(
+                "onnxruntime has no CUDA provider here (install the `gpu` extra, "
+                "onnxruntime-gpu): its graphs run on the CPU"
+            )
         for name, path in paths.items():
-            engines[name] = OnnxRuntimeEngine(specs[name], path, threads=threads)
+            engines[name] = OnnxRuntimeEngine(
+                specs[name], path, providers=providers, threads=threads
+            )
+        description = f"{device} fp32"
     else:
         from kiln_server.engines.tensorrt_engine import TensorRTRuntime
 
@@ -136,12 +198,21 @@ def load_engine_set(
         found = check_tensorrt_engines(
             manifest, specs, ctx, machine, required=REQUIRED_COMPONENTS, verify_hash=verify_hashes
         )
-        runtime = TensorRTRuntime()
+        if placement.device.type != "cuda":
+            raise EngineError(
+                f"TensorRT engines run on a GPU, not on {placement.device}: serve with "
+                "--device cuda[:N] or another --backend"
+            )
+        runtime = TensorRTRuntime(placement.device.index or 0)
         for name, (path, _) in found.items():
             engines[name] = runtime.load(specs[name], path)
         size = runtime.share_device_memory()
         log.info("TensorRT engines share %.1f MiB of device scratch memory", size / 2**20)
+        device = runtime.device
+        description = f"{device}, precision per engine (manifest)"
     return EngineSet(
+        device=device,
+        placement=description,
         backend=backend,
         text_encoder=engines["text_encoder"],
         text_encoder_2=engines["text_encoder_2"],

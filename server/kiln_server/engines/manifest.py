@@ -8,7 +8,9 @@ the `kiln build-engines` command that fixes it.
 
 Layout: one `onnx` section (the graphs are portable) and a list of `tensorrt` builds, one per
 machine (GPU, compute capability, TensorRT and CUDA versions): engine file names carry the
-machine, so builds for two GPUs live side by side in one directory.
+machine, so builds for two GPUs live side by side in one directory. Each TensorRT engine
+also records whether it is refittable and how it compared with onnxruntime after the build
+(`numerics`, see engine_numerics.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, TypeVar
 
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import ComponentSpec, ShapeRange, ShapeRequest
+from kiln_server.engines.engine_numerics import NumericsRecord, numerics_from_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -103,6 +106,8 @@ class TensorRTComponent:
     inputs: tuple[TensorEntry, ...]
     outputs: tuple[TensorEntry, ...]
     profiles: tuple[ShapeRange, ...]
+    # The engine compared with onnxruntime after the build; None when the check was skipped.
+    numerics: NumericsRecord | None = None
 
 
 @dataclass
@@ -155,6 +160,7 @@ def _component_to_json(component: OnnxComponent | TensorRTComponent) -> dict[str
     data = asdict(component)
     if isinstance(component, TensorRTComponent):
         data["profiles"] = [_range_to_json(r) for r in component.profiles]
+        data["numerics"] = component.numerics.to_json() if component.numerics else None
     return data
 
 
@@ -254,6 +260,15 @@ def _optional_str(r: _Reader, data: dict[str, Any], key: str, where: str) -> str
     return value
 
 
+def _numerics(r: _Reader, data: Any, where: str) -> NumericsRecord | None:
+    if data is None:
+        return None
+    try:
+        return numerics_from_json(data)
+    except ValueError as exc:
+        raise r.fail(f"{where}.numerics", str(exc)) from None
+
+
 def manifest_from_json(data: Any, source: Path, fix: str | None = None) -> Manifest:
     """Parse a manifest dict; EngineError naming the field when anything is malformed."""
     r = _Reader(source, fix or build_command("onnx", source.parent))
@@ -323,6 +338,7 @@ def manifest_from_json(data: Any, source: Path, fix: str | None = None) -> Manif
                 profiles=tuple(
                     r.shape_range(p, f"{cwhere}.profiles[{i}]") for i, p in enumerate(profiles)
                 ),
+                numerics=_numerics(r, item.get("numerics"), cwhere),
             )
         cache = build_data.get("timing_cache")
         builds.append(

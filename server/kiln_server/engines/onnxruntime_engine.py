@@ -2,22 +2,22 @@
 
 Each engine holds one InferenceSession for the life of the process. Calls go through
 IOBinding: inputs are bound by address straight from the caller's tensors (no copy), and
-outputs are written into torch tensors preallocated once per call shape and reused, so a
-steady stream of same-sized requests allocates nothing.
+outputs are written into fresh torch tensors on the engine's device that the caller owns
+(torch's allocators make that cheap; reused buffers would be overwritten under a
+scheduler that keeps past predictions).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kiln_server.engines.base import EngineError
-from kiln_server.engines.buffers import BufferCache, plan_buffers, request_from_shapes
+from kiln_server.engines.buffers import plan_buffers, request_from_shapes
 from kiln_server.engines.components import ComponentSpec, ShapeRequest
 
 
@@ -54,29 +54,33 @@ def session_options(threads: int | None = None) -> Any:
     return options
 
 
-def default_providers() -> list[str]:
-    """CUDA when onnxruntime-gpu sees a device, else the CPU."""
+def cuda_provider_available() -> bool:
+    """Whether onnxruntime can run graphs on a GPU here (onnxruntime-gpu and a device)."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def default_providers(device: torch.device | None = None) -> list[Any]:
+    """The CUDA provider on `device` when it is a GPU that onnxruntime-gpu can use, else the CPU.
+
+    With no `device`, the first GPU when there is one.
+    """
+    wants_cuda = device is None or device.type == "cuda"
+    if wants_cuda and cuda_provider_available():
+        index = 0 if device is None or device.index is None else device.index
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-@dataclass
-class _Binding:
-    """One call shape's IOBinding with its preallocated output tensors bound into it."""
-
-    binding: Any
-    outputs: dict[str, torch.Tensor]
+def _provider_name(provider: Any) -> str:
+    return str(provider[0] if isinstance(provider, tuple) else provider)
 
 
 class OnnxRuntimeEngine:
-    """Runs one component's ONNX graph with onnxruntime, reusing per-shape output buffers.
+    """Runs one component's ONNX graph with onnxruntime on the CPU or one GPU.
 
-    One call at a time (the batcher's single worker): the returned outputs are this
-    engine's buffers and the next call of the same shape overwrites them.
+    One call at a time (the batcher's single worker); every call's outputs are new tensors.
     """
 
     def __init__(
@@ -84,7 +88,7 @@ class OnnxRuntimeEngine:
         spec: ComponentSpec,
         path: Path,
         *,
-        providers: list[str] | None = None,
+        providers: list[Any] | None = None,
         threads: int | None = None,
     ) -> None:
         """Create the session for the graph at `path` (EngineError when it cannot load).
@@ -117,74 +121,75 @@ class OnnxRuntimeEngine:
                 f"{graph_outputs}, the declaration needs {[t.name for t in spec.inputs]} and "
                 f"{[t.name for t in spec.outputs]}; rebuild it with `kiln build-engines`"
             )
-        self.device = torch.device("cuda") if self.providers[0].startswith("CUDA") else None
-        self._bindings: BufferCache[_Binding] = BufferCache(capacity=4)
+        first = self.providers[0]
+        if _provider_name(first) == "CUDAExecutionProvider":
+            options = first[1] if isinstance(first, tuple) else {}
+            self.device = torch.device("cuda", int(options.get("device_id", 0)))
+        else:
+            self.device = torch.device("cpu")
+        self._binding = self.session.io_binding()
 
     @property
-    def _device_type(self) -> str:
-        return "cuda" if self.device is not None else "cpu"
+    def _device_id(self) -> int:
+        return self.device.index or 0
 
-    def _allocate(self, request: ShapeRequest) -> _Binding:
-        plan = plan_buffers(self.spec, request)
-        binding = self.session.io_binding()
+    def _bind_outputs(self, request: ShapeRequest) -> dict[str, torch.Tensor]:
         outputs: dict[str, torch.Tensor] = {}
-        for buffer in plan.outputs:
+        for buffer in plan_buffers(self.spec, request).outputs:
             tensor = torch.empty(
-                buffer.shape, dtype=getattr(torch, buffer.dtype), device=self.device or "cpu"
+                buffer.shape, dtype=getattr(torch, buffer.dtype), device=self.device
             )
-            binding.bind_output(
+            self._binding.bind_output(
                 buffer.name,
-                self._device_type,
-                0,
+                self.device.type,
+                self._device_id,
                 _numpy_dtype(buffer.dtype),
                 list(buffer.shape),
                 tensor.data_ptr(),
             )
             outputs[buffer.name] = tensor
-        return _Binding(binding=binding, outputs=outputs)
+        return outputs
 
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the graph once; returns the declared outputs in buffers reused by later calls.
+        """Run the graph once; returns the declared outputs as new tensors on its device.
 
-        With the CUDA provider, outputs stay on the GPU when any input is there and are
-        copied to the host otherwise.
-
-        Inputs are converted to the declared dtype and made contiguous when they are not.
-        Raises EngineError when the inputs' shapes do not fit the declaration or the run fails.
+        Inputs are moved to the engine's device, converted to the declared dtype and made
+        contiguous when they are not. Raises EngineError when the inputs' shapes do not fit
+        the declaration or the run fails.
         """
         try:
             self.spec.check_inputs(inputs)
         except ValueError as exc:
             raise EngineError(str(exc)) from exc
         request = request_from_shapes(self.spec, {k: tuple(v.shape) for k, v in inputs.items()})
-        entry = self._bindings.get(request, self._allocate)
-        device = self.device or torch.device("cpu")
+        outputs = self._bind_outputs(request)
         keep_alive = []
         for tensor_spec in self.spec.inputs:
             value = inputs[tensor_spec.name].to(
-                device=device, dtype=getattr(torch, tensor_spec.dtype)
+                device=self.device, dtype=getattr(torch, tensor_spec.dtype)
             )
             value = value.contiguous()
             keep_alive.append(value)
-            entry.binding.bind_input(
+            self._binding.bind_input(
                 tensor_spec.name,
-                self._device_type,
-                0,
+                self.device.type,
+                self._device_id,
                 _numpy_dtype(tensor_spec.dtype),
                 list(value.shape),
                 value.data_ptr(),
             )
         try:
-            if self.device is not None:
-                torch.cuda.current_stream().synchronize()
-            self.session.run_with_iobinding(entry.binding)
+            if self.device.type == "cuda":
+                # onnxruntime runs on its own stream: the inputs must be written first.
+                torch.cuda.current_stream(self.device).synchronize()
+            self.session.run_with_iobinding(self._binding)
         except Exception as exc:
             raise EngineError(f"onnxruntime failed running {self.spec.name}: {exc}") from exc
+        finally:
+            self._binding.clear_binding_inputs()
+            self._binding.clear_binding_outputs()
         del keep_alive
-        if self.device is not None and not any(v.is_cuda for v in inputs.values()):
-            # CUDA provider, CPU caller: hand back host copies like the CPU provider does.
-            return {name: tensor.cpu() for name, tensor in entry.outputs.items()}
-        return dict(entry.outputs)
+        return outputs
 
 
 def _numpy_dtype(name: str) -> Any:

@@ -8,11 +8,17 @@ is safe because calls are serialized on that stream. Each call:
 1. solves the call's sizes from the inputs and picks the engine profile that admits them
    (an exact static profile first);
 2. copies the inputs into input buffers preallocated for that shape (reused across calls)
-   and binds every tensor by address (`set_tensor_address`) when the shape changes;
-3. runs `execute_async_v3` on the stream, or, for a static profile, replays a CUDA graph
-   captured on the second call of that shape;
-4. returns the output buffers: on the GPU (the caller's stream waits for them) when the
-   caller passes GPU tensors, else copied to pinned host buffers after a synchronize.
+   and, when the shape differs from the last call's, binds the profile, the input shapes
+   and every tensor address (`set_tensor_address`);
+3. runs `execute_async_v3` on the stream; for a static profile, the second run after a
+   binding is captured into a CUDA graph that later calls replay. The first run after
+   every binding is always a plain one: TensorRT defers work after a shape change to
+   the next enqueue, and that work cannot be captured. A binding change drops the graph,
+   which only holds for the bindings it was captured with;
+4. returns fresh tensors the caller owns, never the reused output buffers (the pipeline
+   keeps outputs across calls, e.g. in scheduler history): clones made on the engine's
+   stream (the caller's stream waits for them) when the caller passes GPU tensors, else
+   host copies.
 
 TensorRT is imported only when an engine is created, so this module imports anywhere.
 """
@@ -20,7 +26,7 @@ TensorRT is imported only when an engine is created, so this module imports anyw
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +62,30 @@ class TensorRTRuntime:
         self.stream = torch.cuda.Stream(device=self.device)
         self.scratch: torch.Tensor | None = None
         self.engines: list[TensorRTEngine] = []
+
+    def current_stream(self) -> Any:
+        """The caller's current CUDA stream on this runtime's device."""
+        return torch.cuda.current_stream(self.device)
+
+    def on_stream(self) -> Any:
+        """A context manager making this runtime's stream the current one."""
+        return torch.cuda.stream(self.stream)
+
+    def capture(self, enqueue: Callable[[], None]) -> Any:
+        """Record what `enqueue` puts on this runtime's stream as a CUDA graph; return it.
+
+        Raises whatever the capture raises (the caller falls back to plain calls).
+        """
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            enqueue()
+        return graph
+
+    def close(self) -> None:
+        """Drop every engine and the scratch memory (after the stream's work finished)."""
+        self.stream.synchronize()
+        self.engines.clear()
+        self.scratch = None
 
     def deserialize(self, path: Path, component: str) -> Any:
         """Deserialize the engine file at `path`; EngineError when unreadable or rejected."""
@@ -105,10 +135,11 @@ class _ShapeBuffers:
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
     runs: int = 0
+    # Runs since the context was last bound to these buffers: a graph is captured only
+    # once a plain run has followed the binding.
+    runs_since_bind: int = 0
     graph: Any = None
     graph_failed: bool = False
-    # Pinned host copies of the outputs, for callers that pass CPU tensors.
-    host_outputs: dict[str, torch.Tensor] | None = None
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -128,8 +159,9 @@ def _profile_bounds(engine: Any, name: str, profile: int) -> tuple[Shape, Shape,
 class TensorRTEngine:
     """One component's TensorRT engine with its execution context and per-shape buffers.
 
-    One call at a time: engines of a runtime share a stream and scratch memory, and the
-    returned outputs are this engine's buffers, overwritten by its next call.
+    One call at a time: engines of a runtime share a stream and scratch memory. `profiles`
+    lists each optimization profile's (min, opt, max) shape per input, and `max_batch` the
+    most rows one call takes; both are read from the engine itself.
     """
 
     def __init__(
@@ -196,9 +228,9 @@ class TensorRTEngine:
             raise EngineError(
                 f"the TensorRT engine for {self.spec.name} has no profile for batch "
                 f"{request.batch} at {request.width}x{request.height} (profiles: "
-                f"{describe_profiles(self.profiles)}); rebuild it with wider ranges, e.g. "
-                "`kiln build-engines --format tensorrt --batch-sizes 1,4 --min-size 512 "
-                "--max-size 1536`"
+                f"{describe_profiles(self.profiles)}); rebuild it with wider ranges: "
+                "`kiln build-engines --format tensorrt` without --batch-sizes, --min-size, "
+                "--max-size or --vae-batch covers every request the model allows"
             )
         device = self.runtime.device
 
@@ -218,6 +250,8 @@ class TensorRTEngine:
         stream = self.runtime.stream.cuda_stream
         if self._bound is not None:
             self._bound.graph = None  # a graph is only valid for the bindings it captured
+        buffers.graph = None
+        buffers.runs_since_bind = 0
         if self.context.active_optimization_profile != buffers.profile and not (
             self.context.set_optimization_profile_async(buffers.profile, stream)
         ):
@@ -244,12 +278,8 @@ class TensorRTEngine:
 
     def _capture(self, buffers: _ShapeBuffers) -> None:
         """Record this shape's enqueue as a CUDA graph; fall back to plain calls on failure."""
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(
-                graph, stream=self.runtime.stream, capture_error_mode="thread_local"
-            ):
-                self._execute()
+            graph = self.runtime.capture(self._execute)
         except Exception as exc:  # capture is an optimization: never fail the call for it
             log.warning("CUDA graph capture failed for %s: %s", self.spec.name, exc)
             buffers.graph_failed = True
@@ -259,11 +289,12 @@ class TensorRTEngine:
         graph.replay()
 
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the engine once; returns the outputs in buffers reused by later calls.
+        """Run the engine once; returns every output as a fresh tensor the caller owns.
 
-        Outputs are on the GPU when any input is, else in pinned host memory (copied back
-        and synchronized), so a CPU pipeline drives the engine unchanged. Raises EngineError
-        when the inputs do not fit the declaration or any profile.
+        Outputs are on the engine's GPU when any input is on a GPU (the caller's current
+        stream waits for them), else on the host (copied back and synchronized), so a CPU
+        pipeline drives the engine unchanged. No later call writes into them. Raises
+        EngineError when the inputs do not fit the declaration or any profile.
         """
         if not self._has_memory:
             raise EngineError(
@@ -276,9 +307,11 @@ class TensorRTEngine:
             raise EngineError(str(exc)) from exc
         request = request_from_shapes(self.spec, {k: tuple(v.shape) for k, v in inputs.items()})
         buffers = self._buffers.get(request, self._allocate)
+        on_device = any(value.device.type != "cpu" for value in inputs.values())
         stream = self.runtime.stream
-        stream.wait_stream(torch.cuda.current_stream(self.runtime.device))
-        with torch.cuda.stream(stream):
+        caller = self.runtime.current_stream()
+        stream.wait_stream(caller)
+        with self.runtime.on_stream():
             for name, target in buffers.inputs.items():
                 value = inputs[name]
                 if value.is_cuda:
@@ -286,31 +319,36 @@ class TensorRTEngine:
                 target.copy_(value, non_blocking=True)
             if self._bound is not buffers:
                 self._bind(buffers)
-            buffers.runs += 1
-            if buffers.graph is not None:
-                buffers.graph.replay()
-            elif (
-                self.cuda_graphs
-                and buffers.static
-                and buffers.runs >= 2
-                and not buffers.graph_failed
-            ):
-                # The first run did TensorRT's deferred set-up; now the enqueue is capturable.
-                self._capture(buffers)
-            else:
-                self._execute()
-            if not any(value.is_cuda for value in inputs.values()):
-                if buffers.host_outputs is None:
-                    buffers.host_outputs = {
-                        name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                        for name, t in buffers.outputs.items()
-                    }
-                for name, host in buffers.host_outputs.items():
-                    host.copy_(buffers.outputs[name], non_blocking=True)
-                stream.synchronize()
-                return dict(buffers.host_outputs)
-        torch.cuda.current_stream(self.runtime.device).wait_stream(stream)
-        return dict(buffers.outputs)
+            self._run(buffers)
+            if not on_device:
+                # A blocking copy to fresh pageable memory: returns once the run finished.
+                return {name: t.to("cpu", copy=True) for name, t in buffers.outputs.items()}
+            outputs = {name: t.clone() for name, t in buffers.outputs.items()}
+        caller.wait_stream(stream)
+        for tensor in outputs.values():
+            if tensor.is_cuda:
+                # Made on the engine's stream, used on the caller's: keep the memory from
+                # being reused before the caller's work on it is done.
+                tensor.record_stream(caller)
+        return outputs
+
+    def _run(self, buffers: _ShapeBuffers) -> None:
+        """Enqueue one run of the bound `buffers`: replay, capture, or a plain call."""
+        buffers.runs += 1
+        buffers.runs_since_bind += 1
+        if buffers.graph is not None:
+            buffers.graph.replay()
+        elif (
+            self.cuda_graphs
+            and buffers.static
+            and buffers.runs_since_bind >= 2
+            and not buffers.graph_failed
+        ):
+            # A plain run since the binding did TensorRT's deferred set-up; now the
+            # enqueue is capturable.
+            self._capture(buffers)
+        else:
+            self._execute()
 
 
 def describe_profiles(profiles: Sequence[ProfileShapes]) -> str:

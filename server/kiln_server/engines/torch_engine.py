@@ -1,38 +1,178 @@
-"""The torch backend: diffusers modules in eager mode, Kiln's numerical reference."""
+"""The torch backend: diffusers modules on the CPU or a CUDA GPU, Kiln's numerical reference.
+
+On a GPU the UNet and text encoders run in fp16 (or bf16) with PyTorch's
+scaled-dot-product attention (diffusers' default attention processor). SDXL's VAE
+overflows in fp16, so it decodes in fp32 when its config asks for that (`force_upcast`, as
+diffusers does) unless the model ships an fp16-safe VAE. Optionally the UNet is compiled
+(torch.compile) and each UNet call shape is replayed from a captured CUDA graph; both are
+paid for during warm-up.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from kiln_server.engines.base import EngineSet
-from kiln_server.engines.components import ComponentSpec, sdxl_component_specs
+from kiln_server.engines.base import EngineError, EngineSet
+from kiln_server.engines.components import ComponentSpec, ModelDims, sdxl_component_specs
+from kiln_server.engines.device import Placement
 from kiln_server.engines.torch_modules import component_module
+
+log = logging.getLogger(__name__)
+
+Shapes = tuple[tuple[int, ...], ...]
+
+
+@dataclass
+class _CapturedCall:
+    """One call shape recorded as a CUDA graph: its static inputs and outputs."""
+
+    graph: Any
+    inputs: tuple[torch.Tensor, ...]
+    outputs: tuple[torch.Tensor, ...]
 
 
 class TorchEngine:
-    """Runs a component's wrapper module eagerly under torch.inference_mode."""
+    """Runs a component's wrapper module under torch.inference_mode on one device.
 
-    def __init__(self, spec: ComponentSpec, module: torch.nn.Module) -> None:
+    Inputs are moved to the engine's device and floating inputs cast to its compute dtype;
+    outputs come back as the declared dtype (float32), owned by the caller.
+    """
+
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        module: torch.nn.Module,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        cuda_graphs: bool = False,
+        graph_pool: Any = None,
+    ) -> None:
         self.spec = spec
         self.module = module
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
         self.max_batch: int | None = None  # eager torch takes any batch
+        if cuda_graphs and self.device.type != "cuda":
+            raise EngineError(f"CUDA graphs for {spec.name} need a CUDA device, not {self.device}")
+        self.cuda_graphs = cuda_graphs
+        self._graph_pool = graph_pool
+        self._graphs: dict[Shapes, _CapturedCall] = {}
+
+    def _prepare(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        values = []
+        for tensor_spec in self.spec.inputs:
+            value = inputs[tensor_spec.name]
+            dtype = self.dtype if value.is_floating_point() else value.dtype
+            values.append(value.to(device=self.device, dtype=dtype, non_blocking=True))
+        return tuple(values)
+
+    def _outputs(self, result: Any, *, copy: bool) -> dict[str, torch.Tensor]:
+        outputs = result if isinstance(result, tuple) else (result,)
+        owned = {}
+        for spec, out in zip(self.spec.outputs, outputs, strict=True):
+            target = getattr(torch, spec.dtype)
+            # `.to` returns the same tensor when nothing changes; a replayed graph's
+            # outputs are its static buffers, so those are copied.
+            converted = out.to(dtype=target)
+            owned[spec.name] = converted.clone() if copy and converted is out else converted
+        return owned
+
+    def _capture(self, args: tuple[torch.Tensor, ...]) -> _CapturedCall:
+        """Record one call shape: a plain run on a side stream first, as capture requires."""
+        static_inputs = tuple(a.clone() for a in args)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.module(*static_inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            result = self.module(*static_inputs)
+        outputs = result if isinstance(result, tuple) else (result,)
+        log.info(
+            "captured a CUDA graph",
+            extra={"component": self.spec.name, "shapes": [list(a.shape) for a in args]},
+        )
+        return _CapturedCall(graph, static_inputs, tuple(outputs))
 
     def infer(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run the module on the declared inputs, in declared order."""
         self.spec.check_inputs(inputs)
         with torch.inference_mode():
-            result = self.module(*(inputs[spec.name] for spec in self.spec.inputs))
-        outputs = result if isinstance(result, tuple) else (result,)
-        return {spec.name: out for spec, out in zip(self.spec.outputs, outputs, strict=True)}
+            args = self._prepare(inputs)
+            if not self.cuda_graphs:
+                return self._outputs(self.module(*args), copy=False)
+            key = tuple(tuple(a.shape) for a in args)
+            call = self._graphs.get(key)
+            if call is None:
+                call = self._graphs[key] = self._capture(args)
+            for static, value in zip(call.inputs, args, strict=True):
+                static.copy_(value, non_blocking=True)
+            call.graph.replay()
+            return self._outputs(call.outputs, copy=True)
 
 
-def load_torch_engines(modules: Any, dims: Any) -> EngineSet:
-    """Wrap loaded SDXLModules as an EngineSet on the torch backend."""
+def vae_dtype(dtype: torch.dtype, force_upcast: bool) -> torch.dtype:
+    """The VAE's precision: fp32 when SDXL's VAE would overflow in fp16 (as diffusers)."""
+    return torch.float32 if dtype == torch.float16 and force_upcast else dtype
+
+
+def load_torch_engines(
+    modules: Any, dims: ModelDims, placement: Placement | None = None, *, vae_upcast: bool = True
+) -> EngineSet:
+    """Wrap loaded SDXLModules as an EngineSet on the torch backend, moved to `placement`.
+
+    `vae_upcast` is the VAE config's `force_upcast`: with fp16 the VAE then stays fp32.
+    With `placement.compile` the UNet is wrapped in torch.compile (compiled on its first
+    calls, i.e. during warm-up); with `placement.cuda_graphs` each UNet call shape is
+    captured on its first call and replayed after.
+    """
+    placement = placement or Placement(torch.device("cpu"), torch.float32)
+    device, dtype = placement.device, placement.dtype
+    vae_precision = vae_dtype(dtype, vae_upcast)
+    for module, precision in (
+        (modules.unet, dtype),
+        (modules.text_encoder, dtype),
+        (modules.text_encoder_2, dtype),
+        (modules.vae, vae_precision),
+    ):
+        # Cast only when needed: load_modules already loads in the right precision, and
+        # diffusers warns on every `.to(dtype)`.
+        if module.dtype != precision:
+            module.to(dtype=precision)
+        module.to(device=device)
     specs = sdxl_component_specs(dims)
-    engines = {
-        name: TorchEngine(spec, component_module(spec, modules)) for name, spec in specs.items()
-    }
-    return EngineSet(backend="torch", **engines)
+    pool = torch.cuda.graph_pool_handle() if placement.cuda_graphs else None
+    engines: dict[str, TorchEngine] = {}
+    for name, spec in specs.items():
+        module = component_module(spec, modules)
+        is_unet = name == "unet"
+        if is_unet and placement.compile:
+            module = torch.compile(module)
+        engines[name] = TorchEngine(
+            spec,
+            module,
+            device=device,
+            dtype=vae_precision if name.startswith("vae") else dtype,
+            cuda_graphs=is_unet and placement.cuda_graphs,
+            graph_pool=pool,
+        )
+    description = placement.describe()
+    if vae_precision != dtype:
+        description += ", VAE fp32 (force_upcast)"
+    return EngineSet(
+        backend="torch",
+        text_encoder=engines["text_encoder"],
+        text_encoder_2=engines["text_encoder_2"],
+        unet=engines["unet"],
+        vae_decoder=engines["vae_decoder"],
+        vae_encoder=engines["vae_encoder"],
+        device=device,
+        placement=description,
+    )

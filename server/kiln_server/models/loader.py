@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class SDXLModelFiles:
     vae_scaling_factor: float
     kiln_config: dict[str, Any] = field(default_factory=dict)
     force_zeros_for_empty_prompt: bool = True
+    # The VAE overflows in fp16 and must decode in fp32 (SDXL base's VAE says so).
+    vae_force_upcast: bool = True
 
 
 def check_model_folder(path: Path) -> None:
@@ -113,6 +116,7 @@ def read_model_files(path: Path) -> SDXLModelFiles:
         max_tokens=int(tokenizer.model_max_length),
         num_time_ids=(projection_dim - int(text_config_2.get("projection_dim") or 0))
         // addition_dim,
+        unet_downsamples=len(unet_config["block_out_channels"]) - 1,
     )
     kiln_file = path / "kiln.json"
     return SDXLModelFiles(
@@ -124,22 +128,29 @@ def read_model_files(path: Path) -> SDXLModelFiles:
         vae_scaling_factor=float(vae_config.get("scaling_factor", 0.13025)),
         kiln_config=_read_json(kiln_file) if kiln_file.is_file() else {},
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        vae_force_upcast=bool(vae_config.get("force_upcast", True)),
     )
 
 
-def load_modules(path: Path) -> SDXLModules:
-    """Load the four networks' weights from the folder, in float32 eval mode."""
+def load_modules(
+    path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None
+) -> SDXLModules:
+    """Load the four networks' weights from the folder onto the CPU, in eval mode.
+
+    UNet and text encoders load in `dtype`, the VAE in `vae_dtype` (default `dtype`), so
+    an fp16 model is never materialized in fp32 on the way to the GPU.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     check_model_folder(path)
     quiet_library_progress()
     modules = SDXLModules(
-        unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch.float32),
-        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch.float32),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32),
+        unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype or dtype),
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype),
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-            path / "text_encoder_2", dtype=torch.float32
+            path / "text_encoder_2", dtype=dtype
         ),
     )
     for module in (modules.unet, modules.vae, modules.text_encoder, modules.text_encoder_2):
@@ -156,18 +167,107 @@ def quiet_library_progress() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def model_content_hash(path: Path) -> str:
-    """SHA-256 over every weight and config file of the folder (relative paths included).
+HASH_CACHE_FILE_NAME = "content-hashes.json"
+HASH_CACHE_VERSION = 1
+# A file modified this shortly before hashing began could change again within the
+# filesystem's timestamp granularity (up to 2 s on FAT) and keep its size and mtime; such
+# a hash is not remembered.
+RACY_WINDOW_NS = 2_000_000_000
 
-    Engine manifests record it, so engines built from other weights are refused.
-    """
-    digest = hashlib.sha256()
+
+def default_hash_cache_file() -> Path:
+    """Where model_content_hash remembers hashes: content-hashes.json in the Kiln cache dir."""
+    # Imported here: registry sits above the loader (it builds models), not beside it.
+    from kiln_server.models.registry import default_cache_dir
+
+    return default_cache_dir() / HASH_CACHE_FILE_NAME
+
+
+def _hashed_files(path: Path) -> list[tuple[str, Path]]:
+    """(relative path, file) of every file the content hash covers, in hashing order."""
+    files = []
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
-        if rel.startswith(".") or rel == "kiln.json":
-            continue
+        if not (rel.startswith(".") or rel == "kiln.json"):
+            files.append((rel, file))
+    return files
+
+
+def _read_hash_cache(cache_file: Path) -> dict[str, Any]:
+    """The cached folder entries, or {} when the file is missing, unreadable or corrupt."""
+    try:
+        data = json.loads(cache_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != HASH_CACHE_VERSION:
+        return {}
+    folders = data.get("folders")
+    return folders if isinstance(folders, dict) else {}
+
+
+def _store_hash(cache_file: Path, folder: str, entry: dict[str, Any]) -> None:
+    """Add one folder's entry to the cache file, atomically; failures only log a warning.
+
+    Re-reads the file just before writing, so entries other processes added meanwhile
+    survive, and drops entries of folders that no longer exist.
+    """
+    import logging
+    import tempfile
+
+    folders = {
+        key: value for key, value in _read_hash_cache(cache_file).items() if Path(key).is_dir()
+    }
+    folders[folder] = entry
+    text = json.dumps({"version": HASH_CACHE_VERSION, "folders": folders}, indent=1)
+    temp_name = ""
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}-")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(temp_name, cache_file)
+    except OSError as exc:
+        if temp_name:
+            Path(temp_name).unlink(missing_ok=True)
+        logging.getLogger(__name__).warning("cannot write the hash cache %s: %s", cache_file, exc)
+
+
+def model_content_hash(
+    path: Path, cache_file: Path | None = None, *, use_cache: bool = True
+) -> str:
+    """SHA-256 over every weight and config file of the folder (relative paths included).
+
+    Engine manifests record it, so engines built from other weights are refused. The value
+    depends only on the files' names and contents, never on the cache: it is remembered in
+    `cache_file` (default: default_hash_cache_file()) under the folder's resolved path
+    together with each file's relative path, size and mtime_ns, and reused while all of
+    those match, so an unchanged folder is not read again. Any added, removed or changed
+    file re-hashes the folder. A missing or corrupt cache is ignored and rewritten; one that
+    cannot be written only costs the next start a re-hash. `use_cache=False` always reads.
+    """
+    started_ns = time.time_ns()
+    files = _hashed_files(path)
+    stamps: list[list[str | int]] = []
+    newest_ns = 0
+    for rel, file in files:
+        stat = file.stat()
+        stamps.append([rel, stat.st_size, stat.st_mtime_ns])
+        newest_ns = max(newest_ns, stat.st_mtime_ns)
+    folder = str(path.resolve())
+    cache = (cache_file or default_hash_cache_file()) if use_cache else None
+    if cache is not None:
+        entry = _read_hash_cache(cache).get(folder)
+        if isinstance(entry, dict) and entry.get("files") == stamps:
+            cached = entry.get("sha256")
+            if isinstance(cached, str):
+                return cached
+    digest = hashlib.sha256()
+    for rel, file in files:
         digest.update(rel.encode())
         with file.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-    return digest.hexdigest()
+    content_hash = digest.hexdigest()
+    if cache is not None and newest_ns < started_ns - RACY_WINDOW_NS:
+        _store_hash(cache, folder, {"files": stamps, "sha256": content_hash})
+    return content_hash

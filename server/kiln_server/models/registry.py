@@ -12,12 +12,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from kiln_server.models.sdxl_base_arch import SDXL_BASE_ARCH_NAME, ensure_sdxl_base_arch
 from kiln_server.models.tiny_sdxl import TINY_SDXL_NAME, ensure_tiny_sdxl
 from kiln_server.pipeline.params import GenerationParams
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SHIPPED_MODEL_NAME = "kiln-shapes"
-BUILTIN_MODELS = (SHIPPED_MODEL_NAME, TINY_SDXL_NAME)
+BUILTIN_MODELS = (SHIPPED_MODEL_NAME, TINY_SDXL_NAME, SDXL_BASE_ARCH_NAME)
 
 
 class RegistryError(ValueError):
@@ -31,6 +32,8 @@ class ModelSpec:
     name: str
     path: Path
     family: str = "sdxl"
+    # What the model is, for ListModels (e.g. that a benchmark model draws noise).
+    description: str = ""
     default_width: int = 1024
     default_height: int = 1024
     default_num_inference_steps: int = 30
@@ -74,7 +77,11 @@ def shipped_model_dir() -> Path:
 
 
 def builtin_model_path(name: str, cache_dir: Path) -> Path:
-    """Folder of a built-in model, building the tiny random model on first use."""
+    """Folder of a built-in model, generating a random-weight one into the cache on first use.
+
+    `kiln-sdxl-base-arch` (SDXL base 1.0's full architecture, ~7 GB) takes minutes to
+    generate on a CPU; it is generated once and reused while current.
+    """
     if name == SHIPPED_MODEL_NAME:
         folder = shipped_model_dir()
         if not (folder / "model_index.json").is_file():
@@ -85,6 +92,8 @@ def builtin_model_path(name: str, cache_dir: Path) -> Path:
         return folder
     if name == TINY_SDXL_NAME:
         return ensure_tiny_sdxl(cache_dir / "models")
+    if name == SDXL_BASE_ARCH_NAME:
+        return ensure_sdxl_base_arch(cache_dir / "models")
     raise RegistryError(f"unknown built-in model {name!r}; built-ins are {list(BUILTIN_MODELS)}")
 
 

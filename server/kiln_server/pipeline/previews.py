@@ -52,19 +52,23 @@ class LatentPreviewer:
             return cls(factors, bias)
         return cls()
 
-    def to_rgb(self, latents: torch.Tensor) -> np.ndarray:
-        """uint8 HxWx3 image of every latent in the batch laid side by side."""
+    def to_rgb(self, latents: torch.Tensor) -> torch.Tensor:
+        """uint8 [h, B*w, 3] image of every latent in the batch laid side by side, computed
+        on the latents' device (only these few pixels then cross to the host)."""
+        factors = self.factors.to(latents.device)
+        bias = self.bias.to(latents.device)
         # [B, C, h, w] -> [h, B*w, C] @ [C, 3]
         tiled = torch.cat(list(latents.float()), dim=-1).permute(1, 2, 0)
-        rgb = tiled @ self.factors + self.bias
+        rgb = tiled @ factors + bias
         rgb = ((rgb + 1.0) / 2.0).clamp(0.0, 1.0)
-        return (rgb.numpy() * 255.0).round().astype(np.uint8)
+        return (rgb * 255.0).round().to(torch.uint8)
 
     def encode(
-        self, latents: torch.Tensor, max_size: int, image_format: str, quality: int
+        self, pixels: np.ndarray, max_size: int, image_format: str, quality: int
     ) -> EncodedPreview:
-        """Preview scaled so its longest side is at most `max_size`, encoded as JPEG or WebP."""
-        image = Image.fromarray(self.to_rgb(latents))
+        """`to_rgb`'s pixels (on the host) scaled so the longest side is at most `max_size`,
+        encoded as JPEG or WebP."""
+        image = Image.fromarray(pixels)
         scale = max_size / max(image.width, image.height)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BILINEAR)

@@ -5,6 +5,12 @@ scheduler); `denoise_step` advances any number of states that share a latent sha
 single UNet call, each row carrying its own timestep; `decode` runs the VAE. The result for
 one request equals diffusers' StableDiffusionXLPipeline on the same components, seeds and
 scheduler (tests compare them). The pipeline never knows which runtime runs its engines.
+
+Everything per step stays on the engines' device: latents, per-row timesteps, scheduler
+state and the guidance arithmetic. Only the initial noise comes from the host (CPU
+generators seeded seed + i, so a seed draws the same composition on every device), and
+only finished images and preview pixels leave, as uint8 tensors the caller moves off the
+engine thread.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 
 from kiln_server.engines.base import EngineSet
+from kiln_server.engines.limits import declared_limits
 from kiln_server.models.loader import SDXLModelFiles
 from kiln_server.pipeline.params import GenerationParams, PreviewParams
 from kiln_server.pipeline.previews import EncodedPreview, LatentPreviewer
@@ -29,8 +36,9 @@ from kiln_server.pipeline.schedulers import make_scheduler
 class DenoiseState:
     """One request's progress through the denoising loop.
 
-    Latents hold all of the request's outputs [num_outputs, C, h, w]; the scheduler and the
-    generators (one per output, seeded seed + i) belong to this request alone.
+    Latents hold all of the request's outputs [num_outputs, C, h, w] on the engines'
+    device; the scheduler and the generators (CPU, one per output, seeded seed + i) belong
+    to this request alone.
     """
 
     params: GenerationParams
@@ -85,6 +93,8 @@ class SDXLPipeline:
             cache_size=prompt_cache_size,
         )
         self.previewer = LatentPreviewer.for_model(files.kiln_config)
+        self.device = engines.device
+        self.limits = declared_limits(engines, files.dims)
 
     @property
     def backend(self) -> str:
@@ -95,7 +105,7 @@ class SDXLPipeline:
         """Encode prompts, seed latents and set up a scheduler for one request."""
         prompts = self.prompt_encoder.encode(params.prompt, params.negative_prompt)
         scheduler = make_scheduler(params.scheduler, self.files.scheduler_config)
-        scheduler.set_timesteps(params.num_inference_steps, device="cpu")
+        scheduler.set_timesteps(params.num_inference_steps, device=self.device)
         latent_shape = (
             1,
             self.dims.latent_channels,
@@ -106,7 +116,7 @@ class SDXLPipeline:
         # One draw per output from its own generator, as diffusers does for a generator list.
         latents = torch.cat(
             [torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators]
-        )
+        ).to(self.device)
         latents = latents * scheduler.init_noise_sigma
         step_signature = inspect.signature(scheduler.step).parameters
         step_kwargs: dict[str, Any] = {}
@@ -118,6 +128,7 @@ class SDXLPipeline:
         time_ids = torch.tensor(
             [[params.height, params.width, 0, 0, params.height, params.width]],
             dtype=torch.float32,
+            device=self.device,
         )
         return DenoiseState(
             params=params,
@@ -145,7 +156,8 @@ class SDXLPipeline:
                 contexts.append(embedding.hidden_states.expand(n, -1, -1))
                 pooled.append(embedding.pooled.expand(n, -1))
             rows = state.rows
-            timesteps.append(torch.full((rows,), float(t), dtype=torch.float32))
+            # expand, not float(t): reading a GPU scalar on the host would sync every step.
+            timesteps.append(t.to(torch.float32).reshape(1).expand(rows))
             time_ids.append(state.time_ids.expand(rows, -1))
         return {
             "sample": torch.cat(samples),
@@ -183,29 +195,43 @@ class SDXLPipeline:
             state.step_index += 1
         return StepResult(engine_seconds, int(inputs["sample"].shape[0]))
 
-    def decode(self, state: DenoiseState) -> np.ndarray:
-        """Final images of a finished state: uint8 [N, H, W, 3]."""
-        latents = state.latents / self.files.vae_scaling_factor
-        images = self.engines.vae_decoder.infer({"latent": latents})["images"]
-        images = (images / 2 + 0.5).clamp(0, 1)
-        array = images.permute(0, 2, 3, 1).float().numpy()
-        return np.asarray((array * 255).round().astype(np.uint8))
+    def decode(self, state: DenoiseState) -> torch.Tensor:
+        """Final images of a finished state: uint8 [N, H, W, 3] on the engines' device.
 
-    def preview(self, state: DenoiseState, options: PreviewParams) -> EncodedPreview:
-        """Cheap preview of the current prediction of the clean image (or the latents).
-
-        Outputs sit side by side; the longest side is `options.max_size`, or less when the
-        final images laid side by side are smaller (a preview is never upscaled past them).
+        The VAE decodes in chunks of at most the engine's declared images per call.
         """
-        latents = state.denoised if state.denoised is not None else state.latents
+        latents = state.latents / self.files.vae_scaling_factor
+        chunk = self.limits.vae_decoder_images or latents.shape[0]
+        pieces = [
+            self.engines.vae_decoder.infer({"latent": part})["images"]
+            for part in latents.split(chunk)
+        ]
+        images = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    def preview_size(self, state: DenoiseState, options: PreviewParams) -> int:
+        """Longest side of a preview: `options.max_size`, or less when the final images laid
+        side by side are smaller (a preview is never upscaled past them)."""
         params = state.params
         full_size = max(params.width * params.num_outputs, params.height)
-        max_size = min(options.max_size, full_size)
-        return self.previewer.encode(latents, max_size, options.format, options.quality)
+        return min(options.max_size, full_size)
+
+    def preview_pixels(self, state: DenoiseState) -> torch.Tensor:
+        """The current prediction of the clean image (or the latents) as small RGB pixels:
+        uint8 [h, N*w, 3] on the engines' device, outputs side by side, at latent size."""
+        latents = state.denoised if state.denoised is not None else state.latents
+        return self.previewer.to_rgb(latents)
+
+    def preview(self, state: DenoiseState, options: PreviewParams) -> EncodedPreview:
+        """An encoded preview now, on the calling thread (warm-up and the reference path)."""
+        pixels = self.preview_pixels(state).cpu().numpy()
+        size = self.preview_size(state, options)
+        return self.previewer.encode(pixels, size, options.format, options.quality)
 
     def generate(self, params: GenerationParams) -> list[np.ndarray]:
         """Run one request start to finish, alone: the in-process reference path."""
         state = self.prepare(params)
         while not state.finished:
             self.denoise_step([state])
-        return list(self.decode(state))
+        return list(self.decode(state).cpu().numpy())

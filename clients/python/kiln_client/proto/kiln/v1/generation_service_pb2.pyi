@@ -463,6 +463,11 @@ class ModelInfo(_message.Message):
     MAX_GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     SCHEDULERS_FIELD_NUMBER: _builtins.int
+    SIZE_MULTIPLE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    BACKEND_REASON_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_ROWS_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     family: _builtins.str
     """Architecture family, e.g. "sdxl"."""
@@ -480,6 +485,16 @@ class ModelInfo(_message.Message):
     max_guidance_scale: _builtins.float
     max_prompt_tokens: _builtins.int
     """Longest prompt in tokens, including the start and end tokens."""
+    size_multiple: _builtins.int
+    """Width and height must be multiples of this (the served engines' size step)."""
+    device: _builtins.str
+    """Where the engines run and in what precision, e.g. "cuda:0 fp16"."""
+    backend_reason: _builtins.str
+    """Why this backend serves the model, e.g. "torch on CUDA: no TensorRT engines"."""
+    max_batch_rows: _builtins.int
+    """Most UNet rows one denoising step runs for this model (two per image under guidance)."""
+    description: _builtins.str
+    """What the model is, from its configuration (e.g. that a benchmark model draws noise)."""
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -500,10 +515,15 @@ class ModelInfo(_message.Message):
         max_guidance_scale: _builtins.float = ...,
         max_prompt_tokens: _builtins.int = ...,
         schedulers: _abc.Iterable[_builtins.str] | None = ...,
+        size_multiple: _builtins.int = ...,
+        device: _builtins.str = ...,
+        backend_reason: _builtins.str = ...,
+        max_batch_rows: _builtins.int = ...,
+        description: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "family", b"family", "max_guidance_scale", b"max_guidance_scale", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "schedulers", b"schedulers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "description", b"description", "device", b"device", "family", b"family", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
