@@ -26,6 +26,11 @@ STRUCTURED_FIELDS = (
     "path",
     "pid",
     "threads",
+    "placement",
+    "why",
+    "limits",
+    "component",
+    "shapes",
 )
 
 
