@@ -189,3 +189,26 @@ def test_kiln_serve_device_cuda_without_a_gpu_exits_with_the_fix(
     logs = server.logs()
     assert "--device cuda" in logs and "--device cpu" in logs
     assert "Traceback" not in logs
+
+
+def test_device_settings_come_from_flags_env_and_config(tmp_path: Path) -> None:
+    from kiln_server.settings import SettingsError, load_settings
+
+    config = tmp_path / "kiln.toml"
+    config.write_text('[server]\ndevice = "cuda:1"\ndtype = "bf16"\ncompile = true\n')
+    from_file, _ = load_settings({"config": config}, {})
+    assert (from_file.device, from_file.dtype, from_file.compile) == ("cuda:1", "bf16", True)
+    env = {"KILN_DEVICE": "cpu", "KILN_COMPILE": "0", "KILN_CUDA_GRAPHS": "yes"}
+    from_env, _ = load_settings({"config": config}, env)
+    assert (from_env.device, from_env.compile, from_env.cuda_graphs) == ("cpu", False, True)
+    from_flags, _ = load_settings({"config": config, "device": "cuda", "dtype": "fp16"}, env)
+    assert (from_flags.device, from_flags.dtype) == ("cuda", "fp16")
+    defaults, _ = load_settings({}, {})
+    assert (defaults.device, defaults.dtype, defaults.compile, defaults.cuda_graphs) == (
+        None,
+        None,
+        False,
+        False,
+    )
+    with pytest.raises(SettingsError, match="unknown dtype 'half'"):
+        load_settings({}, {"KILN_DTYPE": "half"})
