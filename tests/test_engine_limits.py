@@ -153,3 +153,29 @@ def test_served_limits_round_inward_to_the_size_step(tiny_model_path: Path) -> N
     limits = ServedLimits.of(spec, EngineLimits(size_multiple=32))
     assert limits.size_range("width") == (96, 992)
     assert ServedLimits.of(spec, None).size_range("height") == (72, 1000)
+
+
+def test_engines_that_cannot_run_a_request_refuse_it_by_name(tiny_model_path: Path) -> None:
+    """One UNet row per call cannot run guidance; a size range that misses every step of
+    the size multiple admits no size: both are refused, never admitted to fail later."""
+    from kiln_server.models.loader import read_model_files
+    from kiln_server.pipeline.prompts import PromptTokenizer
+
+    spec = make_spec(MODEL, tiny_model_path, {"min_size": 64, "max_size": 512})
+    registry = ModelRegistry(models={MODEL: spec}, default_model=MODEL)
+    tokenizer = PromptTokenizer.for_model(read_model_files(tiny_model_path))
+    engines = EngineLimits(size_multiple=32, min_width=70, max_width=90, unet_rows=1)
+
+    def run(**fields: Any) -> GenerationParams:
+        return validate_request(
+            pb.GenerateRequest(prompt="a cat", **fields),
+            registry,
+            lambda _model, text: tokenizer.count_tokens(text),
+            lambda _model: tokenizer.max_tokens,
+            lambda _model: engines,
+        )
+
+    problems = refused(run, width=64, height=64, guidance_scale=5.0)
+    assert problems["guidance_scale"].startswith("must be at most 1 for this model's engines")
+    assert problems["width"].startswith("this model's engines run no width in steps of 32")
+    assert "num_outputs" not in problems

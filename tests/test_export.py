@@ -217,7 +217,8 @@ def test_build_engines_help_says_what_narrower_profiles_give_up(capsys: Any) -> 
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "refuses every request beyond these with INVALID_ARGUMENT" in text
-    assert "The defaults cover every request the model's own limits allow" in text
+    assert "The defaults cover every request the model's defaults allow" in text
+    assert "--max-size up to the model's max_size admits larger images" in text
     assert "--vae-batch N" in text and "decodes larger requests in chunks of N" in text
     assert "--refittable" in text and "for LoRA or other weight refits" in text
     assert "refittable engines can be slower" in text and "(default: off)" in text

@@ -85,18 +85,19 @@ def test_default_profiles_are_static_at_the_default_shape() -> None:
 
 
 def test_default_profiles_cover_every_request_the_model_allows() -> None:
-    """ModelSpec's defaults: up to 8 images with guidance (16 UNet rows), sides 256-2048."""
+    """ModelSpec's defaults: up to 8 images with guidance (16 UNet rows) at the default
+    1024x1024 or smaller, down to 256; one VAE image per call."""
     from kiln_build.profiles import component_profiles
 
     plan = sdxl_plan()
     (_, unet) = component_profiles(SDXL["unet"], plan)
     assert unet == ShapeRange(
-        ShapeRequest(1, 256, 256), ShapeRequest(2, 1024, 1024), ShapeRequest(16, 2048, 2048)
+        ShapeRequest(1, 256, 256), ShapeRequest(2, 1024, 1024), ShapeRequest(16, 1024, 1024)
     )
     for name in ("vae_decoder", "vae_encoder"):
         (_, vae) = component_profiles(SDXL[name], plan)
         assert vae == ShapeRange(
-            ShapeRequest(1, 256, 256), ShapeRequest(1, 1024, 1024), ShapeRequest(4, 2048, 2048)
+            ShapeRequest(1, 256, 256), ShapeRequest(1, 1024, 1024), ShapeRequest(1, 1024, 1024)
         )
     for name in ("text_encoder", "text_encoder_2"):
         (text,) = component_profiles(SDXL[name], plan)
@@ -105,10 +106,10 @@ def test_default_profiles_cover_every_request_the_model_allows() -> None:
 
 def test_every_request_within_the_model_limits_finds_a_profile() -> None:
     """What validation admits (multiples of 32 here) is what the engines run."""
-    from kiln_build.profiles import ModelLimits, component_profiles, profile_shapes
+    from kiln_build.profiles import ModelLimits, ProfileFlags, component_profiles, profile_shapes
 
     limits = ModelLimits(min_size=512, max_size=1536, max_num_outputs=4)
-    plan = sdxl_plan(limits=limits)
+    plan = sdxl_plan(ProfileFlags(max_size=1536, vae_batch=4), limits=limits)
 
     def runs(name: str, request: ShapeRequest) -> bool:
         spec = SDXL[name]
@@ -136,10 +137,10 @@ def test_size_defaults_round_inwards_to_the_graph_multiple() -> None:
 
     limits = ModelLimits(min_size=200, max_size=2000, max_num_outputs=3)
     plan = resolve_plan(ProfileFlags(), DEFAULT, limits, 32)
-    assert (plan.min_size, plan.max_size, plan.images, plan.vae_images) == (224, 1984, 3, 4)
-    # The tiny model: sides 32-512, a 16-pixel multiple.
+    assert (plan.min_size, plan.max_size, plan.images, plan.vae_images) == (224, 1024, 3, 1)
+    # The tiny model: sides 32 to its 64x64 default, a 16-pixel multiple.
     tiny = resolve_plan(ProfileFlags(), ShapeRequest(1, 64, 64), ModelLimits(32, 512, 8), 16)
-    assert (tiny.min_size, tiny.max_size, tiny.size_multiple) == (32, 512, 16)
+    assert (tiny.min_size, tiny.max_size, tiny.size_multiple) == (32, 64, 16)
 
 
 def test_flags_narrow_the_dynamic_batch_and_resolution_profile() -> None:
@@ -557,13 +558,14 @@ def test_tensorrt_build_records_refit_profiles_and_numerics(
         assert component.numerics is not None and component.numerics.passed, name
         assert component.numerics.max_rel_error == 1e-3
         assert (engines / component.file).read_bytes() == b"serialized engine"
-    # The tiny model allows 8 images of 32-512 pixels a side; its graphs need multiples of 16.
+    # The tiny model allows 8 images from 32 pixels a side up to its 64x64 default; its
+    # graphs need multiples of 16.
     unet = build.components["unet"].profiles
     assert unet[0] == ShapeRange(*[ShapeRequest(2, 64, 64)] * 3)
     assert unet[1] == ShapeRange(
-        ShapeRequest(1, 32, 32), ShapeRequest(2, 64, 64), ShapeRequest(16, 512, 512)
+        ShapeRequest(1, 32, 32), ShapeRequest(2, 64, 64), ShapeRequest(16, 64, 64)
     )
-    assert build.components["vae_decoder"].profiles[1].max == ShapeRequest(4, 512, 512)
+    assert build.components["vae_decoder"].profiles[1].max == ShapeRequest(1, 64, 64)
     assert manifest.build_args == (["--refittable"] if refittable else [])
     assert not list(engines.glob(".staging-*"))
 

@@ -24,10 +24,11 @@ DEFAULT_OUT = Path("engines")
 PROFILE_NOTE = (
     "TensorRT engines only run the batch sizes and image sizes of their optimization "
     "profiles, and a server using them refuses every request beyond these with "
-    "INVALID_ARGUMENT. The defaults cover every request the model's own limits allow "
-    "(num_outputs up to its max_num_outputs with guidance, sides from its min_size to "
-    "its max_size); narrower ranges build faster and need less GPU memory but give up "
-    "the requests outside them."
+    "INVALID_ARGUMENT. The defaults cover every request the model's defaults allow "
+    "(num_outputs up to its max_num_outputs with guidance, sides from its min_size up to "
+    "its default size); --max-size up to the model's max_size admits larger images at the "
+    "cost of GPU memory, and narrower ranges build faster and need less memory but give "
+    "up the requests outside them."
 )
 
 
@@ -163,8 +164,8 @@ def register(subparsers: Any) -> None:
         metavar="PX",
         type=int,
         help=(
-            "TensorRT: largest image side to support (default: the model's max_size, "
-            "rounded down to that multiple); larger requests are refused"
+            "TensorRT: largest image side to support (default: the model's default size; "
+            "at most its max_size); larger requests are refused"
         ),
     )
     parser.add_argument(
@@ -172,7 +173,7 @@ def register(subparsers: Any) -> None:
         metavar="N",
         type=int,
         help=(
-            "TensorRT: images per VAE decoder and encoder call (default 4); the server "
+            "TensorRT: images per VAE decoder and encoder call (default 1); the server "
             "decodes larger requests in chunks of N, and a larger N needs more GPU memory"
         ),
     )

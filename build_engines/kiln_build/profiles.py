@@ -8,10 +8,10 @@ so the defaults cover every request the model's own limits allow:
 - UNet: up to the model's `max_num_outputs` images per call, two rows each under
   classifier-free guidance (16 rows for SDXL's default of 8 images);
 - text encoders: one request's prompts per call (prompt and negative prompt: 2 rows);
-- VAE decoder and encoder: `--vae-batch` images per call (default 4); the pipeline
+- VAE decoder and encoder: `--vae-batch` images per call (default 1); the pipeline
   decodes larger requests in chunks of that many;
-- sizes: the model's min_size to max_size, rounded inwards to the multiple the exported
-  graphs need (`ModelDims.graph_size_multiple`).
+- sizes: the model's min_size (rounded up to the multiple the exported graphs need,
+  `ModelDims.graph_size_multiple`) to its default size; `--max-size` reaches further.
 
 Image-sized components (UNet, VAE) get a static profile first, at the model's default size
 and one image (min = opt = max, so the runtime can replay CUDA graphs), then the dynamic
@@ -32,7 +32,8 @@ UNET_ROWS_PER_IMAGE = ROWS_PER_IMAGE["unet"]
 # Rows one text-encoder call gets at most: a request's prompt and its negative prompt,
 # encoded once per request whatever its number of images (today one text per call).
 TEXT_ROWS_PER_REQUEST = 2
-DEFAULT_VAE_BATCH = 4
+# One fp32 SDXL VAE image at 1024x1024 peaks at several GB; requests decode in chunks.
+DEFAULT_VAE_BATCH = 1
 
 
 class ProfileError(ValueError):
@@ -97,8 +98,10 @@ def resolve_plan(
 ) -> ProfilePlan:
     """The ranges to build for: the flags where given, else the model's limits.
 
-    Sizes default to the model's min_size (rounded up) and max_size (rounded down) to
-    `size_multiple`; UNet images to its max_num_outputs; VAE images to DEFAULT_VAE_BATCH.
+    Sizes default to the model's min_size (rounded up to `size_multiple`) up to its
+    default size: every request the model's defaults allow, and smaller ones; larger sizes
+    need `--max-size`. UNet images default to its max_num_outputs, VAE images to
+    DEFAULT_VAE_BATCH.
     Raises ProfileError naming the flag when a value is unusable: batch sizes not positive,
     sizes not positive multiples of `size_multiple`, a range that excludes the default size,
     or a default size the graphs cannot run.
@@ -126,7 +129,10 @@ def resolve_plan(
         min_size = min(_round_up(limits.min_size, size_multiple), low)
     max_size = flags.max_size
     if max_size is None:
-        max_size = max(limits.max_size // size_multiple * size_multiple, high)
+        # The default size, not the model's max_size: each profile's largest shape sizes
+        # the scratch memory every engine shares, and 16 UNet rows at 2048x2048 (or fp32
+        # VAE images at that size) would claim tens of GB even when only 1024x1024 runs.
+        max_size = high
     if min_size > low:
         raise ProfileError(f"--min-size {min_size} exceeds the default size {low}")
     if max_size < high:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kiln_server.engines.device import bind_thread
 from kiln_server.events import (
     Decoded,
     Failed,
@@ -134,7 +135,7 @@ def mark_ready(tensor: torch.Tensor) -> torch.cuda.Event | None:
     stream, for the output thread to wait on; None on the CPU, where it is ready now."""
     if tensor.device.type != "cuda":
         return None
-    event = torch.cuda.Event()
+    event = torch.cuda.Event(blocking=True)  # the output thread sleeps on it, never spins
     event.record(torch.cuda.current_stream(tensor.device))
     return event
 
@@ -147,7 +148,8 @@ class OutputThread:
     engine thread no thread switch.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
         self._queue: queue.SimpleQueue[tuple[Job, HandOff] | None] = queue.SimpleQueue()
         self._condition = threading.Condition()
         self._pending: dict[int, int] = {}  # id(job) -> its items in the queue
@@ -204,6 +206,7 @@ class OutputThread:
         self._queue.put((job, work))
 
     def _run(self) -> None:
+        bind_thread(self.device)
         while (item := self._queue.get()) is not None:
             job, work = item
             try:
@@ -253,7 +256,10 @@ class Batcher:
         self._draining = False
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._output = OutputThread()
+        # One engine core serves one device: the first GPU among the pipelines', if any.
+        devices = [p.device for p in pipelines.values() if p.device.type == "cuda"]
+        self.device = devices[0] if devices else torch.device("cpu")
+        self._output = OutputThread(self.device)
 
     # ----- API side (any thread) -----
 
@@ -327,6 +333,7 @@ class Batcher:
     # ----- engine thread -----
 
     def _run(self) -> None:
+        bind_thread(self.device)
         while True:
             with self._condition:
                 while not (self._waiting or self._running or self._stopping):

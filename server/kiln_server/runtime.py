@@ -10,8 +10,9 @@ from pathlib import Path
 
 from kiln_server.engines.base import EngineSet
 from kiln_server.engines.components import ShapeRequest
-from kiln_server.engines.device import Placement
+from kiln_server.engines.device import Placement, bind_thread
 from kiln_server.engines.sample_inputs import sample_inputs
+from kiln_server.engines.torch_engine import TorchEngine
 from kiln_server.models.loader import SDXLModelFiles, read_model_files
 from kiln_server.models.registry import ModelRegistry, ModelSpec
 from kiln_server.pipeline.params import PreviewParams
@@ -131,6 +132,8 @@ def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
         request = ShapeRequest(rows, spec.default_height, spec.default_width)
         inputs = sample_inputs(engine.spec, request)
         engine.infer({name: value.to(pipeline.device) for name, value in inputs.items()})
+    if isinstance(engines.unet, TorchEngine):
+        engines.unet.seal()
     seconds = time.perf_counter() - started
     logger.info("model warmed up", extra={"model": spec.name, "seconds": round(seconds, 3)})
     return seconds
@@ -166,6 +169,7 @@ def load_registry_models(
         compile=settings.compile,
         cuda_graphs=settings.cuda_graphs,
     )
+    bind_thread(placement.device)
     threads = settings.intra_op_threads or default_engine_threads()
     torch.set_num_threads(threads)
     logger.info("engine placement", extra={"threads": threads, "placement": placement.describe()})

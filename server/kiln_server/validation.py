@@ -128,11 +128,20 @@ class ServedLimits:
         if self.max_unet_rows is None:
             return self.max_num_outputs
         per_image = 2 if guidance_scale > 1.0 else 1
-        return max(1, min(self.max_num_outputs, self.max_unet_rows // per_image))
+        return min(self.max_num_outputs, self.max_unet_rows // per_image)
 
 
 def _check_size(name: str, value: int, limits: ServedLimits, errors: list[FieldViolation]) -> None:
     low, high = limits.size_range(name)
+    if low > high:
+        errors.append(
+            FieldViolation(
+                name,
+                f"this model's engines run no {name} in steps of {limits.size_multiple} "
+                "within the model's limits; rebuild them with `kiln build-engines`",
+            )
+        )
+        return
     if value % limits.size_multiple:
         errors.append(
             FieldViolation(
@@ -222,6 +231,15 @@ def validate_request(
         errors.append(
             FieldViolation(
                 "num_outputs", f"must be between 1 and {spec.max_num_outputs}, got {num_outputs}"
+            )
+        )
+    elif math.isfinite(guidance) and limits.outputs_for(guidance) == 0:
+        errors.append(
+            FieldViolation(
+                "guidance_scale",
+                f"must be at most 1 for this model's engines: they run "
+                f"{limits.max_unet_rows} UNet row per call, and guidance above 1 needs two "
+                f"per image; got {guidance:g}",
             )
         )
     elif math.isfinite(guidance) and num_outputs > limits.outputs_for(guidance):

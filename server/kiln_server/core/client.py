@@ -244,6 +244,14 @@ class EngineCoreClient:
                 self._jobs.pop(report.job_id, None)
             self._call(callback, Failed("UNAVAILABLE", "the engine core lost the images"))
             return
+        except (OSError, ValueError):  # out of file handles or memory: this job only
+            logger.exception("cannot read a request's images from shared memory")
+            with contextlib.suppress(OSError):
+                shared_arrays.discard(report.pixels)
+            with self._lock:
+                self._jobs.pop(report.job_id, None)
+            self._call(callback, Failed("INTERNAL", "the server could not read the images"))
+            return
         self._call(callback, Decoded(pixels))
 
     @staticmethod

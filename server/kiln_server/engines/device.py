@@ -136,3 +136,14 @@ class Placement:
         if self.cuda_graphs:
             parts.append("CUDA graphs")
         return ", ".join(parts)
+
+
+def bind_thread(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device (a no-op for the CPU).
+
+    CUDA's current device is per thread, and TensorRT deserialization, default streams and
+    graph capture use it: every thread that runs engines or copies their outputs calls
+    this first, so `--device cuda:1` never touches GPU 0.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)

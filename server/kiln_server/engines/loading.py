@@ -67,8 +67,12 @@ def choose_backend(
         if requested not in BACKENDS:
             raise EngineError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
         return BackendChoice(requested, "requested with --backend")
-    on_gpu = device is not None and device.type == "cuda"
     manifest = _manifest_if_present(engines_dir)
+    if device is None or device.type != "cuda":
+        if manifest is not None and manifest.onnx:
+            return BackendChoice("onnxruntime", f"ONNX graphs in {engines_dir}, on the CPU")
+        why = "no engines directory (--engines)" if manifest is None else "no ONNX graphs"
+        return BackendChoice("torch", f"torch on the CPU: {why}")
     why_not_tensorrt = "no engines directory (--engines)"
     if manifest is not None and engines_dir is not None:
         why_not_tensorrt = f"{engines_dir} has no TensorRT engines"
@@ -78,7 +82,7 @@ def choose_backend(
             missing = tensorrt_missing()
             if missing:
                 why_not_tensorrt = f"TensorRT cannot run here (missing {' and '.join(missing)})"
-            elif manifest.tensorrt_build_for(probe_machine()) is None:
+            elif manifest.tensorrt_build_for(probe_machine(device=_index(device))) is None:
                 why_not_tensorrt = (
                     f"the TensorRT engines in {engines_dir} were built for another GPU"
                 )
@@ -86,11 +90,11 @@ def choose_backend(
                 return BackendChoice(
                     "tensorrt", f"TensorRT engines built for this GPU in {engines_dir}"
                 )
-    if on_gpu:
-        return BackendChoice("torch", f"torch on CUDA: {why_not_tensorrt}")
-    if manifest is not None and manifest.onnx:
-        return BackendChoice("onnxruntime", f"ONNX graphs in {engines_dir}, on the CPU")
-    return BackendChoice("torch", f"torch on the CPU: {why_not_tensorrt}")
+    return BackendChoice("torch", f"torch on CUDA: {why_not_tensorrt}")
+
+
+def _index(device: torch.device | None) -> int:
+    return 0 if device is None or device.index is None else device.index
 
 
 def resolve_backend(

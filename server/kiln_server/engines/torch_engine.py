@@ -25,6 +25,12 @@ from kiln_server.engines.torch_modules import component_module
 log = logging.getLogger(__name__)
 
 Shapes = tuple[tuple[int, ...], ...]
+# Images per VAE call on a GPU: an fp32 SDXL decode at 1024x1024 peaks at several GB per
+# image, so a whole 8-image request at once could run out of memory after all its steps.
+CUDA_VAE_IMAGES_PER_CALL = 1
+# Inputs that stay float32 whatever the compute dtype: diffusers builds the timestep
+# embedding in fp32, and SDXL's timesteps (e.g. 967) are not exact in bf16 (968).
+FULL_PRECISION_INPUTS = frozenset({"timestep"})
 
 
 @dataclass
@@ -52,23 +58,36 @@ class TorchEngine:
         dtype: torch.dtype = torch.float32,
         cuda_graphs: bool = False,
         graph_pool: Any = None,
+        max_batch: int | None = None,
     ) -> None:
         self.spec = spec
         self.module = module
         self.device = device or torch.device("cpu")
         self.dtype = dtype
-        self.max_batch: int | None = None  # eager torch takes any batch
+        # Eager torch takes any batch; a limit here is what the pipeline chunks calls by.
+        self.max_batch = max_batch
         if cuda_graphs and self.device.type != "cuda":
             raise EngineError(f"CUDA graphs for {spec.name} need a CUDA device, not {self.device}")
         self.cuda_graphs = cuda_graphs
         self._graph_pool = graph_pool
         self._graphs: dict[Shapes, _CapturedCall] = {}
+        self._sealed = False
+
+    def seal(self) -> None:
+        """Capture no new CUDA graphs: call shapes without one run eagerly from now on.
+
+        Called after warm-up. Capturing while serving would stall the running batch (a
+        capture synchronizes the device and empties the allocator's cache) for a shape
+        the warm-up did not foresee, such as a size other than the default.
+        """
+        self._sealed = True
 
     def _prepare(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         values = []
         for tensor_spec in self.spec.inputs:
             value = inputs[tensor_spec.name]
-            dtype = self.dtype if value.is_floating_point() else value.dtype
+            cast = value.is_floating_point() and tensor_spec.name not in FULL_PRECISION_INPUTS
+            dtype = self.dtype if cast else value.dtype
             values.append(value.to(device=self.device, dtype=dtype, non_blocking=True))
         return tuple(values)
 
@@ -92,7 +111,12 @@ class TorchEngine:
             self.module(*static_inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # The capture stream must be on the engine's device (the default one is created
+        # on the current device); thread_local keeps other threads' CUDA calls legal.
+        capture = torch.cuda.Stream(device=self.device)
+        with torch.cuda.graph(
+            graph, pool=self._graph_pool, stream=capture, capture_error_mode="thread_local"
+        ):
             result = self.module(*static_inputs)
         outputs = result if isinstance(result, tuple) else (result,)
         log.info(
@@ -111,6 +135,8 @@ class TorchEngine:
             key = tuple(tuple(a.shape) for a in args)
             call = self._graphs.get(key)
             if call is None:
+                if self._sealed:
+                    return self._outputs(self.module(*args), copy=False)
                 call = self._graphs[key] = self._capture(args)
             for static, value in zip(call.inputs, args, strict=True):
                 static.copy_(value, non_blocking=True)
@@ -162,6 +188,11 @@ def load_torch_engines(
             dtype=vae_precision if name.startswith("vae") else dtype,
             cuda_graphs=is_unet and placement.cuda_graphs,
             graph_pool=pool,
+            max_batch=(
+                CUDA_VAE_IMAGES_PER_CALL
+                if name.startswith("vae") and device.type == "cuda"
+                else None
+            ),
         )
     description = placement.describe()
     if vae_precision != dtype:

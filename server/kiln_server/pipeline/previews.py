@@ -42,6 +42,7 @@ class LatentPreviewer:
     def __init__(self, factors: Any = SDXL_LATENT_RGB_FACTORS, bias: Any = SDXL_LATENT_RGB_BIAS):
         self.factors = torch.tensor(factors, dtype=torch.float32)
         self.bias = torch.tensor(bias, dtype=torch.float32)
+        self._device_copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def for_model(cls, kiln_config: dict[str, Any]) -> LatentPreviewer:
@@ -52,11 +53,17 @@ class LatentPreviewer:
             return cls(factors, bias)
         return cls()
 
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Copied once per device: a host-to-device copy on every preview would stall the
+        # engine thread until the GPU caught up.
+        if device not in self._device_copies:
+            self._device_copies[device] = (self.factors.to(device), self.bias.to(device))
+        return self._device_copies[device]
+
     def to_rgb(self, latents: torch.Tensor) -> torch.Tensor:
         """uint8 [h, B*w, 3] image of every latent in the batch laid side by side, computed
         on the latents' device (only these few pixels then cross to the host)."""
-        factors = self.factors.to(latents.device)
-        bias = self.bias.to(latents.device)
+        factors, bias = self._on(latents.device)
         # [B, C, h, w] -> [h, B*w, C] @ [C, 3]
         tiled = torch.cat(list(latents.float()), dim=-1).permute(1, 2, 0)
         rgb = tiled @ factors + bias

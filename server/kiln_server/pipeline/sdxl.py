@@ -71,7 +71,11 @@ class DenoiseState:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one batched step cost: the UNet call's seconds and rows."""
+    """What one batched step cost: its seconds on the engine thread and its UNet rows.
+
+    On a GPU the seconds are paced by the device (see `SDXLPipeline.denoise_step`), so in
+    a steady stream of steps they measure the device's time per step.
+    """
 
     engine_seconds: float
     rows: int
@@ -95,6 +99,7 @@ class SDXLPipeline:
         self.previewer = LatentPreviewer.for_model(files.kiln_config)
         self.device = engines.device
         self.limits = declared_limits(engines, files.dims)
+        self._step_done: torch.cuda.Event | None = None
 
     @property
     def backend(self) -> str:
@@ -175,10 +180,9 @@ class SDXLPipeline:
         """
         if not states:
             return StepResult(0.0, 0)
-        inputs = self._unet_inputs(states)
         started = time.perf_counter()
+        inputs = self._unet_inputs(states)
         noise_pred = self.engines.unet.infer(inputs)["noise_pred"]
-        engine_seconds = time.perf_counter() - started
         offset = 0
         for state in states:
             prediction = noise_pred[offset : offset + state.rows]
@@ -193,7 +197,24 @@ class SDXLPipeline:
             state.latents = output.prev_sample
             state.denoised = getattr(output, "pred_original_sample", None)
             state.step_index += 1
-        return StepResult(engine_seconds, int(inputs["sample"].shape[0]))
+        self._pace()
+        return StepResult(time.perf_counter() - started, int(inputs["sample"].shape[0]))
+
+    def _pace(self) -> None:
+        """On a GPU, let the engine thread run at most one step ahead of the device.
+
+        Kernel launches return at once, so without this the thread could queue many steps
+        ahead: progress would be reported before the work ran, a cancellation would stop
+        work only after every queued step, and step times would measure launching. Waiting
+        for the previous step (not this one) keeps the next launch overlapping this one.
+        """
+        if self.device.type != "cuda":
+            return
+        done = torch.cuda.Event(blocking=True)  # blocking: the wait sleeps, never spins
+        done.record(torch.cuda.current_stream(self.device))
+        previous, self._step_done = self._step_done, done
+        if previous is not None:
+            previous.synchronize()
 
     def decode(self, state: DenoiseState) -> torch.Tensor:
         """Final images of a finished state: uint8 [N, H, W, 3] on the engines' device.
