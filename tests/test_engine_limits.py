@@ -97,17 +97,14 @@ def test_a_large_request_decodes_in_chunks_the_vae_takes(tiny_pipeline: Any) -> 
         assert abs(image.astype(int) - want.astype(int)).max() <= 1
 
 
-@pytest.fixture(scope="module")
-def validate(tiny_model_path: Path) -> Any:
+def validator(model_path: Path, engines: EngineLimits) -> Any:
+    """validate_request for the tiny model (sides 64-512) served on `engines`."""
     from kiln_server.models.loader import read_model_files
     from kiln_server.pipeline.prompts import PromptTokenizer
 
-    spec = make_spec(MODEL, tiny_model_path, {"min_size": 64, "max_size": 512})
+    spec = make_spec(MODEL, model_path, {"min_size": 64, "max_size": 512})
     registry = ModelRegistry(models={MODEL: spec}, default_model=MODEL)
-    tokenizer = PromptTokenizer.for_model(read_model_files(tiny_model_path))
-    limits = EngineLimits(
-        size_multiple=16, min_width=64, max_width=256, min_height=64, max_height=192, unet_rows=6
-    )
+    tokenizer = PromptTokenizer.for_model(read_model_files(model_path))
 
     def run(**fields: Any) -> GenerationParams:
         return validate_request(
@@ -115,10 +112,25 @@ def validate(tiny_model_path: Path) -> Any:
             registry,
             lambda _model, text: tokenizer.count_tokens(text),
             lambda _model: tokenizer.max_tokens,
-            lambda _model: limits,
+            lambda _model: engines,
         )
 
     return run
+
+
+@pytest.fixture(scope="module")
+def validate(tiny_model_path: Path) -> Any:
+    return validator(
+        tiny_model_path,
+        EngineLimits(
+            size_multiple=16,
+            min_width=64,
+            max_width=256,
+            min_height=64,
+            max_height=192,
+            unet_rows=6,
+        ),
+    )
 
 
 def refused(validate: Any, **fields: Any) -> dict[str, str]:
@@ -158,22 +170,9 @@ def test_served_limits_round_inward_to_the_size_step(tiny_model_path: Path) -> N
 def test_engines_that_cannot_run_a_request_refuse_it_by_name(tiny_model_path: Path) -> None:
     """One UNet row per call cannot run guidance; a size range that misses every step of
     the size multiple admits no size: both are refused, never admitted to fail later."""
-    from kiln_server.models.loader import read_model_files
-    from kiln_server.pipeline.prompts import PromptTokenizer
-
-    spec = make_spec(MODEL, tiny_model_path, {"min_size": 64, "max_size": 512})
-    registry = ModelRegistry(models={MODEL: spec}, default_model=MODEL)
-    tokenizer = PromptTokenizer.for_model(read_model_files(tiny_model_path))
-    engines = EngineLimits(size_multiple=32, min_width=70, max_width=90, unet_rows=1)
-
-    def run(**fields: Any) -> GenerationParams:
-        return validate_request(
-            pb.GenerateRequest(prompt="a cat", **fields),
-            registry,
-            lambda _model, text: tokenizer.count_tokens(text),
-            lambda _model: tokenizer.max_tokens,
-            lambda _model: engines,
-        )
+    run = validator(
+        tiny_model_path, EngineLimits(size_multiple=32, min_width=70, max_width=90, unet_rows=1)
+    )
 
     problems = refused(run, width=64, height=64, guidance_scale=5.0)
     assert problems["guidance_scale"].startswith("must be at most 1 for this model's engines")
