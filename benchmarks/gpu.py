@@ -77,6 +77,7 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("RTX 4090", 165.0),  # 330 only with fp16 accumulation
 )
 GOAL_UNET_ITS = 15.0  # on an H100 or H200, compiled
+GOAL_DECODER_PREVIEW_SHARE = 2.0  # issue 16: a learned preview at most 2% of a step
 STABLE_FAST_H100_ITS = 21.6  # stable-fast's published SDXL figure on an H100
 GOAL_BATCHING_SPEEDUP = 1.5  # 4 concurrent requests vs 1
 
@@ -309,13 +310,21 @@ class BatcherRow:
 
 @dataclass
 class PreviewCost:
-    """Medians of a denoising step without and with a preview."""
+    """Medians of a denoising step without and with a preview of one method."""
 
+    method: str = "latent_rgb"
     status: str = "not run"
     step: float | None = None
     step_with_preview: float | None = None
     encode: float | None = None
     pairs: int = 0
+
+    @property
+    def extra(self) -> float | None:
+        """What the preview adds to a step, in seconds."""
+        if self.step is None or self.step_with_preview is None:
+            return None
+        return self.step_with_preview - self.step
 
 
 @dataclass
@@ -336,7 +345,7 @@ class Report:
     batcher_rows_source: str = "the server's default"
     request_rows: int = 1
     batcher: list[BatcherRow] = field(default_factory=list)
-    preview: PreviewCost = field(default_factory=PreviewCost)
+    previews: list[PreviewCost] = field(default_factory=lambda: [PreviewCost()])
     timeline: list[tuple[str, float]] = field(default_factory=list)
     phase: str = "starting"
     interrupted: str | None = None
@@ -417,28 +426,30 @@ class Report:
                 f"| {fmt(level.mean_rows if level.waves else None, '.1f')} | {level.waves} "
                 f"| {fmt(level.peak_gib, '.1f')} | {level.status} |"
             )
-        cost = self.preview
-        extra = (
-            cost.step_with_preview - cost.step
-            if cost.step is not None and cost.step_with_preview is not None
-            else None
-        )
-        share = 100 * extra / cost.step if extra is not None and cost.step else None
+        pairs = max((cost.pairs for cost in self.previews), default=0)
         lines += [
             "",
             "### Preview cost per step (Kiln torch, plain)",
             "",
-            "A step alone vs a step plus its preview (latent-to-RGB on the device, copy to the "
-            "host, resize and JPEG encode at 256 px); in the server the encode runs on the "
-            f"output thread, off the engine thread. Median of {cost.pairs} pairs; status: "
-            f"{cost.status}.",
+            "A step alone vs a step plus its preview, per method: latent_rgb maps the "
+            "predicted latents to RGB on the device; decoder runs the model's learned preview "
+            "decoder (TAESD architecture) and downscales on the device; then the copy to the "
+            "host, resize and JPEG encode at 256 px, which in the server run on the output "
+            f"thread, off the engine thread. Medians of {pairs} pairs.",
             "",
-            "| part | ms | of a step |",
-            "|---|---:|---:|",
-            f"| step alone | {fmt_ms(cost.step)} | |",
-            f"| step + preview | {fmt_ms(cost.step_with_preview)} | |",
-            f"| preview | {fmt_ms(extra)} | {fmt(share, '.1f', '%')} |",
-            f"| of which encode (host) | {fmt_ms(cost.encode)} | |",
+            "| method | step alone ms | step + preview ms | preview ms | of a step "
+            "| of which encode ms | status |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for cost in self.previews:
+            extra = cost.extra
+            share = 100 * extra / cost.step if extra is not None and cost.step else None
+            lines.append(
+                f"| {cost.method} | {fmt_ms(cost.step)} | {fmt_ms(cost.step_with_preview)} "
+                f"| {fmt_ms(extra)} | {fmt(share, '.1f', '%')} | {fmt_ms(cost.encode)} "
+                f"| {cost.status} |"
+            )
+        lines += [
             "",
             "### Goals (reported, not asserted)",
             "",
@@ -500,6 +511,18 @@ class Report:
                 f"Batching: 4 concurrent requests at least {GOAL_BATCHING_SPEEDUP}x the images "
                 f"/ s of one: **{met}** ({ratio:.2f}x: {four:.3f} vs {one:.3f} images / s)"
             )
+        decoder = next((c for c in self.previews if c.method == "decoder"), None)
+        goal = f"The learned preview decoder at most {GOAL_DECODER_PREVIEW_SHARE:g}% of a step"
+        if decoder is None or decoder.extra is None or not decoder.step:
+            lines.append(f"{goal} at SDXL 1024x1024 on a GPU: **not measured**")
+        else:
+            share = 100 * decoder.extra / decoder.step
+            if self.machine.device.type != "cuda":
+                verdict = f"**not applicable** on {self.machine.name} ({share:.1f}%)"
+            else:
+                verdict = f"**{'met' if share <= GOAL_DECODER_PREVIEW_SHARE else 'not met'}**"
+                verdict += f" ({share:.1f}%)"
+            lines.append(f"{goal} at SDXL 1024x1024 on a GPU: {verdict}")
         return lines
 
 
@@ -676,19 +699,20 @@ def run_kiln(setup: Setup, row: RunnerRow, pipeline: Any, budget_ends: float) ->
     timed_runs(setup, row, run, budget_ends)
 
 
-def measure_preview(setup: Setup, pipeline: Any, pairs: int) -> PreviewCost:
-    """Medians of a step alone and of a step plus a preview, interleaved on one request."""
+def measure_preview(setup: Setup, pipeline: Any, pairs: int, method: str) -> PreviewCost:
+    """Medians of a step alone and of a step plus a `method` preview, interleaved on one
+    request."""
     from kiln_server.pipeline.params import PreviewParams
 
     clock = setup.clock
-    options = PreviewParams(every_n_steps=1)
+    options = PreviewParams(every_n_steps=1, method=method)
     params = setup.request(-2, num_inference_steps=2 * pairs + 2, preview=options)
     state = pipeline.prepare(params)
     size = pipeline.preview_size(state, options)
     for _ in range(2):  # warm: the preview's kernels and the encoder's first call
         pipeline.denoise_step([state])
         pipeline.preview(state, options)
-    cost = PreviewCost(pairs=pairs)
+    cost = PreviewCost(method=method, pairs=pairs)
     alone, with_preview, encode = [], [], []
     for _ in range(pairs):
         clock.sync()
@@ -698,7 +722,7 @@ def measure_preview(setup: Setup, pipeline: Any, pairs: int) -> PreviewCost:
         alone.append(time.perf_counter() - started)
         started = time.perf_counter()
         pipeline.denoise_step([state])
-        host = pipeline.preview_pixels(state).cpu().numpy()
+        host = pipeline.preview_pixels(state, method, size).cpu().numpy()
         copied = time.perf_counter()
         pipeline.previewer.encode(host, size, options.format, options.quality)
         done = time.perf_counter()
@@ -1085,14 +1109,17 @@ class Benchmark:
         """The preview's cost per step, on the plain pipeline."""
         report = self.report
         if plain is None:
-            report.preview.status = "not run: needs the plain variant"
+            report.previews = [PreviewCost(status="not run: needs the plain variant")]
             return
-        with phase(report, "preview"):
-            try:
-                report.preview = measure_preview(setup, plain, self.args.preview_pairs)
-            except Exception as exc:
-                report.preview.status = f"failed: {short_error(exc)}"
-                say(f"preview failed:\n{traceback.format_exc()}")
+        report.previews = []
+        for method in plain.limits.preview_methods:
+            with phase(report, f"preview ({method})"):
+                try:
+                    cost = measure_preview(setup, plain, self.args.preview_pairs, method)
+                except Exception as exc:
+                    cost = PreviewCost(method=method, status=f"failed: {short_error(exc)}")
+                    say(f"preview ({method}) failed:\n{traceback.format_exc()}")
+                report.previews.append(cost)
 
     def run_batcher(self, setup: Setup, plain: Any) -> None:
         """The batcher's throughput levels on the chosen Kiln variant, within its budget."""
@@ -1161,11 +1188,11 @@ class Benchmark:
         if not batcher_done:
             self.run_batcher(setup, None)
         if "plain" not in args.variants:
-            report.preview.status = "not run: needs the plain variant"
+            report.previews = [PreviewCost(status="not run: needs the plain variant")]
         self.deadline.cancel()
         self.finish("done")
         statuses = [r.status for r in report.runners] + [r.status for r in report.batcher]
-        statuses.append(report.preview.status)
+        statuses += [cost.status for cost in report.previews]
         return 1 if any(status.startswith("failed") for status in statuses) else 0
 
 

@@ -203,9 +203,9 @@ class ThreadRecordingPipeline:
         self._note("decode")
         return self.inner.decode(state)
 
-    def preview_pixels(self, state: Any) -> Any:
+    def preview_pixels(self, state: Any, method: str | None = None, size: int | None = None) -> Any:
         self._note("preview_pixels")
-        return self.inner.preview_pixels(state)
+        return self.inner.preview_pixels(state, method, size)
 
     def encode(self, pixels: np.ndarray, max_size: int, image_format: str, quality: int) -> Any:
         self._note("encode")

@@ -37,6 +37,7 @@ SDXL_BASE_PARAMETERS = {
     "vae": 83_653_863,
     "text_encoder": 123_060_480,
     "text_encoder_2": 694_659_840,
+    "preview_decoder": 2_445_063,  # taesdxl's AutoencoderTiny, encoder included
 }
 SMALL_TEXT_ENCODER = {**tiny_sdxl.TEXT_ENCODER_CONFIG, "bos_token_id": 0, "eos_token_id": 2}
 SMALL = Architecture(

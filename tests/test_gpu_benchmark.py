@@ -88,20 +88,22 @@ def test_smoke_run_reports_every_row(
         # step (requests submitted together may still join a step or two apart).
         assert 2 <= float(mean_rows) <= min(2 * int(concurrency), 8)
 
-    # The preview's cost per step.
-    assert "pairs; status: ok." in report
-    for part in ("step alone", "step + preview", "of which encode (host)"):
-        assert float(table_row(report, part)[1]) > 0
-    _, extra, share = table_row(report, "preview")
-    assert re.fullmatch(NUMBER, extra) and re.fullmatch(rf"{NUMBER}%", share)
+    # The preview's cost per step, for each method the tiny model serves.
+    for method in ("decoder", "latent_rgb"):
+        _, alone, with_preview, extra, share, encode, status = table_row(report, method)
+        assert status == "ok", f"preview {method}: {status}"
+        assert float(alone) > 0 and float(with_preview) > 0 and float(encode) > 0
+        assert re.fullmatch(NUMBER, extra) and re.fullmatch(rf"{NUMBER}%", share)
 
     # Each goal is reported: measured ones met or not met, the compiled one not measured.
     goals = report.split("### Goals (reported, not asserted)")[1].split("Timeline:")[0]
     lines = [line for line in goals.splitlines() if line.startswith("- ")]
-    assert len(lines) == 3, goals
+    assert len(lines) == 4, goals
     assert re.search(r"diffusers' time per image: \*\*(met|not met)\*\*", lines[0])
     assert "**not measured** (no compiled variant ran)" in lines[1]
     assert re.search(r"images / s of one: \*\*(met|not met)\*\*", lines[2])
+    assert "preview decoder at most 2% of a step" in lines[3]
+    assert "**not applicable** on" in lines[3]  # a CPU smoke run
 
     # The section went to the file asked for, never to RESULTS.md.
     assert results_file.read_text().strip().endswith(report.strip())

@@ -113,6 +113,37 @@ def test_every_scheduler_matches_torch(
         assert psnr(image, want) >= MIN_PSNR_DB, scheduler
 
 
+def test_decoder_previews_match_torch(ort_pipeline: Any, tiny_pipeline: Any) -> None:
+    """The exported preview decoder is loaded and declared, and draws torch's previews."""
+    assert ort_pipeline.limits.preview_methods == ("decoder", "latent_rgb")
+    params = GenerationParams(
+        prompt="a red circle", width=96, height=64, num_outputs=2, num_inference_steps=3, seed=9
+    )
+    states = [tiny_pipeline.prepare(params), ort_pipeline.prepare(params)]
+    tiny_pipeline.denoise_step([states[0]])
+    ort_pipeline.denoise_step([states[1]])
+    for size in (None, 48):
+        want = tiny_pipeline.preview_pixels(states[0], "decoder", size).numpy()
+        got = ort_pipeline.preview_pixels(states[1], "decoder", size).numpy()
+        assert got.shape == want.shape
+        assert psnr(got, want) >= MIN_PSNR_DB
+
+
+def test_engines_without_the_models_preview_decoder_are_refused(
+    files: Any, engines_dir: Path, tmp_path: Path
+) -> None:
+    """Engines built before the model gained its preview decoder name the rebuild."""
+    from kiln_server.engines.loading import load_engine_set
+    from kiln_server.engines.manifest import read_manifest, write_manifest
+
+    stale = copy_engines(engines_dir, tmp_path)
+    manifest = read_manifest(stale)
+    del manifest.onnx["preview_decoder"]
+    write_manifest(stale, manifest)
+    with pytest.raises(EngineError, match=r"preview_decoder.*kiln build-engines"):
+        load_engine_set("onnxruntime", files, stale)
+
+
 def test_declared_size_step_is_what_the_graphs_run(files: Any, ort_pipeline: Any) -> None:
     """The exported UNet fixes its upsampling shapes: sizes must divide by every halving.
 

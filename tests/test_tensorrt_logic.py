@@ -243,6 +243,7 @@ def test_precision_is_fp16_except_the_vae() -> None:
         "unet": "fp16",
         "vae_decoder": "fp32",  # SDXL's VAE overflows fp16: black images
         "vae_encoder": "fp32",
+        "preview_decoder": "fp16",  # TAESD-style decoders are fp16-safe
     }
 
 

@@ -72,7 +72,10 @@ def test_defaults_resolve_from_the_model(validate: Any, registry: ModelRegistry)
     assert params.negative_prompt is None  # absent negative prompt: zero embeddings
     assert params.output_format == "png"
     assert params.output_quality == 90
-    assert params.preview == PreviewParams(every_n_steps=0, max_size=256, format="jpeg", quality=75)
+    # No engines declared here, so no preview decoder: the default is the latent-RGB map.
+    assert params.preview == PreviewParams(
+        every_n_steps=0, max_size=256, format="jpeg", quality=75, method="latent_rgb"
+    )
     assert params.priority == 2  # unspecified means normal
     assert 0 <= params.seed < 2**32
 
@@ -105,7 +108,9 @@ def test_explicit_values_are_kept(validate: Any) -> None:
     assert params.scheduler == "DDIM"
     assert params.seeds == [2**64 - 3, 2**64 - 2, 2**64 - 1]
     assert (params.output_format, params.output_quality) == ("webp", 55)
-    assert params.preview == PreviewParams(every_n_steps=2, max_size=64, format="webp", quality=30)
+    assert params.preview == PreviewParams(
+        every_n_steps=2, max_size=64, format="webp", quality=30, method="latent_rgb"
+    )
     assert params.priority == 3
 
 

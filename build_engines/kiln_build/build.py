@@ -71,6 +71,8 @@ class BuildOptions:
     # The served model's request limits the default profiles cover; None: read them from
     # the model folder (its kiln.json, else the registry's defaults).
     limits: ModelLimits | None = None
+    # The config's `preview_decoder` folder; None: the model folder's own, if any.
+    preview_decoder: Path | None = None
     validate: bool = True
     rtol: float = 1e-3
     timing_cache: Path | None = None
@@ -162,7 +164,7 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     from kiln_server.models.loader import ModelFolderError, model_content_hash, read_model_files
 
     try:
-        files = read_model_files(options.model_path)
+        files = read_model_files(options.model_path, options.preview_decoder)
     except ModelFolderError as exc:
         raise EngineError(str(exc)) from exc
     default = default_request(files)
@@ -173,7 +175,8 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     if trt is not None:
         limits = options.limits or _folder_limits(options)
         plan = resolve_plan(options.flags, default, limits, multiple)
-    specs = sdxl_component_specs(files.dims)
+    # The preview decoder is exported when the model has one, like every other component.
+    specs = sdxl_component_specs(files.dims, preview_decoder=files.preview_decoder_path is not None)
     model_hash = model_content_hash(options.model_path)
     out_dir = options.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,14 +233,15 @@ def _onnx_stages(
     from kiln_server.engines.torch_modules import component_module
     from kiln_server.models.loader import load_modules
 
-    modules = load_modules(options.model_path)
+    modules = load_modules(options.model_path, preview_decoder=files.preview_decoder_path)
     torch_modules = {name: component_module(spec, modules) for name, spec in specs.items()}
+    names = [name for name in COMPONENT_NAMES if name in specs]
     out_dir = options.out_dir
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
         cleaned: dict[str, Any] = {}
         start = time.perf_counter()
-        for name in _stage(COMPONENT_NAMES, "export", options.progress, len(COMPONENT_NAMES)):
+        for name in _stage(names, "export", options.progress, len(names)):
             raw = export_component(
                 specs[name],
                 torch_modules[name],
@@ -249,10 +253,10 @@ def _onnx_stages(
             summary.node_counts[name] = (cleaned[name].nodes_before, cleaned[name].nodes_after)
         summary.export_seconds = time.perf_counter() - start
 
-        checks: dict[str, list[dict[str, object]]] = {name: [] for name in COMPONENT_NAMES}
+        checks: dict[str, list[dict[str, object]]] = {name: [] for name in names}
         if options.validate:
             start = time.perf_counter()
-            for name in _stage(COMPONENT_NAMES, "validate", options.progress, len(COMPONENT_NAMES)):
+            for name in _stage(names, "validate", options.progress, len(names)):
                 results = validate_graph(
                     specs[name],
                     torch_modules[name],
@@ -263,7 +267,9 @@ def _onnx_stages(
                 checks[name] = [c.to_json() for c in results]
             summary.validate_seconds = time.perf_counter() - start
 
-        for name in COMPONENT_NAMES:
+        for stale in set(manifest.onnx) - set(names):
+            del manifest.onnx[stale]  # e.g. a preview decoder the model no longer names
+        for name in names:
             report = cleaned[name]
             target = out_dir / f"{name}.onnx"
             external = None
@@ -313,7 +319,8 @@ def _tensorrt_stage(
     staging = Path(tempfile.mkdtemp(prefix=".staging-trt-", dir=out_dir))
     start = time.perf_counter()
     try:
-        for name in _stage(COMPONENT_NAMES, "build", options.progress, len(COMPONENT_NAMES)):
+        names = [name for name in COMPONENT_NAMES if name in specs]
+        for name in _stage(names, "build", options.progress, len(names)):
             spec = specs[name]
             onnx_path = out_dir / manifest.onnx[name].file
             ranges = component_profiles(spec, plan)

@@ -41,6 +41,8 @@ class ResolvedModel:
     default_size: tuple[int, int] | None = None  # (height, width) from the registry
     # Request limits from the registry entry; None: read from the folder at build time.
     limits: ModelLimits | None = None
+    # The config's `preview_decoder` folder; None: the model folder's own, if any.
+    preview_decoder: Path | None = None
 
 
 def resolve_model(name: str | None, path: Path | None, config: Path | None) -> ResolvedModel:
@@ -77,6 +79,7 @@ def resolve_model(name: str | None, path: Path | None, config: Path | None) -> R
             spec.path,
             (spec.default_height, spec.default_width),
             ModelLimits(spec.min_size, spec.max_size, spec.max_num_outputs),
+            spec.preview_decoder,
         )
     if name in BUILTIN_MODELS:
         return ResolvedModel(name, builtin_model_path(name, cache_dir))
@@ -252,6 +255,7 @@ def _run(args: argparse.Namespace) -> int:
         opset=args.opset,
         flags=ProfileFlags(args.batch_sizes, args.min_size, args.max_size, args.vae_batch),
         limits=model.limits,
+        preview_decoder=model.preview_decoder,
         validate=not args.no_validate,
         timing_cache=args.timing_cache,
         workspace_bytes=int(args.workspace_gib * (1 << 30)),

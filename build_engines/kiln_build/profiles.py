@@ -8,15 +8,16 @@ so the defaults cover every request the model's own limits allow:
 - UNet: up to the model's `max_num_outputs` images per call, two rows each under
   classifier-free guidance (16 rows for SDXL's default of 8 images);
 - text encoders: one request's prompts per call (prompt and negative prompt: 2 rows);
-- VAE decoder and encoder: `--vae-batch` images per call (default 1); the pipeline
-  decodes larger requests in chunks of that many;
+- VAE decoder and encoder, and the learned preview decoder: `--vae-batch` images per call
+  (default 1); the pipeline decodes larger requests (and previews) in chunks of that many;
 - sizes: the model's min_size (rounded up to the multiple the exported graphs need,
   `ModelDims.graph_size_multiple`) to its default size; `--max-size` reaches further.
 
-Image-sized components (UNet, VAE) get a static profile first, at the model's default size
-and one image (min = opt = max, so the runtime can replay CUDA graphs), then the dynamic
-profile over the whole range with the static shape as its optimum. The text encoders'
-shapes do not depend on the image, so they get one profile over their rows.
+Image-sized components (UNet, VAE, preview decoder) get a static profile first, at the
+model's default size and one image (min = opt = max, so the runtime can replay CUDA
+graphs), then the dynamic profile over the whole range with the static shape as its
+optimum. The text encoders' shapes do not depend on the image, so they get one profile
+over their rows.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ PRECISION = {
     "unet": "fp16",
     "vae_decoder": "fp32",
     "vae_encoder": "fp32",
+    # TAESD-style decoders are fp16-safe, and a preview is an approximation anyway.
+    "preview_decoder": "fp16",
 }
 DEFAULT_WORKSPACE_BYTES = 8 << 30
 

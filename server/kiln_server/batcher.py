@@ -433,14 +433,17 @@ class Batcher:
         if not due:
             self._output.emit(job, Progress(step, total))
             return
+        size = pipeline.preview_size(state, options)
         try:
-            pixels = pipeline.preview_pixels(state)
+            started = time.perf_counter()
+            pixels = pipeline.preview_pixels(state, options.method, size)
             ready = mark_ready(pixels)
+            # The preview decoder is an engine call: the job pays for it like a step.
+            job.engine_seconds += time.perf_counter() - started
         except Exception:  # a preview is a nicety; never fail the job over it
             logger.exception("preview failed", extra={"request_id": job.request_id})
             self._output.emit(job, Progress(step, total))
             return
-        size = pipeline.preview_size(state, options)
 
         def encode() -> list[JobEvent]:
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kiln_server.engines.base import EngineSet
@@ -106,12 +106,13 @@ def batch_row_limit(model: LoadedModel, server_default: int) -> int:
 def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
     """Pay every first-call cost before SERVING; return the seconds it took.
 
-    A short generation at the model's default size (with a preview) runs every engine
-    once (the VAE encoder separately): the first call allocates buffers and selects
-    kernels, and the second call of a shape is the one TensorRT captures a CUDA graph on,
-    hence two steps. `unet_rows` lists further UNet batch sizes to run at the default
-    size: with torch.compile or CUDA graphs each new shape compiles or captures, so the
-    batch sizes the batcher forms are paid for here, not by a user's request.
+    A short generation at the model's default size (with a preview by every method the
+    model serves, so its preview decoder too) runs every engine once (the VAE encoder
+    separately): the first call allocates buffers and selects kernels, and the second call
+    of a shape is the one TensorRT captures a CUDA graph on, hence two steps. `unet_rows`
+    lists further UNet batch sizes to run at the default size: with torch.compile or CUDA
+    graphs each new shape compiles or captures, so the batch sizes the batcher forms are
+    paid for here, not by a user's request.
     """
     spec = model.spec
     params = spec.default_request(
@@ -122,7 +123,9 @@ def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
     state = pipeline.prepare(params)
     while not state.finished:
         pipeline.denoise_step([state])
-        pipeline.preview(state, params.preview)
+        # Every preview method the model serves (the preview decoder is an engine too).
+        for method in pipeline.limits.preview_methods:
+            pipeline.preview(state, replace(params.preview, method=method))
     pipeline.decode(state).cpu()
     engines = pipeline.engines
     calls = [(engines.unet, rows) for rows in unet_rows]

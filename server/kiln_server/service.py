@@ -189,6 +189,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     backend_reason=served.reason if served else "",
                     max_batch_rows=served.max_batch_rows if served else 0,
                     description=spec.description,
+                    preview_methods=list(limits.preview_methods),
+                    default_preview_method=limits.preview_methods[0],
                 )
             )
         return pb.ListModelsResponse(models=infos, default_model=self.registry.default_model)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
-from kiln_server.engines.limits import EngineLimits
+from kiln_server.engines.limits import PREVIEW_DECODER, PREVIEW_LATENT_RGB, EngineLimits
 from kiln_server.models.registry import ModelRegistry, ModelSpec
 from kiln_server.pipeline.params import GenerationParams, PreviewParams
 from kiln_server.pipeline.schedulers import scheduler_names
@@ -30,6 +30,12 @@ PREVIEW_FORMATS = {
     pb.PREVIEW_FORMAT_UNSPECIFIED: "jpeg",
     pb.PREVIEW_FORMAT_JPEG: "jpeg",
     pb.PREVIEW_FORMAT_WEBP: "webp",
+}
+# Requested methods by enum value; UNSPECIFIED (None) resolves to the model's best.
+PREVIEW_METHODS: dict[int, str | None] = {
+    pb.PREVIEW_METHOD_UNSPECIFIED: None,
+    pb.PREVIEW_METHOD_LATENT_RGB: PREVIEW_LATENT_RGB,
+    pb.PREVIEW_METHOD_DECODER: PREVIEW_DECODER,
 }
 PRIORITIES = {
     pb.PRIORITY_UNSPECIFIED: 2,
@@ -78,6 +84,7 @@ class ServedLimits:
 
     A request outside these is refused before any work, so nothing reaches an engine that
     cannot run it. `max_unet_rows` None means the engines take any batch.
+    `preview_methods` are the preview methods the engines serve, the default first.
     """
 
     size_multiple: int
@@ -87,6 +94,7 @@ class ServedLimits:
     max_height: int
     max_num_outputs: int
     max_unet_rows: int | None = None
+    preview_methods: tuple[str, ...] = (PREVIEW_LATENT_RGB,)
 
     @classmethod
     def of(cls, spec: ModelSpec, engines: EngineLimits | None) -> ServedLimits:
@@ -114,6 +122,7 @@ class ServedLimits:
             max_height,
             spec.max_num_outputs,
             engines.unet_rows,
+            engines.preview_methods,
         )
 
     def size_range(self, axis: str) -> tuple[int, int]:
@@ -293,6 +302,21 @@ def validate_request(
         errors.append(
             FieldViolation("preview.quality", f"must be between 1 and 100, got {preview.quality}")
         )
+    preview_method = limits.preview_methods[0]
+    if preview.method not in PREVIEW_METHODS:
+        errors.append(FieldViolation("preview.method", f"unknown preview method {preview.method}"))
+    else:
+        asked = PREVIEW_METHODS[preview.method]
+        if asked is not None and asked not in limits.preview_methods:
+            errors.append(
+                FieldViolation(
+                    "preview.method",
+                    f"model {spec.name!r} has no learned preview decoder; it previews with "
+                    f"{', '.join(limits.preview_methods)} (leave the method unspecified for "
+                    "the model's best)",
+                )
+            )
+        preview_method = asked or preview_method
 
     if errors:
         raise RequestInvalid(errors)
@@ -314,6 +338,7 @@ def validate_request(
             max_size=preview_size,
             format=PREVIEW_FORMATS[preview.format],
             quality=preview.quality or DEFAULT_PREVIEW_QUALITY,
+            method=preview_method,
         ),
         priority=PRIORITIES[request.priority],
     )

@@ -69,6 +69,7 @@ _FLAG_BY_FIELD = {
     "output_quality": "--quality",
     "preview.every_n_steps": "--preview-every",
     "preview.max_size": "--preview-size",
+    "preview.method": "--preview-method",
     "priority": "--priority",
 }
 
@@ -198,6 +199,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=_non_negative_int,
         default=0,
         help="longest preview side in pixels (server default)",
+    )
+    gen.add_argument(
+        "--preview-method",
+        choices=["latent-rgb", "decoder"],
+        default=None,
+        help="how previews are drawn: the model's learned preview decoder (looks like the "
+        "final image) or the free latent-to-RGB map (default: the model's best; see kiln "
+        "models)",
     )
     gen.add_argument(
         "--priority", choices=["low", "normal", "high"], default="normal", help="queue priority"
@@ -398,6 +407,8 @@ def run_generate(args: argparse.Namespace) -> int:
         format_name = choose_format(args.format, args.out)
         if args.preview_every is not None and args.preview_every > 0 and not args.previews:
             raise UsageError("--preview-every needs --previews DIR to write the previews into")
+        if args.preview_method is not None and not args.previews:
+            raise UsageError("--preview-method needs --previews DIR to write the previews into")
         preview_every = args.preview_every
         if preview_every is None:
             preview_every = 1 if args.previews else 0
@@ -416,6 +427,7 @@ def run_generate(args: argparse.Namespace) -> int:
             output_quality=args.quality,
             preview_every=preview_every,
             preview_max_size=args.preview_size,
+            preview_method=args.preview_method or "auto",
             priority=args.priority,
         )
     except (UsageError, ValueError) as exc:
@@ -481,6 +493,12 @@ def format_models(response: pb.ListModelsResponse) -> str:
         )
         if model.schedulers:
             lines.append(f"  schedulers: {', '.join(model.schedulers)}")
+        if model.preview_methods:
+            methods = [
+                f"{m} (default)" if m == model.default_preview_method else m
+                for m in model.preview_methods
+            ]
+            lines.append(f"  previews: {', '.join(methods)}")
     return "\n".join(lines)
 
 

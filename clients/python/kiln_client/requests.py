@@ -13,10 +13,12 @@ from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 __all__ = [
     "OUTPUT_FORMATS",
     "PREVIEW_FORMATS",
+    "PREVIEW_METHODS",
     "PRIORITIES",
     "build_request",
     "output_format_value",
     "preview_format_value",
+    "preview_method_value",
     "priority_value",
 ]
 
@@ -35,6 +37,15 @@ PREVIEW_FORMATS: dict[str, pb.PreviewFormat.ValueType] = {
 }
 """Accepted `preview_format` names (case-insensitive) and their enum values."""
 
+PREVIEW_METHODS: dict[str, pb.PreviewMethod.ValueType] = {
+    "auto": pb.PREVIEW_METHOD_UNSPECIFIED,
+    "latent_rgb": pb.PREVIEW_METHOD_LATENT_RGB,
+    "latent-rgb": pb.PREVIEW_METHOD_LATENT_RGB,
+    "decoder": pb.PREVIEW_METHOD_DECODER,
+}
+"""Accepted `preview_method` names (case-insensitive; "auto" = the model's best: its learned
+decoder where it has one, else latent_rgb) and their enum values."""
+
 PRIORITIES: dict[str, pb.Priority.ValueType] = {
     "low": pb.PRIORITY_LOW,
     "normal": pb.PRIORITY_NORMAL,
@@ -42,6 +53,8 @@ PRIORITIES: dict[str, pb.Priority.ValueType] = {
 }
 """Accepted `priority` names (case-insensitive) and their enum values."""
 
+# Alternative spellings left out of the choices an error lists.
+_ALIASES = frozenset({"jpg", "latent-rgb"})
 _UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
 
@@ -55,7 +68,7 @@ def _enum_value(
     if isinstance(value, str):
         number = names.get(value.strip().lower())
         if number is None:
-            choices = ", ".join(sorted({k for k in names if k != "jpg"}))
+            choices = ", ".join(sorted({k for k in names if k not in _ALIASES}))
             raise ValueError(f"{argument} must be one of {choices}; got {value!r}")
         return number
     if isinstance(value, int) and not isinstance(value, bool) and value in valid_numbers:
@@ -77,6 +90,15 @@ def preview_format_value(value: str | int) -> pb.PreviewFormat.ValueType:
         "preview_format", value, dict(PREVIEW_FORMATS), list(pb.PreviewFormat.values())
     )
     return pb.PreviewFormat.ValueType(number)
+
+
+def preview_method_value(value: str | int) -> pb.PreviewMethod.ValueType:
+    """The `PreviewMethod` for "auto" / "latent_rgb" / "decoder" (or an enum value);
+    ValueError if unknown."""
+    number = _enum_value(
+        "preview_method", value, dict(PREVIEW_METHODS), list(pb.PreviewMethod.values())
+    )
+    return pb.PreviewMethod.ValueType(number)
 
 
 def priority_value(value: str | int) -> pb.Priority.ValueType:
@@ -112,13 +134,16 @@ def build_request(
     preview_format: str | int = "jpeg",
     priority: str | int = "normal",
     preview_quality: int = 0,
+    preview_method: str | int = "auto",
 ) -> pb.GenerateRequest:
     """Build a `GenerateRequest`; zero / empty / None arguments mean "the model's default".
 
     `seed` and `guidance_scale` stay absent from the message when None (a random seed, the
     model's guidance). Previews are requested only when `preview_every` > 0, every that many
     steps, at most `preview_max_size` pixels on the long side (0 = server default).
-    `output_format`, `preview_format` and `priority` take a name or the enum value.
+    `preview_method` is "auto" (the model's best: its learned preview decoder where it has
+    one), "latent_rgb" or "decoder". `output_format`, `preview_format`, `preview_method` and
+    `priority` take a name or the enum value.
 
     Raises:
         ValueError: an argument the message cannot carry (unknown format or priority name,
@@ -150,6 +175,7 @@ def build_request(
     preview_max_size = _unsigned("preview_max_size", preview_max_size)
     preview_quality = _unsigned("preview_quality", preview_quality)
     preview_kind = preview_format_value(preview_format)
+    method = preview_method_value(preview_method)
     if preview_every > 0:
         request.preview.CopyFrom(
             pb.PreviewOptions(
@@ -157,6 +183,7 @@ def build_request(
                 max_size=preview_max_size,
                 format=preview_kind,
                 quality=preview_quality,
+                method=method,
             )
         )
     return request

@@ -53,7 +53,8 @@ class ServedModel:
     """A model the core has loaded and warmed up, and what its engines can run.
 
     `placement` is its device and precision ("cuda:0 fp16"), `reason` why its backend was
-    chosen; validation and ListModels read `limits`.
+    chosen; validation and ListModels read `limits` (its sizes, rows, and whether the
+    engines include a learned preview decoder, hence which preview methods are served).
     """
 
     name: str

@@ -50,6 +50,9 @@ class EngineSet:
     unet: Engine
     vae_decoder: Engine
     vae_encoder: Engine | None = None
+    # The learned preview decoder, for models that have one (previews then look like the
+    # final image); None: previews use the latent-to-RGB map only.
+    preview_decoder: Engine | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     placement: str = "cpu fp32"
     reason: str = ""

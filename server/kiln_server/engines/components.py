@@ -201,10 +201,9 @@ def unet_spec(dims: ModelDims) -> ComponentSpec:
     )
 
 
-def vae_decoder_spec(dims: ModelDims) -> ComponentSpec:
-    """VAE decoder: latents (already divided by the scaling factor) to images in [-1, 1]."""
+def _latent_to_image(name: str, dims: ModelDims) -> ComponentSpec:
     return ComponentSpec(
-        name="vae_decoder",
+        name=name,
         inputs=(
             TensorSpec(
                 "latent",
@@ -219,6 +218,11 @@ def vae_decoder_spec(dims: ModelDims) -> ComponentSpec:
         ),
         dims=dims,
     )
+
+
+def vae_decoder_spec(dims: ModelDims) -> ComponentSpec:
+    """VAE decoder: latents (already divided by the scaling factor) to images in [-1, 1]."""
+    return _latent_to_image("vae_decoder", dims)
 
 
 def vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
@@ -241,15 +245,39 @@ def vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
     )
 
 
-COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+def preview_decoder_spec(dims: ModelDims) -> ComponentSpec:
+    """Learned preview decoder (AutoencoderTiny's decoder): the UNet-space latents (scaled
+    by the VAE's scaling factor, as the denoising loop holds them) to images in [-1, 1] at
+    full image size."""
+    return _latent_to_image("preview_decoder", dims)
 
 
-def sdxl_component_specs(dims: ModelDims) -> dict[str, ComponentSpec]:
-    """Every component of an SDXL-family model, keyed by name, in COMPONENT_NAMES order."""
-    return {
+COMPONENT_NAMES = (
+    "text_encoder",
+    "text_encoder_2",
+    "unet",
+    "vae_decoder",
+    "vae_encoder",
+    "preview_decoder",
+)
+# Components only some models have: the rest are in every SDXL-family model.
+OPTIONAL_COMPONENTS = ("preview_decoder",)
+
+
+def sdxl_component_specs(
+    dims: ModelDims, *, preview_decoder: bool = True
+) -> dict[str, ComponentSpec]:
+    """Every component of an SDXL-family model, keyed by name, in COMPONENT_NAMES order.
+
+    `preview_decoder=False` leaves out the learned preview decoder (a model without one).
+    """
+    specs = {
         "text_encoder": text_encoder_spec(dims),
         "text_encoder_2": text_encoder_2_spec(dims),
         "unet": unet_spec(dims),
         "vae_decoder": vae_decoder_spec(dims),
         "vae_encoder": vae_encoder_spec(dims),
     }
+    if preview_decoder:
+        specs["preview_decoder"] = preview_decoder_spec(dims)
+    return specs

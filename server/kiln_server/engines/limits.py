@@ -18,6 +18,10 @@ from kiln_server.engines.base import Engine, EngineSet
 from kiln_server.engines.buffers import request_from_shapes
 from kiln_server.engines.components import ModelDims, ShapeRequest
 
+# Preview method names, as ListModels reports them and PreviewParams carries them.
+PREVIEW_LATENT_RGB = "latent_rgb"
+PREVIEW_DECODER = "decoder"
+
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -27,6 +31,9 @@ class EngineLimits:
     under classifier-free guidance); `vae_decoder_images` and `vae_encoder_images` the most
     images one VAE call takes (the pipeline decodes larger requests in chunks of that
     many); `text_encoder_prompts` the most prompts one text-encoder call takes.
+    `preview_decoder` says whether the set has a learned preview decoder (the one fact
+    validation and ListModels read to offer the "decoder" preview method), and
+    `preview_decoder_images` the most images one call of it takes.
     """
 
     size_multiple: int
@@ -38,6 +45,15 @@ class EngineLimits:
     vae_decoder_images: int | None = None
     vae_encoder_images: int | None = None
     text_encoder_prompts: int | None = None
+    preview_decoder: bool = False
+    preview_decoder_images: int | None = None
+
+    @property
+    def preview_methods(self) -> tuple[str, ...]:
+        """Preview methods these engines serve, the default (best) first."""
+        if self.preview_decoder:
+            return (PREVIEW_DECODER, PREVIEW_LATENT_RGB)
+        return (PREVIEW_LATENT_RGB,)
 
     def size_range(self, axis: str) -> tuple[int | None, int | None]:
         """(min, max) pixels along `axis` ('width' or 'height')."""
@@ -62,6 +78,11 @@ class EngineLimits:
             ("text encoder prompts", self.text_encoder_prompts),
         ):
             parts.append(f"{label} {value if value is not None else 'any'}")
+        if self.preview_decoder:
+            images = self.preview_decoder_images
+            parts.append(f"preview decoder images {images if images is not None else 'any'}")
+        else:
+            parts.append("no preview decoder")
         return ", ".join(parts)
 
 
@@ -95,9 +116,10 @@ def _merge(current: int | None, value: int, pick: Any) -> int:
 def declared_limits(engines: EngineSet, dims: ModelDims) -> EngineLimits:
     """The limits of `engines` (a model with `dims`), read from the engines themselves.
 
-    Image sizes are bounded by the UNet's and the VAE decoder's profiles together: a size
-    either cannot run is refused. The size multiple is the VAE scale factor for eager
-    torch, and the graphs' multiple for exported backends.
+    Image sizes are bounded by the UNet's, the VAE decoder's and (when present) the preview
+    decoder's profiles together: a size any of them cannot run is refused. The size
+    multiple is the VAE scale factor for eager torch, and the graphs' multiple for
+    exported backends.
     """
     multiple = dims.vae_scale_factor if engines.backend == "torch" else dims.graph_size_multiple
     bounds: dict[str, int | None] = {
@@ -107,6 +129,9 @@ def declared_limits(engines: EngineSet, dims: ModelDims) -> EngineLimits:
         "max_height": None,
     }
     per_component: Mapping[str, Engine] = {"unet": engines.unet, "vae_decoder": engines.vae_decoder}
+    if engines.preview_decoder is not None:
+        # Built over the VAE decoder's ranges; a size it could not preview is refused too.
+        per_component = {**per_component, "preview_decoder": engines.preview_decoder}
     for engine in per_component.values():
         ranges = engine_shape_ranges(engine)
         if ranges is None:
@@ -129,5 +154,7 @@ def declared_limits(engines: EngineSet, dims: ModelDims) -> EngineLimits:
         vae_decoder_images=_max_batch(engines.vae_decoder),
         vae_encoder_images=_max_batch(engines.vae_encoder),
         text_encoder_prompts=min(text_rows) if text_rows else None,
+        preview_decoder=engines.preview_decoder is not None,
+        preview_decoder_images=_max_batch(engines.preview_decoder),
         **bounds,
     )

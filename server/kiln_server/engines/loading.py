@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The pipeline cannot run without these; the VAE encoder (img2img) is loaded when present.
+# The pipeline cannot run without these; the VAE encoder (img2img) and the learned preview
+# decoder are loaded when present.
 REQUIRED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
 
 
@@ -132,14 +133,20 @@ def load_engine_set(
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    specs = sdxl_component_specs(files.dims)
+    has_preview_decoder = files.preview_decoder_path is not None
+    specs = sdxl_component_specs(files.dims, preview_decoder=has_preview_decoder)
+    # A model with a preview decoder needs its graph: engines built without it are stale.
+    required = REQUIRED_COMPONENTS + (("preview_decoder",) if has_preview_decoder else ())
     placement = placement or Placement(torch.device("cpu"), torch.float32)
     if backend == "torch":
         from kiln_server.engines.torch_engine import load_torch_engines, vae_dtype
         from kiln_server.models.loader import load_modules
 
         modules = load_modules(
-            files.path, placement.dtype, vae_dtype(placement.dtype, files.vae_force_upcast)
+            files.path,
+            placement.dtype,
+            vae_dtype(placement.dtype, files.vae_force_upcast),
+            preview_decoder=files.preview_decoder_path,
         )
         return load_torch_engines(modules, files.dims, placement, vae_upcast=files.vae_force_upcast)
     if placement.compile or placement.cuda_graphs:
@@ -179,7 +186,7 @@ def load_engine_set(
         from kiln_server.engines.onnxruntime_engine import OnnxRuntimeEngine, default_providers
 
         paths = check_onnx_engines(
-            manifest, specs, ctx, required=REQUIRED_COMPONENTS, verify_hash=verify_hashes
+            manifest, specs, ctx, required=required, verify_hash=verify_hashes
         )
         providers = default_providers(device)
         device = (
@@ -200,7 +207,7 @@ def load_engine_set(
 
         assert machine is not None
         found = check_tensorrt_engines(
-            manifest, specs, ctx, machine, required=REQUIRED_COMPONENTS, verify_hash=verify_hashes
+            manifest, specs, ctx, machine, required=required, verify_hash=verify_hashes
         )
         if placement.device.type != "cuda":
             raise EngineError(
@@ -223,6 +230,7 @@ def load_engine_set(
         unet=engines["unet"],
         vae_decoder=engines["vae_decoder"],
         vae_encoder=engines.get("vae_encoder"),
+        preview_decoder=engines.get("preview_decoder"),
     )
 
 

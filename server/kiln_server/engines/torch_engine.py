@@ -157,23 +157,29 @@ def load_torch_engines(
     `vae_upcast` is the VAE config's `force_upcast`: with fp16 the VAE then stays fp32.
     With `placement.compile` the UNet is wrapped in torch.compile (compiled on its first
     calls, i.e. during warm-up); with `placement.cuda_graphs` each UNet call shape is
-    captured on its first call and replayed after.
+    captured on its first call and replayed after. A preview decoder in `modules` becomes
+    the set's `preview_decoder` engine, in the compute dtype.
     """
     placement = placement or Placement(torch.device("cpu"), torch.float32)
     device, dtype = placement.device, placement.dtype
     vae_precision = vae_dtype(dtype, vae_upcast)
-    for module, precision in (
+    preview_decoder = getattr(modules, "preview_decoder", None)
+    networks: list[tuple[Any, torch.dtype]] = [
         (modules.unet, dtype),
         (modules.text_encoder, dtype),
         (modules.text_encoder_2, dtype),
         (modules.vae, vae_precision),
-    ):
+    ]
+    if preview_decoder is not None:
+        # TAESD-style decoders are fp16-safe (taesdxl is published for fp16 use).
+        networks.append((preview_decoder, dtype))
+    for module, precision in networks:
         # Cast only when needed: load_modules already loads in the right precision, and
         # diffusers warns on every `.to(dtype)`.
         if module.dtype != precision:
             module.to(dtype=precision)
         module.to(device=device)
-    specs = sdxl_component_specs(dims)
+    specs = sdxl_component_specs(dims, preview_decoder=preview_decoder is not None)
     pool = torch.cuda.graph_pool_handle() if placement.cuda_graphs else None
     engines: dict[str, TorchEngine] = {}
     for name, spec in specs.items():
@@ -204,6 +210,7 @@ def load_torch_engines(
         unet=engines["unet"],
         vae_decoder=engines["vae_decoder"],
         vae_encoder=engines["vae_encoder"],
+        preview_decoder=engines.get("preview_decoder"),
         device=device,
         placement=description,
     )

@@ -85,6 +85,21 @@ class VAEEncoderModule(nn.Module):
         return self.vae.encode(images, return_dict=False)[0].mean
 
 
+class PreviewDecoderModule(nn.Module):
+    """Learned preview decoder: UNet-space latents to images in [-1, 1] at full size.
+
+    `AutoencoderTiny.decode` clamps the latents (tanh) and maps the decoder's [0, 1]
+    output to [-1, 1], as `AutoencoderTiny.decode(latent).sample` returns it.
+    """
+
+    def __init__(self, decoder: Any) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder.decode(latent, return_dict=False)[0]
+
+
 def component_module(spec: ComponentSpec, modules: Any) -> nn.Module:
     """The wrapper for `spec.name` around the loaded SDXLModules, in eval mode."""
     builders = {
@@ -93,8 +108,11 @@ def component_module(spec: ComponentSpec, modules: Any) -> nn.Module:
         "unet": lambda: UNetModule(modules.unet),
         "vae_decoder": lambda: VAEDecoderModule(modules.vae),
         "vae_encoder": lambda: VAEEncoderModule(modules.vae),
+        "preview_decoder": lambda: PreviewDecoderModule(modules.preview_decoder),
     }
     if spec.name not in builders:
         raise KeyError(f"no torch module for component {spec.name!r}")
+    if spec.name == "preview_decoder" and getattr(modules, "preview_decoder", None) is None:
+        raise KeyError("this model has no preview decoder")
     module: nn.Module = builders[spec.name]()
     return module.eval()

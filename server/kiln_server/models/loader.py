@@ -2,7 +2,8 @@
 
 The same code loads Kiln's embedded model and a real SDXL base checkpoint: `model_index.json`
 plus `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`,
-`scheduler/`. An optional `kiln.json` carries Kiln's serving defaults for the model.
+`scheduler/`. An optional `kiln.json` carries Kiln's serving defaults for the model, and an
+optional `preview_decoder/` (a diffusers AutoencoderTiny folder) its learned preview decoder.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ REQUIRED_SUBFOLDERS = (
     "tokenizer_2",
     "scheduler",
 )
+PREVIEW_DECODER_SUBFOLDER = "preview_decoder"
 
 
 class ModelFolderError(ValueError):
@@ -40,12 +42,16 @@ class ModelFolderError(ValueError):
 
 @dataclass
 class SDXLModules:
-    """The torch modules of one model, in eval mode on the CPU."""
+    """The torch modules of one model, in eval mode on the CPU.
+
+    `preview_decoder` is the learned preview decoder (an AutoencoderTiny) or None.
+    """
 
     unet: Any
     vae: Any
     text_encoder: Any
     text_encoder_2: Any
+    preview_decoder: Any = None
 
 
 @dataclass
@@ -62,6 +68,8 @@ class SDXLModelFiles:
     force_zeros_for_empty_prompt: bool = True
     # The VAE overflows in fp16 and must decode in fp32 (SDXL base's VAE says so).
     vae_force_upcast: bool = True
+    # The AutoencoderTiny folder of the model's learned preview decoder; None: it has none.
+    preview_decoder_path: Path | None = None
 
 
 def check_model_folder(path: Path) -> None:
@@ -88,11 +96,31 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_model_files(path: Path) -> SDXLModelFiles:
-    """Read tokenizers and configs (no weights) and derive the model's dims."""
+def find_preview_decoder(path: Path, override: Path | None = None) -> Path | None:
+    """The preview decoder folder of the model in `path`: `override` when given (it must
+    be an AutoencoderTiny folder, else ModelFolderError), else the model's own
+    `preview_decoder/` when present, else None."""
+    if override is not None:
+        if not (override / "config.json").is_file():
+            raise ModelFolderError(
+                f"preview_decoder {override} is not a diffusers AutoencoderTiny folder "
+                "(no config.json); point it at a local folder such as madebyollin/taesdxl"
+            )
+        return override
+    own = path / PREVIEW_DECODER_SUBFOLDER
+    return own if (own / "config.json").is_file() else None
+
+
+def read_model_files(path: Path, preview_decoder: Path | None = None) -> SDXLModelFiles:
+    """Read tokenizers and configs (no weights) and derive the model's dims.
+
+    `preview_decoder` names a preview decoder folder outside the model's (a config's
+    `preview_decoder` key); by default the model's own `preview_decoder/` is used if any.
+    """
     from transformers import CLIPTokenizer
 
     check_model_folder(path)
+    decoder_path = find_preview_decoder(path, preview_decoder)
     index = _read_json(path / "model_index.json")
     text_config = _read_json(path / "text_encoder" / "config.json")
     text_config_2 = _read_json(path / "text_encoder_2" / "config.json")
@@ -129,18 +157,25 @@ def read_model_files(path: Path) -> SDXLModelFiles:
         kiln_config=_read_json(kiln_file) if kiln_file.is_file() else {},
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         vae_force_upcast=bool(vae_config.get("force_upcast", True)),
+        preview_decoder_path=decoder_path,
     )
 
 
 def load_modules(
-    path: Path, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype | None = None,
+    *,
+    preview_decoder: Path | None = None,
 ) -> SDXLModules:
-    """Load the four networks' weights from the folder onto the CPU, in eval mode.
+    """Load the networks' weights from the folder onto the CPU, in eval mode.
 
     UNet and text encoders load in `dtype`, the VAE in `vae_dtype` (default `dtype`), so
-    an fp16 model is never materialized in fp32 on the way to the GPU.
+    an fp16 model is never materialized in fp32 on the way to the GPU. The preview decoder
+    (`find_preview_decoder(path, preview_decoder)`) loads as an AutoencoderTiny in `dtype`
+    when there is one.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     check_model_folder(path)
@@ -153,8 +188,18 @@ def load_modules(
             path / "text_encoder_2", dtype=dtype
         ),
     )
-    for module in (modules.unet, modules.vae, modules.text_encoder, modules.text_encoder_2):
-        module.eval().requires_grad_(False)
+    decoder_path = find_preview_decoder(path, preview_decoder)
+    if decoder_path is not None:
+        modules.preview_decoder = AutoencoderTiny.from_pretrained(decoder_path, torch_dtype=dtype)
+    for module in (
+        modules.unet,
+        modules.vae,
+        modules.text_encoder,
+        modules.text_encoder_2,
+        modules.preview_decoder,
+    ):
+        if module is not None:
+            module.eval().requires_grad_(False)
     return modules
 
 

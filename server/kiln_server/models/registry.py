@@ -46,6 +46,9 @@ class ModelSpec:
     max_guidance_scale: float = 50.0
     # None: the server-wide setting (`--max-batch-rows`, KILN_MAX_BATCH_ROWS) applies.
     max_batch_rows: int | None = None
+    # A local AutoencoderTiny folder (e.g. madebyollin/taesdxl) to preview with instead of
+    # the model folder's own `preview_decoder/`; None: the folder's own, if any.
+    preview_decoder: Path | None = None
 
     def default_request(self, prompt: str, **overrides: Any) -> GenerationParams:
         """This model's default request for `prompt`: its default size, steps, guidance and
@@ -111,7 +114,8 @@ def _folder_defaults(path: Path) -> dict[str, Any]:
     if not kiln_file.is_file():
         return {}
     data = json.loads(kiln_file.read_text())
-    return {k: v for k, v in data.items() if k in SPEC_KEYS}
+    # A preview decoder outside the folder is the server config's to name, not the folder's.
+    return {k: v for k, v in data.items() if k in SPEC_KEYS and k != "preview_decoder"}
 
 
 def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
@@ -145,7 +149,8 @@ class ModelRegistry:
         """Build from a parsed TOML config (its `models` list and `server.default_model`).
 
         Each entry has `name` and either `path` (a diffusers SDXL folder, relative paths
-        resolved against the config's directory via `_config_dir`) or `builtin`.
+        resolved against the config's directory via `_config_dir`) or `builtin`, and may
+        name a `preview_decoder` folder (resolved like `path`).
         """
         entries = config.get("models") or []
         if not isinstance(entries, list):
@@ -166,6 +171,11 @@ class ModelRegistry:
                 path = builtin_model_path(str(entry.pop("builtin")), cache_dir)
             else:
                 raise RegistryError(f"model {name!r} needs `path` or `builtin`")
+            if "preview_decoder" in entry:
+                decoder = Path(str(entry.pop("preview_decoder"))).expanduser()
+                entry["preview_decoder"] = (
+                    decoder if decoder.is_absolute() else ((base / decoder).resolve())
+                )
             models[name] = make_spec(name, path, entry)
         if not models:
             name = default_builtin_name()

@@ -151,6 +151,11 @@ KILN_DEFAULTS: dict[str, Any] = {
     "max_num_outputs": 8,
 }
 
+# madebyollin/taesdxl's architecture (diffusers' AutoencoderTiny defaults): the learned
+# preview decoder real SDXL deployments point `preview_decoder` at, so its cost is
+# measured on the real shapes.
+PREVIEW_DECODER_CONFIG: dict[str, Any] = {}
+
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TRANSFORMERS_WEIGHTS = "model.safetensors"
 
@@ -165,6 +170,7 @@ class Architecture:
     text_encoder_2: dict[str, Any] = field(default_factory=lambda: dict(TEXT_ENCODER_2_CONFIG))
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
     kiln: dict[str, Any] = field(default_factory=lambda: dict(KILN_DEFAULTS))
+    preview_decoder: dict[str, Any] = field(default_factory=lambda: dict(PREVIEW_DECODER_CONFIG))
 
     def fingerprint(self) -> str:
         """Names these exact weights and configs: a hash of the revision, the seed and every
@@ -178,6 +184,7 @@ class Architecture:
                 self.text_encoder,
                 self.text_encoder_2,
                 self.scheduler,
+                self.preview_decoder,
             ],
             sort_keys=True,
         )
@@ -210,13 +217,14 @@ class Init:
 
 
 def meta_components(arch: Architecture = SDXL_BASE) -> list[Component]:
-    """The four networks of `arch` built on the `meta` device: shapes, no storage."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """The networks of `arch` built on the `meta` device: shapes, no storage."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
         unet: Any = UNet2DConditionModel(**arch.unet)
         vae: Any = AutoencoderKL(**arch.vae)
+        preview_decoder: Any = AutoencoderTiny(**arch.preview_decoder)
         text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_encoder_2))
     return [
@@ -224,6 +232,7 @@ def meta_components(arch: Architecture = SDXL_BASE) -> list[Component]:
         Component("vae", vae, DIFFUSERS_WEIGHTS),
         Component("text_encoder", text_encoder, TRANSFORMERS_WEIGHTS),
         Component("text_encoder_2", text_encoder_2, TRANSFORMERS_WEIGHTS),
+        Component("preview_decoder", preview_decoder, DIFFUSERS_WEIGHTS),
     ]
 
 

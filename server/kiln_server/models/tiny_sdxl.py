@@ -22,7 +22,7 @@ from kiln_server.models.layout import staged_folder, write_model_index
 
 TINY_SDXL_NAME = "kiln-tiny-sdxl"
 # Bump when any config below changes, so cached copies are rebuilt.
-TINY_SDXL_REVISION = 1
+TINY_SDXL_REVISION = 2
 WEIGHT_SEED = 20261123
 
 TEXT_ENCODER_CONFIG: dict[str, Any] = {
@@ -71,6 +71,19 @@ VAE_CONFIG: dict[str, Any] = {
     "force_upcast": False,
 }
 
+# A learned preview decoder of the AutoencoderTiny architecture (taesdxl's layout at small
+# width): random weights, so every backend's preview-decoder path runs in the tests.
+PREVIEW_DECODER_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "encoder_block_out_channels": [8, 8, 8, 8],
+    "decoder_block_out_channels": [8, 8, 8, 8],
+    "num_encoder_blocks": [1, 1, 1, 1],
+    "num_decoder_blocks": [1, 1, 1, 1],
+    "scaling_factor": 1.0,
+}
+
 # SDXL base's scheduler config (EulerDiscreteScheduler, "leading" spacing).
 SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
@@ -104,7 +117,14 @@ KILN_DEFAULTS: dict[str, Any] = {
 def config_fingerprint() -> str:
     """Hash of every config and the seed: names the cached build of this exact model."""
     blob = json.dumps(
-        [TEXT_ENCODER_CONFIG, UNET_CONFIG, VAE_CONFIG, SCHEDULER_CONFIG, WEIGHT_SEED],
+        [
+            TEXT_ENCODER_CONFIG,
+            UNET_CONFIG,
+            VAE_CONFIG,
+            PREVIEW_DECODER_CONFIG,
+            SCHEDULER_CONFIG,
+            WEIGHT_SEED,
+        ],
         sort_keys=True,
     )
     return hashlib.sha256(f"{TINY_SDXL_REVISION}:{blob}".encode()).hexdigest()[:12]
@@ -116,7 +136,12 @@ def write_tiny_sdxl(folder: Path) -> Path:
     The same revision always yields the same weights, so images are reproducible across
     servers. Writes into a temporary sibling first, so a crash never leaves half a model.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderTiny,
+        EulerDiscreteScheduler,
+        UNet2DConditionModel,
+    )
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -138,6 +163,17 @@ def write_tiny_sdxl(folder: Path) -> Path:
         CLIPTextModel(text_config).save_pretrained(staging / "text_encoder")
         torch.manual_seed(WEIGHT_SEED + 3)
         CLIPTextModelWithProjection(text_config).save_pretrained(staging / "text_encoder_2")
+        torch.manual_seed(WEIGHT_SEED + 4)
+        preview: Any = AutoencoderTiny(**PREVIEW_DECODER_CONFIG)
+        with torch.no_grad():
+            # Default init draws a near-black image whatever the latents; a wider, centred
+            # last layer spreads the output over the colour range, so previews of
+            # different latents differ visibly.
+            last = preview.decoder.layers[-1]
+            last.weight.mul_(6.0)
+            last.bias.add_(0.6)
+        # Only the decoder is used; fp16, as a trained one ships.
+        preview.half().save_pretrained(staging / "preview_decoder")
         tokenizer, tokenizer_2 = sdxl_tokenizers()
         tokenizer.save_pretrained(staging / "tokenizer")
         tokenizer_2.save_pretrained(staging / "tokenizer_2")

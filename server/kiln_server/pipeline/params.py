@@ -7,12 +7,15 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class PreviewParams:
-    """Previews every `every_n_steps` steps (0 = none), longest side `max_size` pixels."""
+    """Previews every `every_n_steps` steps (0 = none), longest side `max_size` pixels,
+    drawn by `method` ("latent_rgb" or "decoder"; None: the model's best, its learned
+    decoder when it has one). Validation always resolves the method."""
 
     every_n_steps: int = 0
     max_size: int = 256
     format: str = "jpeg"
     quality: int = 75
+    method: str | None = None
 
 
 @dataclass(frozen=True)

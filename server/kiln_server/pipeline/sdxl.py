@@ -2,7 +2,8 @@
 
 `prepare` turns a request into a DenoiseState (prompt embeddings, seeded latents, its own
 scheduler); `denoise_step` advances any number of states that share a latent shape with a
-single UNet call, each row carrying its own timestep; `decode` runs the VAE. The result for
+single UNet call, each row carrying its own timestep; `decode` runs the VAE;
+`preview_pixels` draws a preview (latent-to-RGB map or the learned preview decoder). The result for
 one request equals diffusers' StableDiffusionXLPipeline on the same components, seeds and
 scheduler (tests compare them). The pipeline never knows which runtime runs its engines.
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from kiln_server.engines.base import EngineSet
-from kiln_server.engines.limits import declared_limits
+from kiln_server.engines.limits import PREVIEW_LATENT_RGB, declared_limits
 from kiln_server.models.loader import SDXLModelFiles
 from kiln_server.pipeline.params import GenerationParams, PreviewParams
 from kiln_server.pipeline.previews import EncodedPreview, LatentPreviewer
@@ -238,16 +239,56 @@ class SDXLPipeline:
         full_size = max(params.width * params.num_outputs, params.height)
         return min(options.max_size, full_size)
 
-    def preview_pixels(self, state: DenoiseState) -> torch.Tensor:
-        """The current prediction of the clean image (or the latents) as small RGB pixels:
-        uint8 [h, N*w, 3] on the engines' device, outputs side by side, at latent size."""
+    def preview_method(self, method: str | None) -> str:
+        """The preview method `method` names; None: the best this model's engines serve
+        (the learned decoder when they have one). ValueError for one they do not serve."""
+        methods = self.limits.preview_methods
+        if method is None:
+            return methods[0]
+        if method not in methods:
+            raise ValueError(
+                f"preview method {method!r} is not served for this model; it serves "
+                f"{', '.join(methods)}"
+            )
+        return method
+
+    def preview_pixels(
+        self, state: DenoiseState, method: str | None = None, size: int | None = None
+    ) -> torch.Tensor:
+        """The current prediction of the clean image (the latents before the first step) as
+        RGB pixels: uint8 [h, N*w, 3] on the engines' device, outputs side by side.
+
+        "latent_rgb" maps each latent pixel linearly to RGB, at latent size. "decoder" runs
+        the learned preview decoder (in chunks of its declared images per call) and, when
+        `size` is given, downscales the strip on the device so its longest side is `size`
+        (the host copy and the encode then stay small); else it stays at full image size.
+        `method` None is the model's best (`preview_method`).
+        """
         latents = state.denoised if state.denoised is not None else state.latents
-        return self.previewer.to_rgb(latents)
+        if self.preview_method(method) == PREVIEW_LATENT_RGB:
+            return self.previewer.to_rgb(latents)
+        assert self.engines.preview_decoder is not None
+        decoder = self.engines.preview_decoder
+        chunk = self.limits.preview_decoder_images or latents.shape[0]
+        pieces = [decoder.infer({"latent": part})["images"] for part in latents.split(chunk)]
+        images = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        # [N, 3, H, W] -> [1, 3, H, N*W]: the outputs side by side, as the encoder expects.
+        strip = torch.cat(list(images.float()), dim=-1).unsqueeze(0)
+        height, width = strip.shape[-2:]
+        if size is not None and max(height, width) > size:
+            # The same target size LatentPreviewer.encode computes, so it resizes no further.
+            scale = size / max(height, width)
+            target = (max(1, round(height * scale)), max(1, round(width * scale)))
+            strip = torch.nn.functional.interpolate(
+                strip, size=target, mode="bilinear", antialias=True
+            )
+        rgb = (strip[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0)
+        return (rgb * 255).round().to(torch.uint8).contiguous()
 
     def preview(self, state: DenoiseState, options: PreviewParams) -> EncodedPreview:
         """An encoded preview now, on the calling thread (warm-up and the reference path)."""
-        pixels = self.preview_pixels(state).cpu().numpy()
         size = self.preview_size(state, options)
+        pixels = self.preview_pixels(state, options.method, size).cpu().numpy()
         return self.previewer.encode(pixels, size, options.format, options.quality)
 
     def generate(self, params: GenerationParams) -> list[np.ndarray]:

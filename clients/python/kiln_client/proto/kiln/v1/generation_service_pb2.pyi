@@ -65,6 +65,44 @@ PREVIEW_FORMAT_JPEG: PreviewFormat.ValueType  # 1
 PREVIEW_FORMAT_WEBP: PreviewFormat.ValueType  # 2
 Global___PreviewFormat: _TypeAlias = PreviewFormat  # noqa: Y015
 
+class _PreviewMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PreviewMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PreviewMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PREVIEW_METHOD_UNSPECIFIED: _PreviewMethod.ValueType  # 0
+    """Unspecified means the model's best: its learned preview decoder where it has one
+    (ModelInfo.preview_methods lists "decoder"), else the latent-to-RGB map.
+    """
+    PREVIEW_METHOD_LATENT_RGB: _PreviewMethod.ValueType  # 1
+    """A linear map from each latent pixel to RGB: free, blocky (one pixel per latent pixel)
+    and only roughly right in colour.
+    """
+    PREVIEW_METHOD_DECODER: _PreviewMethod.ValueType  # 2
+    """The model's learned preview decoder (a tiny AutoencoderTiny-style decoder distilled
+    from its VAE): previews that look like the final image. INVALID_ARGUMENT for a model
+    without one.
+    """
+
+class PreviewMethod(_PreviewMethod, metaclass=_PreviewMethodEnumTypeWrapper):
+    """PreviewMethod is how progress previews are drawn from the latents."""
+
+PREVIEW_METHOD_UNSPECIFIED: PreviewMethod.ValueType  # 0
+"""Unspecified means the model's best: its learned preview decoder where it has one
+(ModelInfo.preview_methods lists "decoder"), else the latent-to-RGB map.
+"""
+PREVIEW_METHOD_LATENT_RGB: PreviewMethod.ValueType  # 1
+"""A linear map from each latent pixel to RGB: free, blocky (one pixel per latent pixel)
+and only roughly right in colour.
+"""
+PREVIEW_METHOD_DECODER: PreviewMethod.ValueType  # 2
+"""The model's learned preview decoder (a tiny AutoencoderTiny-style decoder distilled
+from its VAE): previews that look like the final image. INVALID_ARGUMENT for a model
+without one.
+"""
+Global___PreviewMethod: _TypeAlias = PreviewMethod  # noqa: Y015
+
 class _Priority:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -99,6 +137,7 @@ class PreviewOptions(_message.Message):
     MAX_SIZE_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
     every_n_steps: _builtins.int
     """Send a preview every N denoising steps; 0 sends none."""
     max_size: _builtins.int
@@ -106,6 +145,8 @@ class PreviewOptions(_message.Message):
     format: Global___PreviewFormat.ValueType
     quality: _builtins.int
     """JPEG/WebP quality 1-100; 0 means the server default (75)."""
+    method: Global___PreviewMethod.ValueType
+    """How previews are drawn; unspecified means the model's default_preview_method."""
     def __init__(
         self,
         *,
@@ -113,10 +154,11 @@ class PreviewOptions(_message.Message):
         max_size: _builtins.int = ...,
         format: Global___PreviewFormat.ValueType = ...,
         quality: _builtins.int = ...,
+        method: Global___PreviewMethod.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["every_n_steps", b"every_n_steps", "format", b"format", "max_size", b"max_size", "quality", b"quality"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["every_n_steps", b"every_n_steps", "format", b"format", "max_size", b"max_size", "method", b"method", "quality", b"quality"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,6 +510,8 @@ class ModelInfo(_message.Message):
     BACKEND_REASON_FIELD_NUMBER: _builtins.int
     MAX_BATCH_ROWS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PREVIEW_METHODS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PREVIEW_METHOD_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     family: _builtins.str
     """Architecture family, e.g. "sdxl"."""
@@ -495,8 +539,16 @@ class ModelInfo(_message.Message):
     """Most UNet rows one denoising step runs for this model (two per image under guidance)."""
     description: _builtins.str
     """What the model is, from its configuration (e.g. that a benchmark model draws noise)."""
+    default_preview_method: _builtins.str
+    """The method an unspecified PreviewOptions.method gets ("decoder" where available)."""
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def preview_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Preview methods this model serves: "latent_rgb" always, "decoder" when it has a
+        learned preview decoder.
+        """
+
     def __init__(
         self,
         *,
@@ -520,10 +572,12 @@ class ModelInfo(_message.Message):
         backend_reason: _builtins.str = ...,
         max_batch_rows: _builtins.int = ...,
         description: _builtins.str = ...,
+        preview_methods: _abc.Iterable[_builtins.str] | None = ...,
+        default_preview_method: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "description", b"description", "device", b"device", "family", b"family", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_preview_method", b"default_preview_method", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "description", b"description", "device", b"device", "family", b"family", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "preview_methods", b"preview_methods", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
