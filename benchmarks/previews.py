@@ -4,9 +4,9 @@
 
 Cost: the median seconds of one denoising step at the model's defaults (one request, UNet +
 scheduler) and of one preview of that step's predicted clean latents by each method, up to
-uint8 pixels on the host (the linear map's `to_rgb`; `AutoencoderTiny.decode` plus the
-conversion), as a share of the step. Resizing and encoding the preview cost the same for
-both methods and are left out.
+uint8 pixels on the host, through the pipeline's own preview path (`preview_pixels`: the
+linear map, or the preview-decoder engine), as a share of the step. Resizing and encoding
+the preview cost the same for both methods and are left out.
 
 Closeness: for `--prompts` balanced prompts x `--seeds` seeds, how far the last step's
 preview is from the final image: the largest channel difference of the mean background and
@@ -31,13 +31,11 @@ import torch
 from results_file import cpu_name, publish
 
 from kiln_server.pipeline.params import GenerationParams
-from kiln_server.pipeline.previews import LatentPreviewer
 from kiln_training.dataset import caption, prompt_set
 from kiln_training.preview_decoder import (
     SUBFOLDER,
     Closeness,
     compare_previews,
-    decode_to_uint8,
     load_decoder,
     load_pipeline,
 )
@@ -45,9 +43,7 @@ from kiln_training.preview_decoder import (
 SECTION = "## Step previews: linear map vs learned decoder (benchmarks/previews.py)"
 
 
-def measure_cost(
-    pipeline: object, decoder: object, previewer: LatentPreviewer, repeats: int
-) -> dict[str, float]:
+def measure_cost(pipeline: object, repeats: int) -> dict[str, float]:
     """Median seconds of a step and of each method's preview of that step's prediction."""
     defaults = pipeline.files.kiln_config  # type: ignore[attr-defined]
     steps, linear, learned = [], [], []
@@ -68,11 +64,13 @@ def measure_cost(
                 began = time.perf_counter()
                 pipeline.denoise_step([state])  # type: ignore[attr-defined]
                 step = time.perf_counter() - began
+                # The served path: the pipeline's preview engine for each method, up to
+                # uint8 pixels on the host.
                 began = time.perf_counter()
-                previewer.to_rgb(state.denoised).cpu().numpy()
+                pipeline.preview_pixels(state, "latent_rgb").cpu().numpy()  # type: ignore[attr-defined]
                 linear_seconds = time.perf_counter() - began
                 began = time.perf_counter()
-                decode_to_uint8(decoder, state.denoised).cpu().numpy()
+                pipeline.preview_pixels(state, "decoder").cpu().numpy()  # type: ignore[attr-defined]
                 learned_seconds = time.perf_counter() - began
                 if repeat:  # the first generation warms up
                     steps.append(step)
@@ -157,9 +155,8 @@ def main() -> int:
         print(f"wrote {args.strip}")
         return 0
     decoder = load_decoder(args.model / SUBFOLDER)
-    previewer = LatentPreviewer.for_model(pipeline.files.kiln_config)
     parameters = sum(p.numel() for p in decoder.decoder.parameters())
-    cost = measure_cost(pipeline, decoder, previewer, args.repeats)
+    cost = measure_cost(pipeline, args.repeats)
 
     scenes = prompt_set(args.prompts)
     prompts = [caption(scene) for scene in scenes for _ in range(args.seeds)]
