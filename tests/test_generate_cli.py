@@ -146,10 +146,11 @@ def test_previews_are_written_per_step(kiln: FakeKiln, tmp_path: Path) -> None:
     assert (preview.every_n_steps, preview.max_size) == (1, 128)
 
 
-def test_preview_every_without_a_directory_is_a_usage_error(
-    kiln: FakeKiln, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("flag", [("--preview-every", "2"), ("--preview-method", "decoder")])
+def test_preview_flags_without_a_directory_are_usage_errors(
+    kiln: FakeKiln, capsys: pytest.CaptureFixture[str], flag: tuple[str, str]
 ) -> None:
-    assert run_cli("generate", "x", "--server", kiln.address, "--preview-every", "2") == 2
+    assert run_cli("generate", "x", "--server", kiln.address, *flag) == 2
     assert "--previews" in capsys.readouterr().err
     assert kiln.service.requests == []
 

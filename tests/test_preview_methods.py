@@ -255,14 +255,6 @@ def test_cli_preview_method_flag(
     assert kiln.service.requests[0].preview.method == method
 
 
-def test_cli_preview_method_without_previews_is_a_usage_error(
-    kiln: FakeKiln, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert run_cli("generate", "x", "--server", kiln.address, "--preview-method", "decoder") == 2
-    assert "--previews" in capsys.readouterr().err
-    assert kiln.service.requests == []
-
-
 def test_models_lists_the_preview_methods(
     kiln: FakeKiln, capsys: pytest.CaptureFixture[str]
 ) -> None:
