@@ -35,7 +35,13 @@ def test_distil_writes_a_loadable_decoder_and_lowers_the_loss(
     kiln_json = model / "kiln.json"
     before = json.loads(kiln_json.read_text()) if kiln_json.is_file() else {}
     settings = DecoderSettings(
-        prompts=2, seeds_per_prompt=1, train_steps=40, batch=8, lr=0.01, channels=8
+        prompts=2,
+        seeds_per_prompt=1,
+        train_steps=40,
+        batch=8,
+        lr=0.01,
+        channels=8,
+        colour_weight=1.0,
     )
     result = distil(model, settings, out=model, progress=False)
 
@@ -50,6 +56,7 @@ def test_distil_writes_a_loadable_decoder_and_lowers_the_loss(
     after = json.loads(kiln_json.read_text())
     assert {k: after[k] for k in before} == before
     assert after[SETTINGS_KEY]["train_steps"] == 40
+    assert after[SETTINGS_KEY]["colour_weight"] == 1.0
 
 
 def test_closeness_measures_region_colours_and_psnr() -> None:
@@ -65,10 +72,6 @@ def test_closeness_measures_region_colours_and_psnr() -> None:
     assert 20 < result.psnr < 40
 
 
-@pytest.mark.skipif(
-    not (SHIPPED_MODEL / SUBFOLDER / "config.json").is_file(),
-    reason="models/kiln-shapes has no preview decoder",
-)
 def test_shipped_decoder_previews_the_final_colours_and_beats_the_linear_map() -> None:
     torch.set_num_threads(1)
     pipeline = load_pipeline(SHIPPED_MODEL)

@@ -54,6 +54,8 @@ class DecoderSettings:
     channels: int = 16
     blocks: tuple[int, int, int, int] = (1, 1, 1, 0)
     generation_batch: int = 64
+    # Weight of the L1 on 8x8-pooled images, beside the pixel L1 (0: pixels alone).
+    colour_weight: float = 0.0
 
 
 @dataclass
@@ -196,7 +198,15 @@ def train_decoder(
     for _ in bar:
         index = torch.randint(len(latents), (settings.batch,), generator=generator)
         prediction = decoder.decode(latents[index]).sample
-        loss = torch.nn.functional.l1_loss(prediction, targets[index])
+        target = targets[index]
+        loss = torch.nn.functional.l1_loss(prediction, target)
+        if settings.colour_weight:
+            # Previews are judged by their regions' colours: L1 on 8x8-pooled images weighs
+            # the mean colours over edge detail.
+            pooled = torch.nn.functional.avg_pool2d
+            loss = loss + settings.colour_weight * torch.nn.functional.l1_loss(
+                pooled(prediction, 8), pooled(target, 8)
+            )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -404,6 +414,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, Path, DecoderSe
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--channels", type=int, default=defaults.channels)
     parser.add_argument(
+        "--colour-weight",
+        type=float,
+        default=defaults.colour_weight,
+        help="weight of an L1 on 8x8-pooled images (region colours) beside the pixel L1",
+    )
+    parser.add_argument(
         "--blocks",
         type=int,
         nargs=4,
@@ -421,6 +437,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, Path, DecoderSe
         lr=args.lr,
         channels=args.channels,
         blocks=tuple(args.blocks),
+        colour_weight=args.colour_weight,
     )
     return args.model, args.out or args.model, settings
 
