@@ -1204,8 +1204,10 @@ def dtype_label(dtype: torch.dtype) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark: 0 when everything that ran succeeded, 1 when something failed,
     2 without a CUDA GPU (unless --smoke), 3 when stopped at the deadline."""
+    from kiln_server.engines.device import bind_thread, cuda_available, resolve_device
+
     args = parse_args(argv)
-    if not args.smoke and not (torch.backends.cuda.is_built() and torch.cuda.is_available()):
+    if not args.smoke and not cuda_available():
         why = "a CPU-only build" if not torch.backends.cuda.is_built() else "no visible GPU"
         print(
             f"benchmarks/gpu.py needs a CUDA GPU (torch {torch.__version__}: {why}); "
@@ -1213,12 +1215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from kiln_server.engines.device import resolve_device
-
     device = torch.device("cpu") if args.smoke else resolve_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # CUDA events record on the current device's stream
-    else:
+    bind_thread(device)  # CUDA events record on the current device's stream
+    if device.type == "cpu":
         # The small model's tensors are too small for intra-op threads to pay off; on a few
         # shared cores they mostly wait on one another.
         torch.set_num_threads(1)

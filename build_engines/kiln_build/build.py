@@ -32,7 +32,6 @@ from kiln_build.profiles import (
 )
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import (
-    COMPONENT_NAMES,
     ComponentSpec,
     ShapeRequest,
     sdxl_component_specs,
@@ -235,7 +234,7 @@ def _onnx_stages(
 
     modules = load_modules(options.model_path, preview_decoder=files.preview_decoder_path)
     torch_modules = {name: component_module(spec, modules) for name, spec in specs.items()}
-    names = [name for name in COMPONENT_NAMES if name in specs]
+    names = list(specs)  # COMPONENT_NAMES order, the optional ones only when present
     out_dir = options.out_dir
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
@@ -319,7 +318,7 @@ def _tensorrt_stage(
     staging = Path(tempfile.mkdtemp(prefix=".staging-trt-", dir=out_dir))
     start = time.perf_counter()
     try:
-        names = [name for name in COMPONENT_NAMES if name in specs]
+        names = list(specs)
         for name in _stage(names, "build", options.progress, len(names)):
             spec = specs[name]
             onnx_path = out_dir / manifest.onnx[name].file

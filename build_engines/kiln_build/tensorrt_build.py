@@ -15,15 +15,14 @@ inside it); the naming and precision logic is pure.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kiln_server.atomic_files import write_atomic
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import ComponentSpec, ShapeRange
 from kiln_server.engines.manifest import MachineInfo, cuda_major
@@ -80,17 +79,6 @@ class BuildResult:
     refittable: bool = False
 
 
-def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def build_engine(
     trt: Any,
     spec: ComponentSpec,
@@ -142,9 +130,9 @@ def build_engine(
             f"TensorRT failed to build the {spec.name} engine (see the TensorRT log above)"
         )
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(engine_path, memoryview(serialized))
+    write_atomic(engine_path, memoryview(serialized))
     if timing_cache is not None:
-        _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
+        write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
     return BuildResult(
         spec.name,
         engine_path,

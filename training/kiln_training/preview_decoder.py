@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kiln_server.pipeline.sdxl import to_uint8_pixels
 from kiln_training.dataset import COLOURS, caption, sample_scenes
 from kiln_training.evaluate import judge
 
@@ -111,9 +112,7 @@ def load_decoder(folder: Path) -> Any:
 
 def decode_to_uint8(decoder: Any, latents: torch.Tensor) -> torch.Tensor:
     """The decoder's images of UNet-space latents as uint8 [N, H, W, 3] (a preview's cost)."""
-    images = decoder.decode(latents).sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return to_uint8_pixels(decoder.decode(latents).sample).permute(0, 2, 3, 1).contiguous()
 
 
 def load_pipeline(model: Path) -> Any:

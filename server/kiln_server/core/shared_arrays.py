@@ -110,12 +110,7 @@ def receive_array(shared: SharedArray) -> np.ndarray:
 
 def discard(shared: SharedArray) -> None:
     """Unlink a block this process owns without reading it (its job is gone)."""
-    try:
-        block = SharedMemory(name=shared.name)
-    except FileNotFoundError:
-        return
-    block.close()
-    _unlink(block)
+    _unlink_name(shared.name)
 
 
 def sweep(pid: int) -> int:

@@ -166,8 +166,14 @@ def load_engine_set(
     if backend == "tensorrt":
         from kiln_server.engines.machine import probe_machine
 
-        # Missing TensorRT or CUDA is reported before anything else is checked.
-        machine = probe_machine("serve with --backend tensorrt")
+        # Missing TensorRT or CUDA is reported before anything else is checked, and a CPU
+        # device before the manifest's checks read every engine file.
+        machine = probe_machine("serve with --backend tensorrt", _index(placement.device))
+        if placement.device.type != "cuda":
+            raise EngineError(
+                f"TensorRT engines run on a GPU, not on {placement.device}: serve with "
+                "--device cuda[:N] or another --backend"
+            )
     config_arg = str(config) if config is not None else None
     fix = build_command(fmt, engines_dir, model_name=model_name, config=config_arg)
     manifest = read_manifest(engines_dir, fix)
@@ -183,15 +189,17 @@ def load_engine_set(
     device = placement.device
     description = "tensorrt engines' own precision"
     if backend == "onnxruntime":
-        from kiln_server.engines.onnxruntime_engine import OnnxRuntimeEngine, default_providers
+        from kiln_server.engines.onnxruntime_engine import (
+            OnnxRuntimeEngine,
+            default_providers,
+            providers_device,
+        )
 
         paths = check_onnx_engines(
             manifest, specs, ctx, required=required, verify_hash=verify_hashes
         )
         providers = default_providers(device)
-        device = (
-            torch.device("cuda", device.index or 0) if len(providers) > 1 else torch.device("cpu")
-        )
+        device = providers_device(providers)
         if placement.device.type == "cuda" and device.type == "cpu":
             log.warning(
                 "onnxruntime has no CUDA provider here (install the `gpu` extra, "
@@ -209,11 +217,6 @@ def load_engine_set(
         found = check_tensorrt_engines(
             manifest, specs, ctx, machine, required=required, verify_hash=verify_hashes
         )
-        if placement.device.type != "cuda":
-            raise EngineError(
-                f"TensorRT engines run on a GPU, not on {placement.device}: serve with "
-                "--device cuda[:N] or another --backend"
-            )
         runtime = TensorRTRuntime(placement.device.index or 0)
         for name, (path, _) in found.items():
             engines[name] = runtime.load(specs[name], path)

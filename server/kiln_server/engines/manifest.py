@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kiln_server.atomic_files import write_atomic
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import ComponentSpec, ShapeRange, ShapeRequest
 from kiln_server.engines.engine_numerics import NumericsRecord, numerics_from_json
@@ -386,13 +385,8 @@ def read_manifest(engines_dir: Path, fix: str | None = None) -> Manifest:
 
 def write_manifest(engines_dir: Path, manifest: Manifest) -> Path:
     """Write the manifest atomically (temporary file, then rename) and return its path."""
-    engines_dir.mkdir(parents=True, exist_ok=True)
     path = engines_dir / MANIFEST_NAME
-    handle, tmp = tempfile.mkstemp(prefix=".manifest-", dir=engines_dir)
-    with os.fdopen(handle, "w") as out:
-        json.dump(manifest_to_json(manifest), out, indent=2)
-        out.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest_to_json(manifest), indent=2) + "\n")
     return path
 
 

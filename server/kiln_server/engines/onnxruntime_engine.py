@@ -73,8 +73,14 @@ def default_providers(device: torch.device | None = None) -> list[Any]:
     return ["CPUExecutionProvider"]
 
 
-def _provider_name(provider: Any) -> str:
-    return str(provider[0] if isinstance(provider, tuple) else provider)
+def providers_device(providers: list[Any]) -> torch.device:
+    """The device a session with `providers` runs on: the GPU of a leading CUDA provider
+    (its `device_id` option), else the CPU."""
+    first = providers[0]
+    name, options = first if isinstance(first, tuple) else (first, {})
+    if name == "CUDAExecutionProvider":
+        return torch.device("cuda", int(options.get("device_id", 0)))
+    return torch.device("cpu")
 
 
 class OnnxRuntimeEngine:
@@ -121,12 +127,7 @@ class OnnxRuntimeEngine:
                 f"{graph_outputs}, the declaration needs {[t.name for t in spec.inputs]} and "
                 f"{[t.name for t in spec.outputs]}; rebuild it with `kiln build-engines`"
             )
-        first = self.providers[0]
-        if _provider_name(first) == "CUDAExecutionProvider":
-            options = first[1] if isinstance(first, tuple) else {}
-            self.device = torch.device("cuda", int(options.get("device_id", 0)))
-        else:
-            self.device = torch.device("cpu")
+        self.device = providers_device(self.providers)
         self._binding = self.session.io_binding()
 
     @property

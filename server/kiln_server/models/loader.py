@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ from typing import Any
 
 import torch
 
+from kiln_server.atomic_files import write_atomic
 from kiln_server.engines.components import ModelDims
+
+log = logging.getLogger(__name__)
 
 # Kiln never reaches a model hub: every model is a local folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -256,25 +260,15 @@ def _store_hash(cache_file: Path, folder: str, entry: dict[str, Any]) -> None:
     Re-reads the file just before writing, so entries other processes added meanwhile
     survive, and drops entries of folders that no longer exist.
     """
-    import logging
-    import tempfile
-
     folders = {
         key: value for key, value in _read_hash_cache(cache_file).items() if Path(key).is_dir()
     }
     folders[folder] = entry
     text = json.dumps({"version": HASH_CACHE_VERSION, "folders": folders}, indent=1)
-    temp_name = ""
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}-")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(temp_name, cache_file)
+        write_atomic(cache_file, text)
     except OSError as exc:
-        if temp_name:
-            Path(temp_name).unlink(missing_ok=True)
-        logging.getLogger(__name__).warning("cannot write the hash cache %s: %s", cache_file, exc)
+        log.warning("cannot write the hash cache %s: %s", cache_file, exc)
 
 
 def model_content_hash(

@@ -24,13 +24,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln_server.engines.base import EngineSet
+from kiln_server.engines.base import Engine, EngineSet
 from kiln_server.engines.limits import PREVIEW_LATENT_RGB, declared_limits
 from kiln_server.models.loader import SDXLModelFiles
 from kiln_server.pipeline.params import GenerationParams, PreviewParams
 from kiln_server.pipeline.previews import EncodedPreview, LatentPreviewer
 from kiln_server.pipeline.prompts import EncodedPrompts, PromptEncoder, PromptTokenizer
 from kiln_server.pipeline.schedulers import make_scheduler
+
+
+def to_uint8_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (any layout) as uint8 levels 0-255, rounded to the nearest."""
+    return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _decode_in_chunks(engine: Engine, latents: torch.Tensor, per_call: int | None) -> torch.Tensor:
+    """`engine`'s images of `latents` ([N, C, h, w]), at most `per_call` per call (None:
+    all at once)."""
+    parts = latents.split(per_call or latents.shape[0])
+    pieces = [engine.infer({"latent": part})["images"] for part in parts]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 @dataclass
@@ -223,14 +236,10 @@ class SDXLPipeline:
         The VAE decodes in chunks of at most the engine's declared images per call.
         """
         latents = state.latents / self.files.vae_scaling_factor
-        chunk = self.limits.vae_decoder_images or latents.shape[0]
-        pieces = [
-            self.engines.vae_decoder.infer({"latent": part})["images"]
-            for part in latents.split(chunk)
-        ]
-        images = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        images = (images.float() / 2 + 0.5).clamp(0, 1)
-        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        images = _decode_in_chunks(
+            self.engines.vae_decoder, latents, self.limits.vae_decoder_images
+        )
+        return to_uint8_pixels(images).permute(0, 2, 3, 1).contiguous()
 
     def preview_size(self, state: DenoiseState, options: PreviewParams) -> int:
         """Longest side of a preview: `options.max_size`, or less when the final images laid
@@ -268,10 +277,9 @@ class SDXLPipeline:
         if self.preview_method(method) == PREVIEW_LATENT_RGB:
             return self.previewer.to_rgb(latents)
         assert self.engines.preview_decoder is not None
-        decoder = self.engines.preview_decoder
-        chunk = self.limits.preview_decoder_images or latents.shape[0]
-        pieces = [decoder.infer({"latent": part})["images"] for part in latents.split(chunk)]
-        images = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        images = _decode_in_chunks(
+            self.engines.preview_decoder, latents, self.limits.preview_decoder_images
+        )
         # [N, 3, H, W] -> [1, 3, H, N*W]: the outputs side by side, as the encoder expects.
         strip = torch.cat(list(images.float()), dim=-1).unsqueeze(0)
         height, width = strip.shape[-2:]
@@ -282,8 +290,7 @@ class SDXLPipeline:
             strip = torch.nn.functional.interpolate(
                 strip, size=target, mode="bilinear", antialias=True
             )
-        rgb = (strip[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0)
-        return (rgb * 255).round().to(torch.uint8).contiguous()
+        return to_uint8_pixels(strip[0]).permute(1, 2, 0).contiguous()
 
     def preview(self, state: DenoiseState, options: PreviewParams) -> EncodedPreview:
         """An encoded preview now, on the calling thread (warm-up and the reference path)."""
