@@ -9,6 +9,7 @@ scripted `GenerationService` and the standard health service. Each Generate call
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -135,8 +136,14 @@ def queued(position: int, request_id: str = "req-1") -> pb.GenerateResponse:
 
 
 def started(
-    seed: int = 1234, steps: int = 2, num_outputs: int = 1, request_id: str = "req-1"
+    seed: int = 1234,
+    steps: int = 2,
+    num_outputs: int = 1,
+    request_id: str = "req-1",
+    mode: str = "",
+    strength: float = 0.0,
 ) -> pb.GenerateResponse:
+    """A started event; `mode` "" is what a server that predates image conditioning sends."""
     return pb.GenerateResponse(
         request_id=request_id,
         started=pb.StartedEvent(
@@ -148,6 +155,8 @@ def started(
             guidance_scale=5.0,
             scheduler="K_EULER",
             seed=seed,
+            mode=mode,
+            strength=strength,
         ),
     )
 
@@ -209,3 +218,17 @@ def queue_full(retry_seconds: float) -> Abort:
     delay.FromNanoseconds(int(retry_seconds * 1e9))
     detail = error_details_pb2.RetryInfo(retry_delay=delay)
     return Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue is full (64 waiting)", [detail])
+
+
+def png(width: int = 12, height: int = 8, mode: str = "RGB") -> bytes:
+    """A small PNG whose every pixel differs from its neighbours (a gradient)."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (width, height))
+    pixels = [
+        (x * 20 % 256, y * 30 % 256, (x + y) * 7 % 256) for y in range(height) for x in range(width)
+    ]
+    picture.putdata(pixels)
+    buffer = io.BytesIO()
+    picture.convert(mode).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -60,7 +60,7 @@ def limited(engines: EngineSet, **components: LimitedEngine) -> EngineSet:
 def test_eager_torch_declares_the_vae_step_and_no_bounds(tiny_pipeline: Any) -> None:
     limits = tiny_pipeline.limits
     # The tiny model has a learned preview decoder; eager torch runs any batch of it.
-    assert limits == EngineLimits(size_multiple=8, preview_decoder=True)
+    assert limits == EngineLimits(size_multiple=8, preview_decoder=True, image_inputs=True)
 
 
 def test_graph_size_multiple_follows_the_unet_depth() -> None:

@@ -3,7 +3,8 @@ real gateway (uvicorn on 127.0.0.1) in front of a real Kiln server (the tiny mod
 
 The replicate client is configured the way a Replicate user configures it: only through
 REPLICATE_BASE_URL and REPLICATE_API_TOKEN (plus, for the HTTPS gateway, SSL_CERT_FILE naming
-the test certificate, which stands in for a public CA).
+the test certificate, which stands in for a public CA). The shared gateway keeps the default
+output mode, "auto": on its plain-HTTP URL outputs are data URIs, on the HTTPS one file URLs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import numpy as np
 import pytest
 import replicate
 from PIL import Image
@@ -135,6 +137,15 @@ def png_size(data: bytes) -> tuple[int, int]:
     image = Image.open(io.BytesIO(data))
     assert image.format == "PNG"
     return image.size
+
+
+def output_bytes(item: str) -> bytes:
+    """An output's bytes: decoded from its data URI, or fetched (without a token) from its URL."""
+    if item.startswith("data:"):
+        return base64.b64decode(item.partition(",")[2])
+    reply = httpx.get(item)
+    assert reply.status_code == 200, reply.text
+    return reply.content
 
 
 def parse_time(text: str) -> datetime:
@@ -278,14 +289,88 @@ def test_script_written_for_replicate_runs_unchanged(
         assert png_size((tmp_path / f"output_{index}.png").read_bytes()) == (64, 64)
 
 
-def test_data_uri_outputs_are_read_by_file_output(client: replicate.Client) -> None:
-    output = client.run(
-        "stability-ai/sdxl", input={"prompt": "a blue cube", "output_as_data_uri": True}
-    )
+def test_readme_example_reads_outputs_from_a_plain_http_gateway(client: replicate.Client) -> None:
+    # The default output mode ("auto") answers data URIs on http://, which FileOutput reads;
+    # file URLs on http:// would come back as plain strings without .read().
+    output = client.run("stability-ai/sdxl", input={"prompt": "a blue cube", "num_outputs": 2})
 
-    assert isinstance(output, list) and isinstance(output[0], FileOutput)
-    assert output[0].url.startswith("data:image/png;base64,")
+    assert isinstance(output, list) and all(isinstance(item, FileOutput) for item in output)
+    assert all(item.url.startswith("data:image/png;base64,") for item in output)
+    assert [png_size(item.read()) for item in output] == [(64, 64), (64, 64)]
+
+
+def test_output_as_data_uri_over_https(
+    monkeypatch: pytest.MonkeyPatch, tls_gateway: Gateway, tls_files: tuple[Path, Path]
+) -> None:
+    monkeypatch.setenv("REPLICATE_BASE_URL", tls_gateway.url)
+    monkeypatch.setenv("REPLICATE_API_TOKEN", TOKEN)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files[0]))
+
+    with official_client() as client:
+        output = client.run(
+            "stability-ai/sdxl", input={"prompt": "a blue cube", "output_as_data_uri": True}
+        )
+
+    assert isinstance(output[0], FileOutput) and output[0].url.startswith("data:image/png")
     assert png_size(output[0].read()) == (64, 64)
+
+
+def product_photo(folder: Path) -> tuple[Path, Path]:
+    """A 72x48 noisy "photo" and its mask: white (repaint) around a black (keep) product box."""
+    noise = np.random.default_rng(11).integers(0, 256, size=(48, 72, 3), dtype=np.uint8)
+    mask = np.full((48, 72), 255, dtype=np.uint8)
+    mask[12:36, 20:44] = 0
+    photo_path, mask_path = folder / "photo.png", folder / "mask.png"
+    Image.fromarray(noise, "RGB").save(photo_path)
+    Image.fromarray(mask, "L").save(mask_path)
+    return photo_path, mask_path
+
+
+def test_replicate_run_with_photo_and_mask_keeps_the_product(
+    client: replicate.Client, tmp_path: Path
+) -> None:
+    photo_path, mask_path = product_photo(tmp_path)
+
+    with photo_path.open("rb") as photo, mask_path.open("rb") as mask:
+        output = client.run(
+            "stability-ai/sdxl",
+            input={
+                "image": photo,
+                "mask": mask,
+                "prompt": "a red circle on a yellow background",
+                "prompt_strength": 0.8,
+                "num_outputs": 2,
+                "seed": 5,
+            },
+        )
+
+    images = [np.asarray(Image.open(io.BytesIO(item.read())).convert("RGB")) for item in output]
+    original = np.asarray(Image.open(photo_path).convert("RGB"))
+    keep = np.asarray(Image.open(mask_path)) == 0
+    assert [image.shape for image in images] == [original.shape, original.shape]  # 72x48
+    for image in images:
+        assert np.array_equal(image[keep], original[keep])  # the product, pixel for pixel
+        assert not np.array_equal(image[~keep], original[~keep])  # the background repainted
+    assert not np.array_equal(images[0], images[1])  # seeds 5 and 6
+
+
+def test_img2img_from_a_data_uri_has_the_photos_size(
+    client: replicate.Client, tmp_path: Path
+) -> None:
+    photo_path, _ = product_photo(tmp_path)
+
+    with photo_path.open("rb") as photo:
+        prediction = client.models.predictions.create(
+            model="stability-ai/sdxl",
+            input={"image": photo, "prompt": "a watercolour", "prompt_strength": 0.5},
+            file_encoding_strategy="base64",
+            wait=True,
+        )
+
+    assert prediction.status == "succeeded", prediction.error
+    assert png_size(output_bytes(prediction.output[0])) == (72, 48)
+    assert "image to image at strength 0.5" in str(prediction.logs)
+    assert prediction.input["image"].endswith("characters omitted>")
 
 
 def test_predictions_create_then_wait(client: replicate.Client) -> None:
@@ -308,8 +393,7 @@ def test_predictions_create_then_wait(client: replicate.Client) -> None:
     assert progress is not None and (progress.current, progress.total) == (8, 8)
     again = client.predictions.get(prediction.id)
     assert (again.status, again.output) == ("succeeded", prediction.output)
-    image = httpx.get(prediction.output[0])
-    assert image.headers["content-type"] == "image/png" and png_size(image.content) == (64, 64)
+    assert png_size(output_bytes(prediction.output[0])) == (64, 64)
 
 
 def test_models_predictions_create_reaches_kiln_model_whatever_the_owner(
@@ -359,8 +443,8 @@ def test_stream_sends_logs_output_and_done(client: replicate.Client) -> None:
     assert [line.split("|")[-1].split()[0] for line in logs if "it/s" in line] == [
         f"{step}/8" for step in range(1, 9)
     ]
-    url = str(next(event.data for event in events if event.event.value == "output"))
-    assert png_size(httpx.get(url).content) == (64, 64)
+    output = str(next(event.data for event in events if event.event.value == "output"))
+    assert png_size(output_bytes(output)) == (64, 64)
 
 
 def test_stream_of_a_finished_prediction_replays_it(client: replicate.Client) -> None:
@@ -377,8 +461,8 @@ def test_stream_of_a_finished_prediction_replays_it(client: replicate.Client) ->
 def test_bad_input_is_422_naming_the_field(client: replicate.Client) -> None:
     with pytest.raises(ReplicateError) as wrong_type:
         client.run("stability-ai/sdxl", input={"prompt": "x", "width": "wide"})
-    with pytest.raises(ReplicateError) as img2img:
-        client.run("stability-ai/sdxl", input={"prompt": "x", "image": "https://x/y.png"})
+    with pytest.raises(ReplicateError) as private_url:
+        client.run("stability-ai/sdxl", input={"prompt": "x", "image": "http://127.0.0.1:9/a.png"})
     with pytest.raises(ReplicateError) as kiln_limit:  # checked by the Kiln server itself
         client.run("stability-ai/sdxl", input={"prompt": "x", "height": 100})
 
@@ -387,8 +471,8 @@ def test_bad_input_is_422_naming_the_field(client: replicate.Client) -> None:
     assert wrong_type.value.detail == (
         "- input.width: Invalid type. Expected: integer, given: string\n"
     )
-    assert img2img.value.status == 422 and "input.image" in str(img2img.value.detail)
-    assert "img2img" in str(img2img.value.detail)
+    assert private_url.value.status == 422
+    assert "input.image: 127.0.0.1 is a loopback address" in str(private_url.value.detail)
     assert kiln_limit.value.status == 422
     assert "input.height: must be a multiple of 8" in str(kiln_limit.value.detail)
 
@@ -548,9 +632,9 @@ def test_prediction_object_shape(http: httpx.Client, gateway: Gateway) -> None:
         "stream": f"{get_url}/stream",
     }
     assert len(body["output"]) == 2
-    for url in body["output"]:
-        image = httpx.get(url)  # output URLs need no token, like Replicate's delivery URLs
-        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    for item in body["output"]:  # data URIs: the default output mode on plain HTTP
+        assert item.startswith("data:image/png;base64,")
+        assert png_size(output_bytes(item)) == (64, 64)
     assert http.get(f"/v1/predictions/{body['id']}").json() == body
     canceled_late = http.post(f"/v1/predictions/{body['id']}/cancel")
     assert canceled_late.status_code == 200 and canceled_late.json()["status"] == "succeeded"
@@ -633,8 +717,12 @@ def test_list_predictions_pages_newest_first(
     assert [p.id for p in official] == created[::-1] and official.next is None
 
 
-def test_outputs_expire_after_the_retention_time(kiln_server: KilnServer) -> None:
-    settings = replace(BASE_SETTINGS, upstream=kiln_server.address, retention_seconds=0.5)
+def test_output_urls_need_no_token_and_expire_after_the_retention_time(
+    kiln_server: KilnServer,
+) -> None:
+    settings = replace(
+        BASE_SETTINGS, upstream=kiln_server.address, retention_seconds=0.5, output_mode="url"
+    )
     with running_gateway(settings) as short:
         session = httpx.Client(
             base_url=short.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
@@ -645,7 +733,9 @@ def test_outputs_expire_after_the_retention_time(kiln_server: KilnServer) -> Non
             headers={"Prefer": "wait=30"},
         ).json()
         file_url = body["output"][0]
-        assert httpx.get(file_url).status_code == 200
+        assert file_url.startswith(f"{short.url}/files/")
+        image = httpx.get(file_url)  # no token: like Replicate's delivery URLs
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
         wait_until(lambda: httpx.get(file_url).status_code == 404, timeout=20, what="expiry")
         expired = session.get(f"/v1/predictions/{body['id']}").json()
         session.close()
@@ -685,6 +775,9 @@ def test_openapi_describes_the_api(gateway: Gateway) -> None:
         "/v1/models/{owner}/{name}/versions",
         "/v1/models/{owner}/{name}/versions/{version_id}",
         "/v1/webhooks/default/secret",
+        "/v1/files",
+        "/v1/files/{file_id}",
+        "/v1/files/{file_id}/download",
     } <= set(spec["paths"])
     assert "PredictionResponse" in spec["components"]["schemas"]
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"

@@ -20,7 +20,13 @@ from kiln_client.cli import main as kiln_main
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_gateway.api import parse_prefer_wait
 from kiln_gateway.errors import ApiError
-from kiln_gateway.schema import DEFAULT_PROMPT, InputInvalid, openapi_schema, parse_input
+from kiln_gateway.schema import (
+    DEFAULT_PROMPT,
+    InputInvalid,
+    openapi_schema,
+    parse_input,
+    violations_to_fields,
+)
 from kiln_gateway.settings import (
     Alias,
     GatewaySettings,
@@ -91,6 +97,51 @@ def test_settings_errors_name_the_problem(tmp_path: Path) -> None:
         load_settings({"config": tmp_path / "missing.toml"}, {})
     with pytest.raises(SettingsError, match="KILN_GATEWAY_PORT"):
         load_settings({}, {"KILN_GATEWAY_PORT": "eighty"})
+
+
+def test_output_mode_defaults_to_auto_and_is_checked() -> None:
+    assert load_settings({}, {}).output_mode == "auto"
+    assert load_settings({"output_mode": "data-uri"}, {}).output_mode == "data-uri"
+    with pytest.raises(SettingsError, match="output_mode must be one of auto, url, data-uri"):
+        load_settings({}, {"KILN_GATEWAY_OUTPUT_MODE": "inline"})
+
+
+def test_input_settings_from_flags_env_and_file(tmp_path: Path) -> None:
+    config = tmp_path / "kiln.toml"
+    config.write_text("[gateway]\nallow_private_urls = true\nmax_input_bytes = 1000\n")
+
+    defaults = load_settings({}, {})
+    from_file = load_settings({"config": config}, {})
+    from_env = load_settings({}, {"KILN_GATEWAY_ALLOW_PRIVATE_URLS": "yes"})
+    from_flag = load_settings({"allow_private_urls": True, "fetch_timeout_seconds": 3}, {})
+
+    assert defaults.allow_private_urls is False and defaults.max_input_bytes == 20 * 1024 * 1024
+    assert from_file.allow_private_urls is True and from_file.max_input_bytes == 1000
+    assert from_env.allow_private_urls is True
+    assert from_flag.allow_private_urls is True and from_flag.fetch_timeout_seconds == 3
+    with pytest.raises(SettingsError, match="fetch_timeout_seconds must be positive"):
+        load_settings({"fetch_timeout_seconds": 0}, {})
+    with pytest.raises(SettingsError, match="max_input_bytes must be at least 1"):
+        load_settings({"max_input_bytes": 0}, {})
+
+
+def test_cli_flags_for_image_inputs(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from kiln_gateway.cli import register
+
+    parser = argparse.ArgumentParser(prog="kiln")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["gateway", "--allow-private-urls", "--max-input-bytes", "5000", "--output-mode", "auto"]
+    )
+    plain = parser.parse_args(["gateway"])
+
+    assert (args.allow_private_urls, args.max_input_bytes, args.output_mode) == (True, 5000, "auto")
+    assert plain.allow_private_urls is None  # not given: env and config may still set it
+    with pytest.raises(SystemExit):
+        parser.parse_args(["gateway", "--output-mode", "inline"])
+    assert "invalid choice: 'inline'" in capsys.readouterr().err
 
 
 def test_cli_refuses_a_public_host_without_tokens(
@@ -208,8 +259,8 @@ def test_schema_errors_use_replicates_words() -> None:
             'scheduler must be one of the following: "DDIM", "K_EULER", "K_EULER_ANCESTRAL"',
         ),
         "input.mask": (
-            "unsupported",
-            "inpainting is not available in Kiln yet; remove input.mask",
+            "required",
+            "a mask needs an image: give input.image too (the photo it covers)",
         ),
         "input.refine": (
             "unsupported",
@@ -221,6 +272,102 @@ def test_schema_errors_use_replicates_words() -> None:
             "Invalid type. Expected: boolean, given: string",
         ),
     }
+
+
+def test_schema_maps_image_inputs_to_the_request() -> None:
+    parsed = parse_input(
+        {
+            "prompt": "new background",
+            "image": "data:image/png;base64,AAAA",
+            "mask": "https://example.com/mask.png",
+            "prompt_strength": 0.5,
+            "keep_unmasked": False,
+            "mask_crop_padding": 32,
+        },
+        TINY,
+    )
+    parsed.attach({"image": b"photo-bytes", "mask": b"mask-bytes"})
+
+    request = parsed.request
+    assert parsed.images == {
+        "image": "data:image/png;base64,AAAA",
+        "mask": "https://example.com/mask.png",
+    }
+    assert (request.image, request.mask) == (b"photo-bytes", b"mask-bytes")
+    assert request.HasField("strength") and request.strength == 0.5
+    assert request.HasField("keep_unmasked") and not request.keep_unmasked
+    assert request.mask_crop_padding == 32
+    assert parsed.notes == []
+
+
+def test_image_conditioning_inputs_without_an_image_are_not_sent() -> None:
+    parsed = parse_input(
+        {"image": "", "mask": None, "prompt_strength": 0.3, "keep_unmasked": False}, TINY
+    )
+
+    assert parsed.images == {}
+    request = parsed.request
+    assert not request.HasField("strength") and not request.HasField("keep_unmasked")
+    assert parsed.notes == [
+        "prompt_strength is accepted but has no effect without input.image",
+        "keep_unmasked is accepted but has no effect without input.mask",
+    ]
+    plain = parse_input({"image": "https://example.com/p.png"}, TINY).request
+    assert not plain.HasField("strength")  # absent: the model's default strength
+
+
+def test_image_input_errors_name_the_field() -> None:
+    inpainting = pb.ModelInfo()
+    inpainting.CopyFrom(TINY)
+    inpainting.inpainting = True
+
+    with pytest.raises(InputInvalid) as kinds:
+        parse_input({"image": 5, "mask_crop_padding": -1, "prompt_strength": 1.5}, TINY)
+    with pytest.raises(InputInvalid) as zero:
+        parse_input({"image": "https://example.com/p.png", "prompt_strength": 0}, TINY)
+    with pytest.raises(InputInvalid) as needs_mask:
+        parse_input({"image": "https://example.com/p.png"}, inpainting)
+
+    assert {f.field: f.type for f in kinds.value.fields} == {
+        "input.image": "invalid_type",
+        "input.mask_crop_padding": "number_gte",
+        "input.prompt_strength": "number_lte",
+    }
+    assert [(f.field, f.type) for f in zero.value.fields] == [
+        ("input.prompt_strength", "number_gt")
+    ]
+    assert [f.field for f in needs_mask.value.fields] == ["input.mask"]
+    assert "tiny is an inpainting model" in needs_mask.value.fields[0].description
+
+
+def test_kiln_field_violations_use_replicates_input_names() -> None:
+    fields = violations_to_fields([("strength", "must be > 0"), ("image", "cannot be decoded")])
+
+    assert [(f.field, f.description) for f in fields] == [
+        ("input.prompt_strength", "must be > 0"),
+        ("input.image", "cannot be decoded"),
+    ]
+
+
+def test_version_schema_lists_the_image_inputs() -> None:
+    info = pb.ModelInfo()
+    info.CopyFrom(TINY)
+    info.default_strength = 0.75
+    info.max_image_bytes = 1000
+
+    properties = openapi_schema(info)["components"]["schemas"]["Input"]["properties"]
+    without_default = openapi_schema(TINY)["components"]["schemas"]["Input"]["properties"]
+
+    image = properties["image"]
+    assert image["format"] == "uri" and "at most 1000 bytes" in image["description"]
+    assert properties["mask"]["format"] == "uri"
+    assert properties["prompt_strength"]["default"] == 0.75
+    assert without_default["prompt_strength"]["default"] == 0.8  # Replicate's default
+    assert (properties["keep_unmasked"]["type"], properties["keep_unmasked"]["default"]) == (
+        "boolean",
+        True,
+    )
+    assert properties["mask_crop_padding"]["minimum"] == 0
 
 
 def test_version_schema_reports_the_models_defaults_and_limits() -> None:

@@ -17,6 +17,7 @@ from test_client_support import (
     closed_port_address,
     completed,
     image,
+    png,
     progress,
     queue_full,
     queued,
@@ -26,6 +27,7 @@ from test_client_support import (
 
 from kiln_client import generate_cli
 from kiln_client.generate_cli import ProgressReporter, output_path
+from kiln_client.image_input import MAX_IMAGE_BYTES
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.results import GeneratedImage
 
@@ -258,3 +260,199 @@ def test_help_documents_the_output_naming_rule(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         run_cli("generate", "--help")
     assert "teapot-1.png" in capsys.readouterr().out
+
+
+# Image conditioning: --image, --mask, --strength, --keep-unmasked, --mask-crop-padding
+
+PHOTO = png(12, 8)
+MASK = png(12, 8, mode="L")
+
+
+@pytest.fixture
+def photo_and_mask(tmp_path: Path) -> tuple[Path, Path]:
+    photo = tmp_path / "photo.png"
+    mask = tmp_path / "mask.png"
+    photo.write_bytes(PHOTO)
+    mask.write_bytes(MASK)
+    return photo, mask
+
+
+def test_image_flags_send_the_files_and_the_options(
+    kiln: FakeKiln,
+    tmp_path: Path,
+    photo_and_mask: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    photo, mask = photo_and_mask
+    kiln.service.script = [
+        started(mode="inpaint", strength=0.6),
+        image(0, 1, b"out"),
+        completed(),
+    ]
+    code = run_cli(
+        "generate", "a red circle on a yellow background", "--server", kiln.address,
+        "--out", str(tmp_path / "out.png"), "--image", str(photo), "--mask", str(mask),
+        "--strength", "0.6", "--no-keep-unmasked", "--mask-crop-padding", "16",
+    )  # fmt: skip
+    assert code == 0
+    (sent,) = kiln.service.requests
+    assert (sent.image, sent.mask) == (PHOTO, MASK)
+    assert sent.HasField("strength") and sent.strength == pytest.approx(0.6)
+    assert sent.HasField("keep_unmasked") and sent.keep_unmasked is False
+    assert sent.HasField("mask_crop_padding") and sent.mask_crop_padding == 16
+    assert (sent.width, sent.height) == (0, 0)  # the output size comes from the photo
+    err = capsys.readouterr().err
+    assert "inpaint at strength 0.6: done in" in err
+    assert "warning" not in err
+
+
+def test_image_alone_leaves_the_options_to_the_server(
+    kiln: FakeKiln, tmp_path: Path, photo_and_mask: tuple[Path, Path]
+) -> None:
+    photo, _ = photo_and_mask
+    kiln.service.script = [started(mode="image_to_image", strength=0.8), completed(0)]
+    code = run_cli("generate", "x", "--server", kiln.address, "--image", str(photo))
+    assert code == 0
+    (sent,) = kiln.service.requests
+    assert sent.image == PHOTO and sent.mask == b""
+    for name in ("strength", "keep_unmasked", "mask_crop_padding"):
+        assert not sent.HasField(name)
+
+    kiln.service.script = [started(), completed(0)]
+    assert run_cli("generate", "x", "--server", kiln.address) == 0
+    assert kiln.service.requests[1].image == b""
+
+
+def test_a_server_that_ignores_the_image_gets_a_warning(
+    kiln: FakeKiln, photo_and_mask: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    photo, _ = photo_and_mask
+    kiln.service.script = [started(), completed(0)]  # no mode: predates image conditioning
+    assert run_cli("generate", "x", "--server", kiln.address, "--image", str(photo)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: the server at {kiln.address} did not run an image-conditioned" in err
+
+
+@pytest.mark.parametrize("flag", ["--image", "--mask"])
+def test_a_missing_file_names_the_flag_and_path_and_exits_2(
+    flag: str,
+    kiln: FakeKiln,
+    tmp_path: Path,
+    photo_and_mask: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    photo, mask = photo_and_mask
+    missing = tmp_path / "missing.png"
+    files = {"--image": str(photo), "--mask": str(mask), flag: str(missing)}
+    argv = [arg for pair in files.items() for arg in pair]
+    assert run_cli("generate", "x", "--server", kiln.address, *argv) == 2
+    assert capsys.readouterr().err == f"kiln: error: {flag} {missing}: no such file\n"
+    assert kiln.service.requests == []
+
+
+def test_a_directory_or_an_oversized_file_is_refused(
+    kiln: FakeKiln, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("generate", "x", "--server", kiln.address, "--image", str(tmp_path)) == 2
+    assert f"--image {tmp_path}: a directory, not an image file" in capsys.readouterr().err
+
+    big = tmp_path / "huge.jpg"
+    with big.open("wb") as handle:  # sparse: nothing is written
+        handle.truncate(MAX_IMAGE_BYTES + 1)
+    assert run_cli("generate", "x", "--server", kiln.address, "--image", str(big)) == 2
+    err = capsys.readouterr().err
+    assert f"--image {big}: too large: 20,971,521 bytes, over the limit of 20 MiB" in err
+    assert kiln.service.requests == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mask", "m.png"], "--mask needs --image"),
+        (["--strength", "0.5"], "--strength needs --image"),
+        (["--image", "p.png", "--keep-unmasked"], "--keep-unmasked needs --mask"),
+        (["--image", "p.png", "--no-keep-unmasked"], "--no-keep-unmasked needs --mask"),
+        (["--image", "p.png", "--mask-crop-padding", "8"], "--mask-crop-padding needs --mask"),
+    ],
+)
+def test_image_options_without_what_they_need_are_usage_errors(
+    argv: list[str], message: str, kiln: FakeKiln, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked before any file is opened: these files do not exist.
+    assert run_cli("generate", "x", "--server", kiln.address, *argv) == 2
+    assert message in capsys.readouterr().err
+    assert kiln.service.requests == []
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan", "-0.2", "inf", "half"])
+def test_strength_outside_zero_to_one_is_a_usage_error(
+    value: str,
+    kiln: FakeKiln,
+    photo_and_mask: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    photo, _ = photo_and_mask
+    with pytest.raises(SystemExit) as caught:
+        run_cli(
+            "generate", "x", "--server", kiln.address, "--image", str(photo), "--strength", value
+        )
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"argument --strength: must be a number greater than 0 and at most 1, got '{value}'" in err
+    )
+    assert kiln.service.requests == []
+
+
+def test_server_rejections_of_image_fields_name_the_flags(
+    kiln: FakeKiln, photo_and_mask: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    photo, mask = photo_and_mask
+    kiln.service.script = [
+        bad_request(("image", "is 9000x9000, over the 4 MP limit"), ("mask", "is not an image"))
+    ]
+    code = run_cli(
+        "generate", "x", "--server", kiln.address, "--image", str(photo), "--mask", str(mask)
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "image (--image): is 9000x9000, over the 4 MP limit" in err
+    assert "mask (--mask): is not an image" in err
+
+
+def test_help_documents_the_image_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli("generate", "--help")
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for flag in ("--image FILE", "--mask FILE", "--strength S", "--no-keep-unmasked"):
+        assert flag in text
+    assert "--mask-crop-padding N" in text
+    assert "The output has --image's size (rounded down to the model's size multiple)" in text
+    assert "white = repaint, black = keep" in text
+    assert "0 < S <= 1" in text
+    assert "20 MiB" in text
+
+
+def test_models_shows_the_image_limits(kiln: FakeKiln, capsys: pytest.CaptureFixture[str]) -> None:
+    kiln.service.models = pb.ListModelsResponse(
+        default_model="inpaint",
+        models=[
+            pb.ModelInfo(
+                name="inpaint",
+                family="sdxl",
+                backend="torch",
+                default_strength=0.8,
+                max_image_bytes=20 * 1024 * 1024,
+                max_image_pixels=16_777_216,
+                inpainting=True,
+            ),
+            pb.ModelInfo(name="old", family="sdxl", backend="torch"),
+        ],
+    )
+    assert run_cli("models", "--server", kiln.address) == 0
+    lines = capsys.readouterr().out.splitlines()
+    images = [line for line in lines if line.startswith("  images:")]
+    assert images == [
+        "  images:   --image/--mask up to 20 MiB and 16,777,216 pixels each, strength 0.8 by "
+        "default; an inpainting model: needs --image and --mask"
+    ]

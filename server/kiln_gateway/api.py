@@ -2,11 +2,12 @@
 
 - POST /v1/models/{owner}/{name}/predictions and POST /v1/predictions (`version` = a version
   id, `owner/name` or `owner/name:version`) create a prediction: 201 with the prediction
-  object and a `Location` header. Without `Prefer: wait` they answer as soon as Kiln has
-  accepted the request; with `Prefer: wait` (60 s) or `Prefer: wait=N` they hold the
-  request until the prediction finishes or N seconds pass. As on Replicate (and as the
-  official client expects), a held request that runs out of time reports `starting`, so
-  the client falls back to polling.
+  object and a `Location` header. `image` / `mask` inputs are resolved to bytes first
+  (`kiln_gateway.inputs`); a long data URI in the input is reported shortened. Without
+  `Prefer: wait` they answer as soon as Kiln has accepted the request; with `Prefer: wait`
+  (60 s) or `Prefer: wait=N` they hold the request until the prediction finishes or N
+  seconds pass. As on Replicate (and as the official client expects), a held request that
+  runs out of time reports `starting`, so the client falls back to polling.
 - GET /v1/predictions pages through predictions, newest first (`next`/`previous` cursor
   URLs; Kiln also accepts `page_size`, 1-100, default 100).
 - GET /v1/predictions/{id}; POST /v1/predictions/{id}/cancel (stops the Kiln request
@@ -24,9 +25,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from kiln_gateway.auth import require_token
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_gateway.auth import caller_owner, require_token
 from kiln_gateway.errors import ApiError, InvalidField, ProblemDetail, input_invalid
 from kiln_gateway.files import FileStore
+from kiln_gateway.inputs import Caller, abbreviate_input
 from kiln_gateway.models import ResolvedModel
 from kiln_gateway.predictions import (
     PredictionRecord,
@@ -35,7 +38,8 @@ from kiln_gateway.predictions import (
     new_prediction_id,
 )
 from kiln_gateway.schema import InputInvalid, parse_input
-from kiln_gateway.state import GatewayState, gateway_state, public_base_url
+from kiln_gateway.settings import GatewaySettings
+from kiln_gateway.state import GatewayState, gateway_state, own_base_urls, public_base_url
 
 __all__ = [
     "CreatePrediction",
@@ -126,6 +130,7 @@ def _check_webhook_url(name: str, url: str | None) -> None:
 
 router = APIRouter(prefix="/v1", tags=["predictions"], dependencies=[Depends(require_token)])
 StateDep = Annotated[GatewayState, Depends(gateway_state)]
+OwnerDep = Annotated[str, Depends(caller_owner)]
 PreferHeader = Annotated[
     str | None,
     Header(description="`wait` or `wait=N`: hold the request until done (at most N s)"),
@@ -135,6 +140,13 @@ _create_errors: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _input_limit(settings: GatewaySettings, info: pb.ModelInfo) -> int:
+    """Largest `image` / `mask` in bytes: the gateway's limit, or the model's when smaller."""
+    if info.max_image_bytes:
+        return min(settings.max_input_bytes, info.max_image_bytes)
+    return settings.max_input_bytes
+
+
 async def _create(
     request: Request,
     response: Response,
@@ -142,12 +154,17 @@ async def _create(
     resolved: ResolvedModel,
     body: CreatePrediction,
     prefer: str | None,
+    owner: str,
 ) -> PredictionResponse:
     wait = parse_prefer_wait(prefer, state.settings.max_wait_seconds)
     _check_webhook_url("webhook", body.webhook)
     _check_webhook_url("webhook_completed", body.webhook_completed)
     try:
         parsed = parse_input(body.input, resolved.info)
+        if parsed.images:
+            caller = Caller(owner, own_base_urls(request, state))
+            limit = _input_limit(state.settings, resolved.info)
+            parsed.attach(await state.inputs.resolve_all(parsed.images, caller, limit))
     except InputInvalid as error:
         raise input_invalid(error.fields) from None
     record = PredictionRecord(
@@ -156,7 +173,7 @@ async def _create(
         model=resolved.ref,
         version=resolved.version,
         kiln_model=resolved.info.name,
-        input=dict(body.input),
+        input=abbreviate_input(body.input),
         request=parsed.request,
         base_url=public_base_url(request, state),
         data_uri=parsed.data_uri,
@@ -190,11 +207,12 @@ async def create_model_prediction(
     request: Request,
     response: Response,
     state: StateDep,
+    caller: OwnerDep,
     prefer: PreferHeader = None,
 ) -> PredictionResponse:
     """Run model `owner/name` (an alias, or the Kiln model called `name`)."""
     resolved = await state.catalog.resolve(owner, name)
-    return await _create(request, response, state, resolved, body, prefer)
+    return await _create(request, response, state, resolved, body, prefer, caller)
 
 
 @router.post(
@@ -208,11 +226,12 @@ async def create_prediction(
     request: Request,
     response: Response,
     state: StateDep,
+    caller: OwnerDep,
     prefer: PreferHeader = None,
 ) -> PredictionResponse:
     """Run the model a `version` names (id, `owner/name` or `owner/name:id`)."""
     resolved = await state.catalog.resolve_version(body.version)
-    return await _create(request, response, state, resolved, body, prefer)
+    return await _create(request, response, state, resolved, body, prefer, caller)
 
 
 def _encode_cursor(kind: str, seq: int) -> str:

@@ -1,9 +1,10 @@
 """The gateway's FastAPI application: `create_app(settings)` builds it.
 
 Starting the app opens one `AsyncKilnClient` channel to `settings.upstream` (inside the
-server's event loop), the output file store, the webhook sender and a background task
-that enforces the retention time; stopping it cancels running predictions and closes
-them all. The OpenAPI description is served at /openapi.json (interactive docs at /docs).
+server's event loop), the output file store, the uploaded-files store, the input resolver,
+the webhook sender and a background task that enforces the retention and upload expiry
+times; stopping it cancels running predictions and closes them all. The OpenAPI
+description is served at /openapi.json (interactive docs at /docs).
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln_client.aio import AsyncKilnClient
-from kiln_gateway import api, files, models, streaming
+from kiln_gateway import api, files, models, streaming, uploads
 from kiln_gateway.errors import ApiError, install_error_handlers
+from kiln_gateway.fetch import UrlFetcher
 from kiln_gateway.files import FileStore
+from kiln_gateway.inputs import InputResolver
 from kiln_gateway.models import ModelCatalog
 from kiln_gateway.predictions import PredictionRunner, PredictionStore
 from kiln_gateway.settings import GatewaySettings
 from kiln_gateway.state import GatewayState
+from kiln_gateway.uploads import UploadStore
 from kiln_gateway.webhooks import WebhookSender, new_secret
 
 __all__ = ["create_app"]
@@ -36,7 +40,8 @@ ClientFactory = Callable[[str], AsyncKilnClient]
 
 
 def _purge_interval(settings: GatewaySettings) -> float:
-    return min(60.0, max(0.05, settings.retention_seconds / 4))
+    shortest = min(settings.retention_seconds, settings.upload_expiry_seconds)
+    return min(60.0, max(0.05, shortest / 4))
 
 
 async def _purge_forever(state: GatewayState) -> None:
@@ -45,6 +50,7 @@ async def _purge_forever(state: GatewayState) -> None:
         await asyncio.sleep(interval)
         try:
             await state.runner.purge()
+            await state.uploads.purge()
         except Exception:  # keep enforcing retention whatever one pass hit
             log.exception("retention pass failed")
 
@@ -60,6 +66,14 @@ def _open_state(settings: GatewaySettings, client_factory: ClientFactory) -> Gat
         )
     store = PredictionStore(settings.max_predictions)
     file_store = FileStore(settings.files_dir)
+    upload_store = UploadStore(
+        file_store.root / "uploads", expiry_seconds=settings.upload_expiry_seconds
+    )
+    fetcher = UrlFetcher(
+        timeout_seconds=settings.fetch_timeout_seconds,
+        max_redirects=settings.fetch_max_redirects,
+        allow_private=settings.allow_private_urls,
+    )
     sender = WebhookSender(settings, secret)
     return GatewayState(
         settings=settings,
@@ -69,6 +83,8 @@ def _open_state(settings: GatewaySettings, client_factory: ClientFactory) -> Gat
         files=file_store,
         webhooks=sender,
         runner=PredictionRunner(kiln, settings, store, file_store, sender),
+        uploads=upload_store,
+        inputs=InputResolver(upload_store, file_store, fetcher),
     )
 
 
@@ -87,6 +103,11 @@ def create_app(
         state = _open_state(settings, factory)
         app.state.gateway = state
         purger = asyncio.create_task(_purge_forever(state), name="retention")
+        if settings.allow_private_urls:
+            log.warning(
+                "allow_private_urls is on: image inputs may be fetched from loopback, "
+                "private and link-local addresses (trusted callers only)"
+            )
         log.info(
             "gateway ready for Kiln at %s (auth %s, %d alias(es))",
             settings.upstream,
@@ -118,6 +139,7 @@ def create_app(
     app.include_router(api.router)
     app.include_router(streaming.router)
     app.include_router(files.router)
+    app.include_router(uploads.router)
     return app
 
 

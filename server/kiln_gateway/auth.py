@@ -3,10 +3,15 @@
 Tokens come from `KILN_API_TOKENS`. When none are configured the gateway only listens on
 loopback (see `kiln gateway`) and every request is allowed. Replicate's older
 `Authorization: Token <token>` scheme is accepted too.
+
+`caller_owner` names who a request acts for, so uploaded files stay private to the token
+that uploaded them: a one-way hash of the token (tokens are never stored), or "anonymous"
+when authentication is off.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -16,7 +21,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kiln_gateway.errors import ApiError
 from kiln_gateway.state import GatewayState, gateway_state
 
-__all__ = ["require_token"]
+__all__ = ["ANONYMOUS", "caller_owner", "owner_of", "require_token"]
+
+ANONYMOUS = "anonymous"
+"""The owner of every request while authentication is off."""
 
 _bearer = HTTPBearer(auto_error=False, description="A token listed in KILN_API_TOKENS")
 
@@ -54,3 +62,20 @@ async def require_token(
         matched |= hmac.compare_digest(presented.encode(), token.encode())
     if not matched:
         raise _unauthenticated()
+
+
+def owner_of(token: str) -> str:
+    """The owner id of a bearer token: 32 hex digits of a one-way hash, stable across runs."""
+    return hashlib.sha256(f"kiln-gateway-owner:{token}".encode()).hexdigest()[:32]
+
+
+async def caller_owner(
+    request: Request,
+    state: Annotated[GatewayState, Depends(gateway_state)],
+    _authorized: Annotated[None, Depends(require_token)],
+) -> str:
+    """Dependency: the owner id the request acts for (after `require_token` let it in)."""
+    presented = _presented_token(request)
+    if not state.settings.tokens or presented is None:
+        return ANONYMOUS
+    return owner_of(presented)

@@ -49,10 +49,41 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--output-mode",
-        choices=("url", "data-uri"),
-        help="return outputs as gateway file URLs (default) or inline data URIs",
+        choices=("auto", "url", "data-uri"),
+        help="return outputs as gateway file URLs, as inline data URIs, or auto (the default): "
+        "URLs when the public URL is https, data URIs on plain HTTP (the official client reads "
+        "only https: and data: outputs)",
     )
-    parser.add_argument("--files-dir", type=Path, help="folder for output files (default: temp)")
+    parser.add_argument(
+        "--files-dir",
+        type=Path,
+        help="folder for output files and files uploaded to /v1/files (default: temp)",
+    )
+    parser.add_argument(
+        "--max-input-bytes",
+        type=int,
+        metavar="N",
+        help="largest image or mask input and largest upload to /v1/files (default 20 MiB)",
+    )
+    parser.add_argument(
+        "--upload-expiry-seconds",
+        type=float,
+        metavar="S",
+        help="how long files uploaded to /v1/files stay available (default 86400)",
+    )
+    parser.add_argument(
+        "--fetch-timeout-seconds",
+        type=float,
+        metavar="S",
+        help="time limit for fetching one http(s) image or mask input (default 15)",
+    )
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        default=None,
+        help="also fetch http(s) inputs from loopback, private, link-local and other "
+        "non-public addresses (refused by default: only for trusted callers)",
+    )
     parser.add_argument("--tls-certfile", type=Path, help="serve HTTPS with this certificate")
     parser.add_argument("--tls-keyfile", type=Path, help="private key of --tls-certfile")
     parser.add_argument("--log-format", choices=("auto", "json", "text"), help="log style")

@@ -20,6 +20,7 @@ __all__ = [
     "ProblemDetail",
     "input_invalid",
     "install_error_handlers",
+    "shorten",
 ]
 
 
@@ -68,6 +69,11 @@ class ApiError(Exception):
             invalid_fields=self.invalid_fields,
         )
         return problem.model_dump(exclude_none=True)
+
+
+def shorten(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters, so user input echoed in an error stays short."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def input_invalid(invalid: list[InvalidField]) -> ApiError:

@@ -36,7 +36,7 @@ from kiln_client.errors import KilnError
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_gateway.errors import ApiError, input_invalid
 from kiln_gateway.files import FileStore, data_uri
-from kiln_gateway.schema import violations_to_fields
+from kiln_gateway.schema import replicate_field, violations_to_fields
 from kiln_gateway.settings import GatewaySettings
 from kiln_gateway.timefmt import iso8601
 from kiln_gateway.webhooks import PredictionWebhook, WebhookSender
@@ -292,7 +292,7 @@ def _http_error(error: KilnError, upstream: str) -> ApiError:
 
 def _failure_message(error: KilnError) -> str:
     if error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field_violations:
-        return "; ".join(f"{name}: {why}" for name, why in error.field_violations)
+        return "; ".join(f"{replicate_field(name)}: {why}" for name, why in error.field_violations)
     return f"{error.code.name}: {error.message}" if error.message else error.code.name
 
 
@@ -370,6 +370,14 @@ class PredictionRunner:
         await asyncio.wait({record.task}, timeout=10)
 
     async def _run(self, record: PredictionRecord, accepted: asyncio.Future[None]) -> None:
+        try:
+            await self._generate(record, accepted)
+        finally:
+            # The input photos are megabytes and Kiln has them; the record outlives the run.
+            record.request.ClearField("image")
+            record.request.ClearField("mask")
+
+    async def _generate(self, record: PredictionRecord, accepted: asyncio.Future[None]) -> None:
         events = self._client.generate_events(
             record.request, timeout=self._settings.upstream_timeout_seconds
         )
@@ -418,11 +426,17 @@ class PredictionRunner:
             record.status = "processing"
             record.started_at = time.time()
             self._log(record, f"Using seed: {started.seed}")
+            conditioning = (
+                f", {started.mode.replace('_', ' ')} at strength {started.strength:g}"
+                if started.mode and started.mode != "text_to_image"
+                else ""
+            )
             self._log(
                 record,
                 f"Kiln model {started.model}: {started.width}x{started.height}, "
                 f"{started.num_outputs} output(s), {started.num_inference_steps} steps, "
-                f"scheduler {started.scheduler}, guidance {started.guidance_scale:g}",
+                f"scheduler {started.scheduler}, guidance {started.guidance_scale:g}"
+                f"{conditioning}",
             )
         elif kind == "progress":
             elapsed = time.time() - (record.started_at or record.created_at)
@@ -443,8 +457,15 @@ class PredictionRunner:
             return True
         return False
 
+    def _inline(self, record: PredictionRecord) -> bool:
+        """True when outputs go out as data URIs (see `settings.OUTPUT_MODES`)."""
+        mode = self._settings.output_mode
+        if record.data_uri or mode == "data-uri":
+            return True
+        return mode == "auto" and not record.base_url.startswith("https:")
+
     async def _add_output(self, record: PredictionRecord, image: pb.ImageEvent) -> None:
-        if record.data_uri or self._settings.output_mode == "data-uri":
+        if self._inline(record):
             item = data_uri(image.data, image.mime_type)
         else:
             item = await self._files.save(

@@ -7,15 +7,22 @@ script sees the same numbers the server enforces.
 
 Fields fall in four groups:
 - generation: `prompt`, `negative_prompt`, `width`, `height`, `num_outputs`, `scheduler`
-  (Replicate's names), `num_inference_steps`, `guidance_scale`, `seed`;
-- not available yet, answered with a validation error naming the field: `image`, `mask`
-  (img2img and inpainting), `refine` other than `no_refiner`, `replicate_weights` (LoRA);
-- accepted and documented as no-ops: `prompt_strength` and `high_noise_frac`,
-  `refine_steps` (they only act with an image or a refiner), `lora_scale` (only with LoRA
-  weights), `apply_watermark` (Kiln never watermarks), `disable_safety_checker` (Kiln runs
-  no safety checker);
+  (Replicate's names), `num_inference_steps`, `guidance_scale`, `seed`; and image
+  conditioning: `image` (img2img; with `mask`, inpainting), `mask` (white repaints, black
+  keeps) and `prompt_strength` (Kiln's `strength`, only sent with an image);
+- not available yet, answered with a validation error naming the field: `refine` other
+  than `no_refiner`, `replicate_weights` (LoRA);
+- accepted and documented as no-ops: `high_noise_frac`, `refine_steps` (they only act with
+  a refiner), `lora_scale` (only with LoRA weights), `apply_watermark` (Kiln never
+  watermarks), `disable_safety_checker` (Kiln runs no safety checker);
 - Kiln's own: `output_format` (png, jpg, webp), `output_quality`, `priority` (low, normal,
-  high), `output_as_data_uri` (return data URIs instead of file URLs).
+  high), `output_as_data_uri` (return data URIs instead of file URLs), and for inpainting
+  `keep_unmasked` (black mask pixels keep the photo's exact pixels; default true) and
+  `mask_crop_padding` (generate only around the mask, for small products in large photos).
+
+`image` and `mask` are checked here only as strings; `ParsedInput.images` lists them for
+`kiln_gateway.inputs` to turn into bytes (data URIs, uploaded files, fetched URLs), which
+`ParsedInput.attach` then puts into the request.
 
 Errors use Replicate's words: `Invalid type. Expected: integer, given: string`,
 `Must be less than or equal to 4`, `scheduler must be one of the following: ...`.
@@ -42,6 +49,7 @@ __all__ = [
     "input_fields",
     "openapi_schema",
     "parse_input",
+    "replicate_field",
     "violations_to_fields",
 ]
 
@@ -52,6 +60,10 @@ DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
 """Replicate's SDXL default prompt, used when the input has none (as on Replicate)."""
 
 MAX_SEED = 2**64 - 1
+MAX_UINT32 = 2**32 - 1
+DEFAULT_STRENGTH = 0.8
+"""Replicate's `prompt_strength` default, for a Kiln model that reports none."""
+IMAGE_INPUTS = ("image", "mask")
 OUTPUT_FORMATS = ("png", "jpg", "webp")
 PRIORITIES = ("low", "normal", "high")
 REFINERS = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
@@ -109,6 +121,15 @@ class ParsedInput:
     request: pb.GenerateRequest
     data_uri: bool = False
     notes: list[str] = field(default_factory=list)
+    images: dict[str, str] = field(default_factory=dict)
+    """The `image` / `mask` inputs given (name to data URI or URL), still to be resolved."""
+
+    def attach(self, resolved: dict[str, bytes]) -> None:
+        """Put the resolved image bytes (by input name) into the request."""
+        if "image" in resolved:
+            self.request.image = resolved["image"]
+        if "mask" in resolved:
+            self.request.mask = resolved["mask"]
 
 
 def _number(value: float) -> float | int:
@@ -120,24 +141,24 @@ def input_fields(info: pb.ModelInfo) -> list[InputField]:
     steps_max = info.max_num_inference_steps or 500
     size_min, size_max = info.min_size or 64, info.max_size or 2048
     schedulers = tuple(info.schedulers) or None
+    image_limits = _image_limits(info)
     return [
         InputField("prompt", "string", "Input prompt", default=DEFAULT_PROMPT),
         InputField("negative_prompt", "string", "Input Negative Prompt", default=""),
         InputField(
             "image",
             "string",
-            "Input image for img2img or inpaint mode (not available in Kiln yet)",
-            role="unsupported",
+            "Input image for img2img or inpaint mode: a data URI, a file uploaded with "
+            "POST /v1/files, or an http(s) URL; PNG, JPEG or WebP"
+            f"{image_limits}. Without width and height the output has its size",
             format="uri",
-            unsupported_reason="img2img is not available in Kiln yet; remove input.image",
         ),
         InputField(
             "mask",
             "string",
-            "Input mask for inpaint mode (not available in Kiln yet)",
-            role="unsupported",
+            "Input mask for inpaint mode. Black areas will be preserved, white areas will be "
+            "inpainted (grey blends); same sources and formats as image, resized to it",
             format="uri",
-            unsupported_reason="inpainting is not available in Kiln yet; remove input.mask",
         ),
         InputField(
             "width",
@@ -189,9 +210,9 @@ def input_fields(info: pb.ModelInfo) -> list[InputField]:
         InputField(
             "prompt_strength",
             "number",
-            "Prompt strength when using img2img / inpaint (no effect without an image)",
-            role="noop",
-            default=0.8,
+            "Prompt strength when using img2img / inpaint. 1.0 corresponds to full "
+            "destruction of information in image (no effect without an image)",
+            default=_number(round(info.default_strength, 4)) or DEFAULT_STRENGTH,
             minimum=0,
             maximum=1,
         ),
@@ -288,7 +309,34 @@ def input_fields(info: pb.ModelInfo) -> list[InputField]:
             role="kiln",
             default=False,
         ),
+        InputField(
+            "keep_unmasked",
+            "boolean",
+            "Kiln: with a mask, keep the photo's exact pixels where the mask is black (grey "
+            "mask values blend in proportion)",
+            role="kiln",
+            default=True,
+        ),
+        InputField(
+            "mask_crop_padding",
+            "integer",
+            "Kiln: with a mask, generate only in the mask's bounding box grown by this many "
+            "pixels, then paste it back into the full photo (for small products in large "
+            "photos); absent means no crop",
+            role="kiln",
+            minimum=0,
+            maximum=MAX_UINT32,
+        ),
     ]
+
+
+def _image_limits(info: pb.ModelInfo) -> str:
+    limits = []
+    if info.max_image_bytes:
+        limits.append(f"{info.max_image_bytes} bytes")
+    if info.max_image_pixels:
+        limits.append(f"{info.max_image_pixels} pixels")
+    return f", at most {' and '.join(limits)}" if limits else ""
 
 
 def openapi_schema(info: pb.ModelInfo) -> dict[str, Any]:
@@ -420,6 +468,8 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
             continue
         if value is None and spec.role == "unsupported":
             continue
+        if name in IMAGE_INPUTS and value in (None, ""):
+            continue
         typed, problem = _typed(spec, value)
         problem = problem or _unsupported(spec, typed) or _checked(spec, typed)
         if problem is not None:
@@ -431,8 +481,10 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
     unknown = sorted(set(raw) - set(specs))
     if unknown:
         notes.append(f"ignoring input field(s) this model does not have: {', '.join(unknown)}")
+    problems += _conditioning_problems(values, info)
     if problems:
         raise InputInvalid(problems)
+    notes += _conditioning_notes(values, specs)
     output_format = values.get("output_format", "png")
     try:
         request = build_request(
@@ -455,12 +507,78 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
         raise InputInvalid(
             [InvalidField(type="invalid_value", field=f"input.{name}", description=str(error))]
         ) from error
-    return ParsedInput(request, bool(values.get("output_as_data_uri", False)), notes)
+    if "image" in values:
+        if "prompt_strength" in values:
+            request.strength = values["prompt_strength"]
+        if "mask" in values:
+            if "keep_unmasked" in values:
+                request.keep_unmasked = values["keep_unmasked"]
+            if "mask_crop_padding" in values:
+                request.mask_crop_padding = values["mask_crop_padding"]
+    return ParsedInput(
+        request,
+        bool(values.get("output_as_data_uri", False)),
+        notes,
+        images={name: values[name] for name in IMAGE_INPUTS if name in values},
+    )
+
+
+def _conditioning_problems(values: dict[str, Any], info: pb.ModelInfo) -> list[InvalidField]:
+    """What the image inputs break together (each input alone passed its own checks)."""
+    problems: list[InvalidField] = []
+    has_image, has_mask = "image" in values, "mask" in values
+    if has_mask and not has_image:
+        problems.append(
+            InvalidField(
+                type="required",
+                field="input.mask",
+                description="a mask needs an image: give input.image too (the photo it covers)",
+            )
+        )
+    if info.inpainting and not (has_image and has_mask):
+        problems.append(
+            InvalidField(
+                type="required",
+                field="input.image" if not has_image else "input.mask",
+                description=f"Kiln model {info.name} is an inpainting model: it needs both "
+                "image and mask",
+            )
+        )
+    if has_image and values.get("prompt_strength") == 0:
+        problems.append(
+            InvalidField(
+                type="number_gt",
+                field="input.prompt_strength",
+                description="Must be greater than 0 with an image (0 would return the image "
+                "unchanged)",
+            )
+        )
+    return problems
+
+
+def _conditioning_notes(values: dict[str, Any], specs: dict[str, InputField]) -> list[str]:
+    """Notes for image-conditioning inputs given where they cannot act."""
+    needs = {"prompt_strength": "image", "keep_unmasked": "mask", "mask_crop_padding": "mask"}
+    return [
+        f"{name} is accepted but has no effect without input.{needed}"
+        for name, needed in needs.items()
+        if name in values and needed not in values and values[name] != specs[name].default
+    ]
+
+
+_KILN_TO_REPLICATE = {"strength": "prompt_strength"}
+
+
+def replicate_field(kiln_field: str) -> str:
+    """The input name a Kiln request field is given as (`strength` is `prompt_strength`)."""
+    return _KILN_TO_REPLICATE.get(kiln_field, kiln_field)
 
 
 def violations_to_fields(violations: list[tuple[str, str]]) -> list[InvalidField]:
     """The Kiln server's field violations (INVALID_ARGUMENT) as Replicate's invalid fields."""
     return [
-        InvalidField(type="invalid_value", field=f"input.{name}", description=description)
+        InvalidField(
+            type="invalid_value", field=f"input.{replicate_field(name)}", description=description
+        )
         for name, description in violations
     ] or [InvalidField(type="invalid_value", field="input", description="rejected by Kiln")]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kiln_server.config_file import SettingsError, convert_setting, read_config_file
+from kiln_server.config_file import SettingsError, convert_setting, read_config_file, to_bool
 
 __all__ = [
     "Alias",
@@ -40,8 +40,11 @@ __all__ = [
     "parse_alias",
 ]
 
-OUTPUT_MODES = ("url", "data-uri")
-"""How outputs are returned: gateway-served file URLs, or inline data URIs."""
+OUTPUT_MODES = ("auto", "url", "data-uri")
+"""How outputs are returned: "url" (gateway-served file URLs), "data-uri" (inline), or "auto":
+URLs when the prediction's base URL is https, data URIs otherwise. The official client turns
+only https: and data: URLs into file objects, so "auto" keeps `output[0].read()` working on a
+plain-HTTP gateway."""
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _ALIAS_KEY = re.compile(rf"^(?P<owner>{_NAME})/(?P<name>{_NAME})(?::(?P<version>[A-Za-z0-9]+))?$")
@@ -81,9 +84,21 @@ class GatewaySettings:
     webhook_retry_seconds: float = 1.0
     """Delay before the first webhook retry; it doubles on each further retry."""
     webhook_timeout_seconds: float = 10.0
-    output_mode: str = "url"
+    output_mode: str = "auto"
     files_dir: Path | None = None
-    """Where output files are kept; default: a private temporary folder removed on exit."""
+    """Where output files and uploaded input files are kept; default: a private temporary
+    folder removed on exit."""
+    max_input_bytes: int = 20 * 1024 * 1024
+    """Largest `image` or `mask` input (data URI, uploaded file or fetched URL) and largest
+    upload to POST /v1/files; a Kiln model's smaller `max_image_bytes` wins for its inputs."""
+    upload_expiry_seconds: float = 86400.0
+    """How long a file uploaded to POST /v1/files stays available."""
+    fetch_timeout_seconds: float = 15.0
+    """Longest time to fetch one http(s) input, redirects and body included."""
+    fetch_max_redirects: int = 5
+    allow_private_urls: bool = False
+    """Fetch http(s) inputs from loopback, private, link-local and other non-public
+    addresses too (only for trusted callers on a private network)."""
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
     max_wait_seconds: float = 60.0
@@ -138,6 +153,11 @@ _CONVERTERS: dict[str, Any] = {
     "max_wait_seconds": float,
     "max_predictions": int,
     "upstream_timeout_seconds": float,
+    "max_input_bytes": int,
+    "upload_expiry_seconds": float,
+    "fetch_timeout_seconds": float,
+    "fetch_max_redirects": int,
+    "allow_private_urls": to_bool,
     "config": Path,
     "files_dir": Path,
     "tls_certfile": Path,
@@ -234,6 +254,14 @@ def validate_settings(settings: GatewaySettings) -> GatewaySettings:
         raise SettingsError("max_wait_seconds must be between 0 and 600")
     if settings.max_predictions < 1:
         raise SettingsError("max_predictions must be at least 1")
+    if settings.max_input_bytes < 1:
+        raise SettingsError("max_input_bytes must be at least 1")
+    if settings.upload_expiry_seconds <= 0:
+        raise SettingsError("upload_expiry_seconds must be positive")
+    if settings.fetch_timeout_seconds <= 0:
+        raise SettingsError("fetch_timeout_seconds must be positive")
+    if not 0 <= settings.fetch_max_redirects <= 20:
+        raise SettingsError("fetch_max_redirects must be between 0 and 20")
     if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
         raise SettingsError("give both --tls-certfile and --tls-keyfile, or neither")
     if settings.public_url is not None and not re.match(r"^https?://", settings.public_url):

@@ -15,12 +15,14 @@ from fastapi import Request
 if TYPE_CHECKING:
     from kiln_client.aio import AsyncKilnClient
     from kiln_gateway.files import FileStore
+    from kiln_gateway.inputs import InputResolver
     from kiln_gateway.models import ModelCatalog
     from kiln_gateway.predictions import PredictionRunner, PredictionStore
     from kiln_gateway.settings import GatewaySettings
+    from kiln_gateway.uploads import UploadStore
     from kiln_gateway.webhooks import WebhookSender
 
-__all__ = ["GatewayState", "gateway_state", "public_base_url"]
+__all__ = ["GatewayState", "gateway_state", "own_base_urls", "public_base_url"]
 
 
 @dataclass
@@ -34,6 +36,8 @@ class GatewayState:
     files: FileStore
     webhooks: WebhookSender
     runner: PredictionRunner
+    uploads: UploadStore
+    inputs: InputResolver
 
 
 def gateway_state(request: Request) -> GatewayState:
@@ -47,3 +51,9 @@ def public_base_url(request: Request, state: GatewayState) -> str:
     if state.settings.public_url:
         return state.settings.public_url.rstrip("/")
     return str(request.base_url).rstrip("/")
+
+
+def own_base_urls(request: Request, state: GatewayState) -> tuple[str, ...]:
+    """Every base URL that reaches this gateway for this request: public URL and request URL."""
+    bases = (public_base_url(request, state), str(request.base_url).rstrip("/"))
+    return tuple(dict.fromkeys(bases))

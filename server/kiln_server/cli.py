@@ -73,6 +73,20 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--drain-timeout", type=float, help="seconds to let requests finish on SIGTERM (default 60)"
     )
+    parser.add_argument(
+        "--max-image-mb",
+        type=int,
+        help="largest encoded `image` or `mask` a request may send, MiB (default 20); "
+        "--max-message-mb must fit two of them",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        help="most pixels a request image or mask may decode to (default 16777216, 4096x4096)",
+    )
+    parser.add_argument(
+        "--max-message-mb", type=int, help="largest gRPC message in MiB (default 64)"
+    )
     parser.add_argument("--log-format", choices=("auto", "json", "text"), help="log style")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument("--port-file", type=Path, help="write the bound port to this file")

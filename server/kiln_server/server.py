@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
 from kiln_server.core.client import EngineCoreClient
+from kiln_server.image_inputs import ImageInputLimits
 from kiln_server.models.loader import read_model_files
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.prompts import PromptTokenizer
@@ -51,7 +52,14 @@ class KilnServer:
         self.draining = False
         self.core_lost = asyncio.Event()
         self.health = health.aio.HealthServicer()
-        self.service = GenerationService(registry, is_draining=lambda: self.draining)
+        self.service = GenerationService(
+            registry,
+            is_draining=lambda: self.draining,
+            image_limits=ImageInputLimits(
+                max_bytes=settings.max_image_mb * 1024 * 1024,
+                max_pixels=settings.max_image_pixels,
+            ),
+        )
         max_bytes = settings.max_message_mb * 1024 * 1024
         self.server = grpc.aio.server(
             options=[

@@ -11,13 +11,16 @@ text), or the client's own CANCELLED / DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import grpc
+import numpy as np
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -37,7 +40,8 @@ from kiln_server.events import (
     Refused,
     Started,
 )
-from kiln_server.imaging import encode_image
+from kiln_server.image_inputs import ImageInputLimits, apply_overlay
+from kiln_server.imaging import EncodedImage, encode_image
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.pipeline.prompts import PromptTokenizer
@@ -101,7 +105,18 @@ def png_parameters(params: GenerationParams, seed: int) -> dict[str, Any]:
         "guidance_scale": params.guidance_scale,
         "scheduler": params.scheduler,
         "seed": seed,
+        **({"mode": params.mode, "strength": params.image.strength} if params.image else {}),
     }
+
+
+def final_image(pixels: np.ndarray, params: GenerationParams, seed: int) -> EncodedImage:
+    """One decoded output put back over the request's photo (when it has an overlay) and
+    encoded as the request asked."""
+    if params.overlay is not None:
+        pixels = apply_overlay(pixels, params.overlay)
+    return encode_image(
+        pixels, params.output_format, params.output_quality, png_parameters(params, seed)
+    )
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
@@ -111,9 +126,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self,
         registry: ModelRegistry,
         is_draining: Callable[[], bool] = lambda: False,
+        image_limits: ImageInputLimits | None = None,
     ) -> None:
         self.registry = registry
         self.is_draining = is_draining
+        self.image_limits = image_limits or ImageInputLimits()
         self.core: EngineCoreClient | None = None
         self.served: dict[str, ServedModel] = {}
         self.tokenizers: dict[str, PromptTokenizer] = {}
@@ -191,6 +208,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     description=spec.description,
                     preview_methods=list(limits.preview_methods),
                     default_preview_method=limits.preview_methods[0],
+                    default_strength=spec.default_strength,
+                    max_image_bytes=self.image_limits.max_bytes,
+                    max_image_pixels=self.image_limits.max_pixels,
+                    inpainting=limits.inpainting,
                 )
             )
         return pb.ListModelsResponse(models=infos, default_model=self.registry.default_model)
@@ -210,14 +231,18 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "models are still loading; retry when SERVING"
             )
         assert core is not None
+        validate = functools.partial(
+            validate_request,
+            request,
+            self.registry,
+            self._count_tokens,
+            self._max_tokens,
+            self._engine_limits,
+            self.image_limits,
+        )
         try:
-            params = validate_request(
-                request,
-                self.registry,
-                self._count_tokens,
-                self._max_tokens,
-                self._engine_limits,
-            )
+            # Decoding a photo takes long enough to stall every other stream on the loop.
+            params = await asyncio.to_thread(validate) if request.image else validate()
         except RequestInvalid as error:
             logger.info("rejected invalid request: %s", error, extra=log)
             await abort_with(context, bad_request_status(error))
@@ -232,7 +257,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            job_id = core.submit(request_id, params, on_event)
+            # The overlay stays here: the engine core never needs the full photo.
+            job_id = core.submit(request_id, replace(params, overlay=None), on_event)
         except EngineCoreError as error:
             logger.error("engine core unreachable: %s", error, extra=log)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
@@ -284,6 +310,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                         guidance_scale=params.guidance_scale,
                         scheduler=params.scheduler,
                         seed=params.seed,
+                        mode=params.mode,
+                        strength=params.image.strength if params.image else 0.0,
                     ),
                 )
             elif isinstance(event, Progress):
@@ -299,13 +327,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 for index, (pixels, seed) in enumerate(
                     zip(event.pixels, params.seeds, strict=True)
                 ):
-                    encoded = await asyncio.to_thread(
-                        encode_image,
-                        pixels,
-                        params.output_format,
-                        params.output_quality,
-                        png_parameters(params, seed),
-                    )
+                    encoded = await asyncio.to_thread(final_image, pixels, params, seed)
                     yield pb.GenerateResponse(
                         request_id=request_id,
                         image=pb.ImageEvent(

@@ -38,6 +38,9 @@ class ServerSettings:
     aging_seconds: float = 5.0
     drain_timeout: float = 60.0
     max_message_mb: int = 64
+    # Request photos: encoded size of `image` or `mask`, and decoded pixels.
+    max_image_mb: int = 20
+    max_image_pixels: int = 4096 * 4096
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
 
@@ -48,6 +51,8 @@ _CONVERTERS: dict[str, Any] = {
     "max_batch_rows": int,
     "intra_op_threads": int,
     "max_message_mb": int,
+    "max_image_mb": int,
+    "max_image_pixels": int,
     "aging_seconds": float,
     "drain_timeout": float,
     "compile": to_bool,
@@ -99,6 +104,14 @@ def load_settings(
         raise SettingsError(f"unknown dtype {settings.dtype!r}: choose fp16, bf16 or fp32")
     if settings.max_queue < 1 or settings.max_batch_rows < 1:
         raise SettingsError("max_queue and max_batch_rows must be at least 1")
+    if settings.max_image_mb < 1 or settings.max_image_pixels < 64 * 64:
+        raise SettingsError("max_image_mb must be at least 1 and max_image_pixels at least 4096")
+    if settings.max_message_mb < 2 * settings.max_image_mb + 1:
+        raise SettingsError(
+            f"max_message_mb ({settings.max_message_mb}) must fit a request with an image and "
+            f"a mask of max_image_mb ({settings.max_image_mb}) each: raise it to at least "
+            f"{2 * settings.max_image_mb + 1} or lower max_image_mb"
+        )
     if settings.intra_op_threads < 0:
         raise SettingsError("intra_op_threads must be 0 (every core but one) or more")
     return settings, config

@@ -12,8 +12,19 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+from PIL import Image
+
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_server.engines.limits import PREVIEW_DECODER, PREVIEW_LATENT_RGB, EngineLimits
+from kiln_server.image_inputs import (
+    FramedInputs,
+    ImageInputError,
+    ImageInputLimits,
+    decode_image,
+    frame_inputs,
+    round_down,
+)
 from kiln_server.models.registry import ModelRegistry, ModelSpec
 from kiln_server.pipeline.params import GenerationParams, PreviewParams
 from kiln_server.pipeline.schedulers import scheduler_names
@@ -48,6 +59,7 @@ DEFAULT_PREVIEW_SIZE = 256
 DEFAULT_PREVIEW_QUALITY = 75
 MIN_PREVIEW_SIZE = 16
 MAX_PREVIEW_SIZE = 1024
+MAX_CROP_PADDING = 4096
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,8 @@ class ServedLimits:
     max_num_outputs: int
     max_unet_rows: int | None = None
     preview_methods: tuple[str, ...] = (PREVIEW_LATENT_RGB,)
+    image_inputs: bool = True
+    inpainting: bool = False
 
     @classmethod
     def of(cls, spec: ModelSpec, engines: EngineLimits | None) -> ServedLimits:
@@ -123,6 +137,8 @@ class ServedLimits:
             spec.max_num_outputs,
             engines.unet_rows,
             engines.preview_methods,
+            engines.image_inputs,
+            engines.inpainting,
         )
 
     def size_range(self, axis: str) -> tuple[int, int]:
@@ -176,17 +192,164 @@ def _check_prompt(
     return None
 
 
+@dataclass
+class _Photo:
+    """The request's decoded photo and mask (None where absent or refused)."""
+
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+
+def _decode_photo(
+    request: pb.GenerateRequest,
+    spec: ModelSpec,
+    limits: ServedLimits,
+    image_limits: ImageInputLimits,
+    errors: list[FieldViolation],
+) -> _Photo:
+    """Decode `image` and `mask` and check the fields that go with them."""
+    photo = _Photo()
+    if limits.inpainting and not (request.image and request.mask):
+        errors.append(
+            FieldViolation(
+                "image" if not request.image else "mask",
+                f"model {spec.name!r} is an inpainting model (its UNet takes a mask): send "
+                "both image and mask",
+            )
+        )
+    if not request.image:
+        given = {
+            "mask": bool(request.mask),
+            "strength": request.HasField("strength"),
+            "keep_unmasked": request.HasField("keep_unmasked"),
+            "mask_crop_padding": request.HasField("mask_crop_padding"),
+        }
+        for name in (name for name, present in given.items() if present):
+            errors.append(FieldViolation(name, "needs an image; send `image` too"))
+        return photo
+    if not limits.image_inputs:
+        errors.append(
+            FieldViolation(
+                "image",
+                f"model {spec.name!r} is served without a VAE encoder, so it cannot take "
+                "images; rebuild its engines with `kiln build-engines` (it exports one)",
+            )
+        )
+        return photo
+    if not request.mask:
+        for name, present in (
+            ("keep_unmasked", request.HasField("keep_unmasked")),
+            ("mask_crop_padding", request.HasField("mask_crop_padding")),
+        ):
+            if present:
+                errors.append(FieldViolation(name, "needs a mask; send `mask` too"))
+    try:
+        photo.image = decode_image(request.image, "image", image_limits)
+        if request.mask:
+            photo.mask = decode_image(request.mask, "mask", image_limits)
+    except ImageInputError as error:
+        errors.append(FieldViolation(error.field, error.message))
+        return _Photo()
+    if photo.mask is not None and not np.asarray(photo.mask.convert("L")).any():
+        errors.append(
+            FieldViolation(
+                "mask",
+                "is black everywhere, so nothing would be repainted (white repaints, black "
+                "keeps); is it inverted?",
+            )
+        )
+    return photo
+
+
+def _framed_inputs(
+    request: pb.GenerateRequest,
+    photo: _Photo,
+    spec: ModelSpec,
+    size: tuple[int, int],
+    steps: int,
+    errors: list[FieldViolation],
+) -> FramedInputs | None:
+    """The photo framed for the loop, once strength checks out; None on a problem."""
+    strength = request.strength if request.HasField("strength") else spec.default_strength
+    if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+        errors.append(FieldViolation("strength", f"must be in (0, 1], got {strength}"))
+        return None
+    if int(steps * strength) < 1:
+        errors.append(
+            FieldViolation(
+                "strength",
+                f"leaves no denoising step: int(num_inference_steps x strength) = "
+                f"int({steps} x {strength:g}) = 0; raise strength or num_inference_steps",
+            )
+        )
+        return None
+    if photo.image is None or errors:
+        return None
+    padding = request.mask_crop_padding if request.HasField("mask_crop_padding") else None
+    if padding is not None and padding > MAX_CROP_PADDING:
+        errors.append(
+            FieldViolation(
+                "mask_crop_padding", f"must be at most {MAX_CROP_PADDING}, got {padding}"
+            )
+        )
+        return None
+    return frame_inputs(
+        photo.image,
+        photo.mask,
+        width=size[0],
+        height=size[1],
+        strength=float(strength),
+        keep_unmasked=request.keep_unmasked if request.HasField("keep_unmasked") else True,
+        crop_padding=padding,
+    )
+
+
+def _output_size(
+    request: pb.GenerateRequest,
+    spec: ModelSpec,
+    limits: ServedLimits,
+    photo: _Photo,
+    errors: list[FieldViolation],
+) -> tuple[int, int]:
+    """Width and height: as asked; else the photo's size rounded down to the size step
+    (not when cropping to the mask, which generates at the model's default size); else the
+    model's default. A photo-derived size outside the limits is refused naming `image`."""
+    derived = photo.image is not None and not request.HasField("mask_crop_padding")
+    if derived and not (request.width and request.height):
+        assert photo.image is not None
+        width, height = round_down(photo.image.size, limits.size_multiple)
+        low_w, high_w = limits.size_range("width")
+        low_h, high_h = limits.size_range("height")
+        if (not request.width and not low_w <= width <= high_w) or (
+            not request.height and not low_h <= height <= high_h
+        ):
+            errors.append(
+                FieldViolation(
+                    "image",
+                    f"is {photo.image.width}x{photo.image.height}, which makes "
+                    f"{width}x{height} outputs (rounded down to multiples of "
+                    f"{limits.size_multiple}); this model serves widths {low_w}-{high_w} and "
+                    f"heights {low_h}-{high_h}: resize the photo, or give width and height "
+                    "(the photo is resized to them)",
+                )
+            )
+        return request.width or width, request.height or height
+    return request.width or spec.default_width, request.height or spec.default_height
+
+
 def validate_request(
     request: pb.GenerateRequest,
     registry: ModelRegistry,
     count_tokens: TokenCounter,
     max_tokens: Callable[[str], int],
     engine_limits: Callable[[str], EngineLimits | None] = lambda _model: None,
+    image_limits: ImageInputLimits | None = None,
 ) -> GenerationParams:
     """Resolve defaults and check every field; raise RequestInvalid or ModelNotFound.
 
     Sizes and output counts are checked against the model's limits narrowed by
-    `engine_limits(model)`, what its loaded engines declare they can run.
+    `engine_limits(model)`, what its loaded engines declare they can run. Request images
+    are decoded within `image_limits` and framed to the output size.
     """
     spec = registry.get(request.model)
     if spec is None:
@@ -208,10 +371,12 @@ def validate_request(
             errors.append(problem)
 
     limits = ServedLimits.of(spec, engine_limits(spec.name))
-    width = request.width or spec.default_width
-    height = request.height or spec.default_height
-    _check_size("width", width, limits, errors)
-    _check_size("height", height, limits, errors)
+    photo = _decode_photo(request, spec, limits, image_limits or ImageInputLimits(), errors)
+    size_errors = len(errors)
+    width, height = _output_size(request, spec, limits, photo, errors)
+    if len(errors) == size_errors:  # a photo-derived size is already refused as `image`
+        _check_size("width", width, limits, errors)
+        _check_size("height", height, limits, errors)
 
     steps = request.num_inference_steps or spec.default_num_inference_steps
     if steps > spec.max_num_inference_steps:
@@ -318,6 +483,10 @@ def validate_request(
             )
         preview_method = asked or preview_method
 
+    framed = None
+    if request.image or request.HasField("strength"):
+        framed = _framed_inputs(request, photo, spec, (width, height), steps, errors)
+
     if errors:
         raise RequestInvalid(errors)
     return GenerationParams(
@@ -341,4 +510,6 @@ def validate_request(
             method=preview_method,
         ),
         priority=PRIORITIES[request.priority],
+        image=framed.conditioning if framed else None,
+        overlay=framed.overlay if framed else None,
     )

@@ -109,13 +109,14 @@ class AsyncKilnClient:
         """Run one generation to completion and return its images and timings.
 
         Same arguments as `KilnClient.generate`; `on_event` may be a plain function or a
-        coroutine function (it is awaited).
+        coroutine function (it is awaited). `image` and `mask` files are read (and PIL
+        images encoded) in a worker thread, so the event loop keeps running meanwhile.
 
         Raises:
             KilnError: the RPC failed, or the stream ended without a completed event.
             TypeError / ValueError: bad arguments (see `build_request`).
         """
-        message = _resolve_request(prompt, request, fields)
+        message = await asyncio.to_thread(_resolve_request, prompt, request, fields)
         collector = ResultCollector()
         events = self.generate_events(message, timeout=timeout)
         try:

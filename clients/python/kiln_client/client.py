@@ -211,9 +211,16 @@ class KilnClient:
         ready `request`. `on_event` is called with every event as it arrives (progress,
         previews); an exception it raises cancels the RPC and propagates.
 
+        Image conditioning takes the `build_request` keywords `image`, `mask`, `strength`,
+        `keep_unmasked` and `mask_crop_padding`; `image` and `mask` each take a path, bytes,
+        a binary file object or a PIL image, and are checked (exists, readable, at most
+        `MAX_IMAGE_BYTES`) before anything is sent. `result.mode` and `result.strength`
+        report what the server ran.
+
         Raises:
             KilnError: the RPC failed, or the stream ended without a completed event.
-            TypeError / ValueError: bad arguments (see `build_request`).
+            TypeError / ValueError: bad arguments (see `build_request`), including
+                `ImageInputError` for an `image` or `mask` that cannot be sent.
         """
         message = resolve_request(prompt, request, fields)
         collector = ResultCollector()

@@ -2,8 +2,10 @@
 
 `register(subparsers)` adds both subcommands to the `kiln` dispatcher. `generate` streams
 one request with a progress bar on stderr, writes each final image (and optional previews)
-as it arrives, and prints "wrote PATH (seed N)" per image on stdout. Exit codes: 0 on
-success, 2 for a request the server (or this command) rejects as invalid, 1 otherwise.
+as it arrives, and prints "wrote PATH (seed N)" per image on stdout. With `--image` (and
+`--mask`) it sends a photo for image-to-image or inpainting. Exit codes: 0 on success, 2 for
+a request the server (or this command) rejects as invalid, such as a missing `--image`
+file, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from kiln_client.errors import (
     ServerUnreachable,
     Unavailable,
 )
+from kiln_client.image_input import MAX_IMAGE_BYTES, ImageInputError
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
-from kiln_client.requests import build_request
+from kiln_client.requests import build_request, strength_value
 from kiln_client.results import GeneratedImage, extension_for_mime_type
 
 __all__ = [
@@ -71,9 +74,16 @@ _FLAG_BY_FIELD = {
     "preview.max_size": "--preview-size",
     "preview.method": "--preview-method",
     "priority": "--priority",
+    "image": "--image",
+    "mask": "--mask",
+    "strength": "--strength",
+    "keep_unmasked": "--keep-unmasked",
+    "mask_crop_padding": "--mask-crop-padding",
 }
 
-_OUT_HELP = """\
+_MAX_IMAGE_MIB = MAX_IMAGE_BYTES // 2**20
+
+_EPILOG = f"""\
 output naming:
   Image i of N is written to --out with "-i" before the extension for i > 0:
   --out teapot.png with --num-outputs 3 writes teapot.png, teapot-1.png, teapot-2.png.
@@ -82,6 +92,17 @@ output naming:
   in "/") gets those default names inside it. If --out has no image extension, the one
   of the chosen --format is appended; an --out ending in .png/.jpg/.jpeg/.webp picks the
   format when --format is not given. Previews go to DIR/step-0003.jpg (one per preview).
+
+image conditioning:
+  --image photo.png                    image-to-image: start from the photo
+  --image photo.png --mask mask.png    inpainting: repaint where the mask is white
+  The output has --image's size (rounded down to the model's size multiple) unless --width
+  and --height are given. --image and --mask are PNG, JPEG or WebP files of at most
+  {_MAX_IMAGE_MIB} MiB each (a server's default limit; `kiln models` shows each model's limits).
+  The mask is resized to the photo: white = repaint, black = keep, grey = blend. With a
+  mask the photo's own pixels are kept exactly where the mask is black, unless
+  --no-keep-unmasked. --strength (0 < S <= 1, default 0.8) is how far the result may move
+  from the photo: low keeps it, 1 starts from noise.
 
 environment:
   KILN_SERVER   default for --server (otherwise 127.0.0.1:50051)
@@ -112,6 +133,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _strength(text: str) -> float:
+    try:
+        return strength_value(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number greater than 0 and at most 1, got {text!r}"
+        ) from None
+
+
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
@@ -135,7 +165,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="generate images from a prompt on a Kiln server",
         description="Generate images from PROMPT on a running Kiln server, with a "
         "progress bar on stderr. Prints 'wrote PATH (seed N)' for each image.",
-        epilog=_OUT_HELP,
+        epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     gen.add_argument("prompt", metavar="PROMPT", help="what to draw")
@@ -150,10 +180,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="denoising steps (model default)",
     )
     gen.add_argument(
-        "--width", metavar="W", type=_non_negative_int, default=0, help="pixels, multiple of 8"
+        "--width",
+        metavar="W",
+        type=_non_negative_int,
+        default=0,
+        help="pixels, multiple of 8 (default: the model's, or --image's width)",
     )
     gen.add_argument(
-        "--height", metavar="H", type=_non_negative_int, default=0, help="pixels, multiple of 8"
+        "--height",
+        metavar="H",
+        type=_non_negative_int,
+        default=0,
+        help="pixels, multiple of 8 (default: the model's, or --image's height)",
     )
     gen.add_argument(
         "--num-outputs",
@@ -210,6 +248,44 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     gen.add_argument(
         "--priority", choices=["low", "normal", "high"], default="normal", help="queue priority"
+    )
+    images = gen.add_argument_group("image conditioning (see 'image conditioning' below)")
+    images.add_argument(
+        "--image",
+        metavar="FILE",
+        default=None,
+        help="input photo (PNG, JPEG or WebP): image-to-image, or inpainting with --mask; "
+        "the output has its size unless --width/--height are given",
+    )
+    images.add_argument(
+        "--mask",
+        metavar="FILE",
+        default=None,
+        help="inpainting mask over --image (PNG, JPEG or WebP, resized to the photo): "
+        "white = repaint, black = keep, grey = blend",
+    )
+    images.add_argument(
+        "--strength",
+        metavar="S",
+        type=_strength,
+        default=None,
+        help="how far the result may move from --image, 0 < S <= 1; 1 starts from noise "
+        "(default: the model's, 0.8)",
+    )
+    images.add_argument(
+        "--keep-unmasked",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --mask: keep the photo's pixels exactly where the mask is black and blend "
+        "where it is grey (default: on)",
+    )
+    images.add_argument(
+        "--mask-crop-padding",
+        metavar="N",
+        type=_non_negative_int,
+        default=None,
+        help="with --mask: generate only in the mask's bounding box grown by N pixels, then "
+        "paste it back; for small products in large photos (default: no crop)",
     )
     gen.set_defaults(handler=run_generate)
 
@@ -395,6 +471,27 @@ def describe_error(err: KilnError, server: str, timeout: float | None = None) ->
     return f"the server at {server} failed the request: {err}"
 
 
+def _check_image_flags(args: argparse.Namespace) -> None:
+    """Refuse image-conditioning flags given without the flag they apply to."""
+    if args.mask is not None and args.image is None:
+        raise UsageError("--mask needs --image: the mask marks what to repaint in the photo")
+    if args.strength is not None and args.image is None:
+        raise UsageError("--strength needs --image: it says how far to move from the photo")
+    if args.keep_unmasked is not None and args.mask is None:
+        flag = "--keep-unmasked" if args.keep_unmasked else "--no-keep-unmasked"
+        raise UsageError(f"{flag} needs --mask: it decides what happens to the mask's black pixels")
+    if args.mask_crop_padding is not None and args.mask is None:
+        raise UsageError("--mask-crop-padding needs --mask: it crops around the masked region")
+
+
+def _describe_mode(mode: str | None, strength: float | None) -> str:
+    """ "inpaint at strength 0.8: " for an image-conditioned run, "" otherwise."""
+    if mode is None or mode == "text_to_image":
+        return ""
+    at = f" at strength {strength:g}" if strength is not None else ""
+    return f"{mode.replace('_', ' ')}{at}: "
+
+
 def _fail(message: str, code: int) -> int:
     print(f"kiln: error: {message}", file=sys.stderr)
     return code
@@ -409,6 +506,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise UsageError("--preview-every needs --previews DIR to write the previews into")
         if args.preview_method is not None and not args.previews:
             raise UsageError("--preview-method needs --previews DIR to write the previews into")
+        _check_image_flags(args)
         preview_every = args.preview_every
         if preview_every is None:
             preview_every = 1 if args.previews else 0
@@ -429,7 +527,14 @@ def run_generate(args: argparse.Namespace) -> int:
             preview_max_size=args.preview_size,
             preview_method=args.preview_method or "auto",
             priority=args.priority,
+            image=args.image,
+            mask=args.mask,
+            strength=args.strength,
+            keep_unmasked=args.keep_unmasked,
+            mask_crop_padding=args.mask_crop_padding,
         )
+    except ImageInputError as exc:
+        return _fail(exc.message_for(_FLAG_BY_FIELD[exc.argument]), EXIT_INVALID)
     except (UsageError, ValueError) as exc:
         return _fail(str(exc), EXIT_INVALID)
 
@@ -449,9 +554,16 @@ def run_generate(args: argparse.Namespace) -> int:
             result = client.generate(request=request, on_event=run.on_event)
         timings = result.timings
         summary = (
+            f"{_describe_mode(result.mode, result.strength)}"
             f"done in {timings.total_seconds:.2f} s (queued {timings.queue_seconds:.2f} s, "
             f"inference {timings.inference_seconds:.2f} s); request {result.request_id}"
         )
+        if args.image is not None and result.mode in (None, "text_to_image"):
+            summary = (
+                f"kiln: warning: the server at {server} did not run an image-conditioned "
+                "generation: it may predate --image support and have drawn from the prompt "
+                f"alone\n{summary}"
+            )
     except KilnError as err:
         code = EXIT_INVALID if isinstance(err, InvalidArgument) else EXIT_FAILURE
         summary = f"kiln: error: {describe_error(err, server, args.timeout)}"
@@ -491,6 +603,13 @@ def format_models(response: pb.ListModelsResponse) -> str:
             f"steps <= {model.max_num_inference_steps}, outputs <= {model.max_num_outputs}, "
             f"guidance <= {model.max_guidance_scale:g}, prompt <= {model.max_prompt_tokens} tokens"
         )
+        if model.max_image_bytes:
+            lines.append(
+                f"  images:   --image/--mask up to {model.max_image_bytes / 2**20:g} MiB and "
+                f"{model.max_image_pixels:,} pixels each, strength {model.default_strength:g} "
+                "by default"
+                + ("; an inpainting model: needs --image and --mask" if model.inpainting else "")
+            )
         if model.schedulers:
             lines.append(f"  schedulers: {', '.join(model.schedulers)}")
         if model.preview_methods:

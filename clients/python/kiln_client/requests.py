@@ -1,13 +1,20 @@
 """Building `GenerateRequest` messages from plain Python values.
 
 `build_request` is the one place that turns friendly arguments ("webp", "high", None for
-"model default") into the wire message. It checks only what the message itself cannot
-hold (negative sizes, unknown format names); limits that depend on the model are the
-server's to enforce, and it names the offending field when it does.
+"model default", a path for `image`) into the wire message. It checks only what it can
+without the model: what the message itself cannot hold (negative sizes, unknown format
+names, strength outside (0, 1]), arguments that need another (a mask needs an image), and
+input files that are missing, unreadable, empty or over `MAX_IMAGE_BYTES`. Limits that
+depend on the model are the server's to enforce, and it names the offending field when it
+does.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+
+from kiln_client.image_input import MAX_IMAGE_BYTES, ImageInput, read_image_input
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "preview_format_value",
     "preview_method_value",
     "priority_value",
+    "strength_value",
 ]
 
 OUTPUT_FORMATS: dict[str, pb.OutputFormat.ValueType] = {
@@ -115,6 +123,25 @@ def _unsigned(argument: str, value: int, maximum: int = _UINT32_MAX) -> int:
     return value
 
 
+def strength_value(value: float) -> float:
+    """`value` as a float when 0 < value <= 1 (the range `strength` takes); ValueError if not.
+
+    The message names `strength` and the value; NaN, infinities, booleans and non-numbers are
+    refused like any value outside the range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"strength must be a number; got {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and 0.0 < number <= 1.0):
+        raise ValueError(f"strength must be greater than 0 and at most 1; got {value!r}")
+    return number
+
+
+def _needs(argument: str, value: object, required: str, given: object, why: str) -> None:
+    if value is not None and given is None:
+        raise ValueError(f"{argument} needs {required}: {why}")
+
+
 def build_request(
     prompt: str,
     *,
@@ -135,6 +162,12 @@ def build_request(
     priority: str | int = "normal",
     preview_quality: int = 0,
     preview_method: str | int = "auto",
+    image: ImageInput | None = None,
+    mask: ImageInput | None = None,
+    strength: float | None = None,
+    keep_unmasked: bool | None = None,
+    mask_crop_padding: int | None = None,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
 ) -> pb.GenerateRequest:
     """Build a `GenerateRequest`; zero / empty / None arguments mean "the model's default".
 
@@ -145,12 +178,40 @@ def build_request(
     one), "latent_rgb" or "decoder". `output_format`, `preview_format`, `preview_method` and
     `priority` take a name or the enum value.
 
+    Image conditioning: `image` alone is image-to-image, `image` with `mask` inpainting
+    (white repaints, black keeps, grey blends). Each takes a path, the encoded bytes (PNG,
+    JPEG or WebP), a binary file object or a PIL image (sent as lossless PNG); see
+    `kiln_client.image_input.ImageInput`. Without `width` and `height` the output has the
+    image's size (rounded down to the model's size multiple). `strength` (0 < s <= 1, None =
+    the model's default, 0.8) is how far the result may move from the image; with a mask,
+    `keep_unmasked` (None = on) keeps the photo's pixels exactly where the mask is black, and
+    `mask_crop_padding` (None = no crop) generates only around the mask's bounding box grown
+    by that many pixels. The three are set in the message only when given. Inputs larger
+    than `max_image_bytes` (default `MAX_IMAGE_BYTES`, 20 MiB) are refused before sending;
+    raise it only for a server whose `ModelInfo.max_image_bytes` is higher.
+
     Raises:
         ValueError: an argument the message cannot carry (unknown format or priority name,
-            negative or oversized integer); the message names the argument.
+            negative or oversized integer, strength outside (0, 1]) or one given without
+            the argument it needs (`mask`, `strength` without `image`; `keep_unmasked`,
+            `mask_crop_padding` without `mask`); the message names the argument.
+        ImageInputError (a ValueError): `image` or `mask` is a missing or unreadable file,
+            empty, or over `max_image_bytes`; the message names the argument and the path.
+        TypeError: `image` or `mask` is not a path, bytes, file object or PIL image.
     """
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string; got {type(prompt).__name__}")
+    # Cheap argument checks first, so a mistake is reported before any file is read.
+    _needs("mask", mask, "an image", image, "it marks which pixels of the image to repaint")
+    _needs("strength", strength, "an image", image, "it says how far to move from the image")
+    _needs("keep_unmasked", keep_unmasked, "a mask", mask, "it keeps the mask's black pixels")
+    _needs("mask_crop_padding", mask_crop_padding, "a mask", mask, "it crops around the mask")
+    if strength is not None:
+        strength = strength_value(strength)
+    if keep_unmasked is not None and not isinstance(keep_unmasked, bool):
+        raise ValueError(f"keep_unmasked must be True or False; got {keep_unmasked!r}")
+    if mask_crop_padding is not None:
+        mask_crop_padding = _unsigned("mask_crop_padding", mask_crop_padding)
     request = pb.GenerateRequest(
         model=model,
         prompt=prompt,
@@ -186,4 +247,19 @@ def build_request(
                 method=method,
             )
         )
+    if image is not None:
+        request.image = read_image_input("image", image, max_image_bytes)
+    if mask is not None:
+        request.mask = read_image_input("mask", mask, max_image_bytes)
+    if strength is not None:
+        request.strength = strength
+        if request.strength <= 0.0:
+            raise ValueError(
+                f"strength must be greater than 0 and at most 1; got {strength!r}, which "
+                "rounds to 0 as the 32-bit float the message carries"
+            )
+    if keep_unmasked is not None:
+        request.keep_unmasked = keep_unmasked
+    if mask_crop_padding is not None:
+        request.mask_crop_padding = mask_crop_padding
     return request

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,16 @@ _EXTENSIONS = {
     "image/jpg": ".jpg",
     "image/webp": ".webp",
 }
+
+
+def _float32_decimal(value: float) -> float:
+    """The shortest decimal that is the same float32 as `value` (0.8, not 0.800000011920929)."""
+    single = struct.unpack("<f", struct.pack("<f", value))[0]
+    for digits in range(1, 10):
+        candidate = float(f"{single:.{digits}g}")
+        if struct.unpack("<f", struct.pack("<f", candidate))[0] == single:
+            return candidate
+    return float(single)
 
 
 def extension_for_mime_type(mime_type: str, default: str = ".bin") -> str:
@@ -100,8 +111,8 @@ class Timings:
 class GenerationResult:
     """A finished generation: every image (ordered by index), the timings and the settings.
 
-    `started` is the server's `StartedEvent` (the resolved model, size, steps, scheduler and
-    first seed), or None if the server never sent one.
+    `started` is the server's `StartedEvent` (the resolved model, size, steps, scheduler,
+    first seed, mode and strength), or None if the server never sent one.
     """
 
     request_id: str
@@ -113,6 +124,26 @@ class GenerationResult:
     def seeds(self) -> list[int]:
         """The seed of each image, in index order."""
         return [image.seed for image in self.images]
+
+    @property
+    def mode(self) -> str | None:
+        """What the server ran: "text_to_image", "image_to_image" or "inpaint".
+
+        None when it did not say: no started event, or a server that predates image
+        conditioning (such a server ignores `image` and `mask` and draws from text).
+        """
+        if self.started is None or not self.started.mode:
+            return None
+        return self.started.mode
+
+    @property
+    def strength(self) -> float | None:
+        """The strength the server used for an image-conditioned run (the model's default
+        when the request gave none), as the decimal that was sent (0.8, not 0.800000011...);
+        None for text-to-image or when the mode is unknown."""
+        if self.started is None or self.mode in (None, "text_to_image"):
+            return None
+        return _float32_decimal(self.started.strength)
 
 
 class ResultCollector:

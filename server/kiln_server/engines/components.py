@@ -35,6 +35,9 @@ class ModelDims:
     """Sizes of one SDXL-family model that fix the static dims of its components."""
 
     latent_channels: int = 4
+    # The UNet's input channels: latent_channels, or for an inpainting UNet the latents, the
+    # mask and the masked photo's latents (4 + 1 + 4 = 9 on SDXL).
+    unet_in_channels: int = 4
     vae_scale_factor: int = 8
     text_hidden_size: int = 768
     text_hidden_size_2: int = 1280
@@ -44,6 +47,12 @@ class ModelDims:
     image_channels: int = 3
     # Halvings of the latent inside the UNet (down blocks but the last): SDXL's 3 blocks give 2.
     unet_downsamples: int = 2
+
+    @property
+    def inpainting(self) -> bool:
+        """True when the UNet takes the mask and the masked photo's latents beside the
+        latents (diffusers' inpainting UNets)."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
     @property
     def context_dim(self) -> int:
@@ -182,12 +191,14 @@ def text_encoder_2_spec(dims: ModelDims) -> ComponentSpec:
 
 
 def unet_spec(dims: ModelDims) -> ComponentSpec:
-    """SDXL UNet: one noise prediction per row, each row with its own timestep."""
+    """SDXL UNet: one noise prediction per row, each row with its own timestep. An
+    inpainting UNet's sample also carries the mask and the masked photo's latents."""
     latent = ("batch", dims.latent_channels, "latent_height", "latent_width")
+    sample = ("batch", dims.unet_in_channels, "latent_height", "latent_width")
     return ComponentSpec(
         name="unet",
         inputs=(
-            TensorSpec("sample", "float32", latent),
+            TensorSpec("sample", "float32", sample),
             # Per-row timesteps let one call advance requests that are at different steps.
             TensorSpec("timestep", "float32", ("batch",)),
             TensorSpec(
@@ -226,7 +237,9 @@ def vae_decoder_spec(dims: ModelDims) -> ComponentSpec:
 
 
 def vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
-    """VAE encoder: images in [-1, 1] to the mean of the latent distribution (unscaled)."""
+    """VAE encoder: images in [-1, 1] to the latent distribution's parameters (unscaled):
+    its mean and log-variance stacked on the channel axis, so the pipeline can draw a
+    sample from a seeded generator as diffusers does."""
     return ComponentSpec(
         name="vae_encoder",
         inputs=(
@@ -236,9 +249,9 @@ def vae_encoder_spec(dims: ModelDims) -> ComponentSpec:
         ),
         outputs=(
             TensorSpec(
-                "latent",
+                "latent_parameters",
                 "float32",
-                ("batch", dims.latent_channels, "latent_height", "latent_width"),
+                ("batch", 2 * dims.latent_channels, "latent_height", "latent_width"),
             ),
         ),
         dims=dims,

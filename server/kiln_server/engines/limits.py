@@ -33,7 +33,9 @@ class EngineLimits:
     many); `text_encoder_prompts` the most prompts one text-encoder call takes.
     `preview_decoder` says whether the set has a learned preview decoder (the one fact
     validation and ListModels read to offer the "decoder" preview method), and
-    `preview_decoder_images` the most images one call of it takes.
+    `preview_decoder_images` the most images one call of it takes. `image_inputs` says
+    whether the set has a VAE encoder (image conditioning needs one) and `inpainting`
+    whether its UNet is an inpainting UNet (it runs only requests with image and mask).
     """
 
     size_multiple: int
@@ -47,6 +49,8 @@ class EngineLimits:
     text_encoder_prompts: int | None = None
     preview_decoder: bool = False
     preview_decoder_images: int | None = None
+    image_inputs: bool = False
+    inpainting: bool = False
 
     @property
     def preview_methods(self) -> tuple[str, ...]:
@@ -129,9 +133,11 @@ def declared_limits(engines: EngineSet, dims: ModelDims) -> EngineLimits:
         "max_height": None,
     }
     per_component: Mapping[str, Engine] = {"unet": engines.unet, "vae_decoder": engines.vae_decoder}
-    if engines.preview_decoder is not None:
-        # Built over the VAE decoder's ranges; a size it could not preview is refused too.
-        per_component = {**per_component, "preview_decoder": engines.preview_decoder}
+    for name in ("preview_decoder", "vae_encoder"):
+        # Built over the VAE decoder's ranges; a size they could not run is refused too.
+        engine = getattr(engines, name)
+        if engine is not None:
+            per_component = {**per_component, name: engine}
     for engine in per_component.values():
         ranges = engine_shape_ranges(engine)
         if ranges is None:
@@ -156,5 +162,7 @@ def declared_limits(engines: EngineSet, dims: ModelDims) -> EngineLimits:
         text_encoder_prompts=min(text_rows) if text_rows else None,
         preview_decoder=engines.preview_decoder is not None,
         preview_decoder_images=_max_batch(engines.preview_decoder),
+        image_inputs=engines.vae_encoder is not None,
+        inpainting=dims.inpainting,
         **bounds,
     )

@@ -75,14 +75,15 @@ class VAEDecoderModule(nn.Module):
 
 
 class VAEEncoderModule(nn.Module):
-    """VAE encoder from images in [-1, 1] to the latent distribution's mean."""
+    """VAE encoder from images in [-1, 1] to the latent distribution's parameters (mean and
+    log-variance on the channel axis)."""
 
     def __init__(self, vae: Any) -> None:
         super().__init__()
         self.vae = vae
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images, return_dict=False)[0].mean
+        return self.vae.encode(images, return_dict=False)[0].parameters
 
 
 class PreviewDecoderModule(nn.Module):

@@ -139,8 +139,17 @@ def read_model_files(path: Path, preview_decoder: Path | None = None) -> SDXLMod
         raise ModelFolderError(
             f"{path / 'unet'} is not an SDXL UNet: it lacks the text_time added conditioning"
         )
+    latent_channels = int(vae_config.get("latent_channels", 4))
+    unet_in_channels = int(unet_config["in_channels"])
+    if unet_in_channels not in (latent_channels, 2 * latent_channels + 1):
+        raise ModelFolderError(
+            f"{path / 'unet'} takes {unet_in_channels} input channels; Kiln serves UNets "
+            f"with the VAE's {latent_channels} latent channels, or {2 * latent_channels + 1} "
+            "for an inpainting UNet (latents, mask and masked-photo latents)"
+        )
     dims = ModelDims(
-        latent_channels=int(unet_config["in_channels"]),
+        latent_channels=latent_channels,
+        unet_in_channels=unet_in_channels,
         vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
         text_hidden_size=int(text_config["hidden_size"]),
         text_hidden_size_2=int(text_config_2["hidden_size"]),

@@ -44,6 +44,9 @@ class ModelSpec:
     max_num_inference_steps: int = 150
     max_num_outputs: int = 8
     max_guidance_scale: float = 50.0
+    # Image conditioning: the strength a request without one gets (Replicate's
+    # prompt_strength default).
+    default_strength: float = 0.8
     # None: the server-wide setting (`--max-batch-rows`, KILN_MAX_BATCH_ROWS) applies.
     max_batch_rows: int | None = None
     # A local AutoencoderTiny folder (e.g. madebyollin/taesdxl) to preview with instead of

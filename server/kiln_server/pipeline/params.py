@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+TEXT_TO_IMAGE = "text_to_image"
+IMAGE_TO_IMAGE = "image_to_image"
+INPAINT = "inpaint"
+
 
 @dataclass(frozen=True)
 class PreviewParams:
@@ -16,6 +22,41 @@ class PreviewParams:
     format: str = "jpeg"
     quality: int = 75
     method: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ImageConditioning:
+    """The photo a request starts from, already at the request's width x height.
+
+    `image` is uint8 RGB [height, width, 3]. `mask` (inpainting) is float32 [height, width]
+    in [0, 1], 1 = repaint; the denoising loop binarizes it at 0.5 as diffusers'
+    inpainting pipelines do. `strength` sets where in the schedule denoising starts.
+    """
+
+    image: np.ndarray
+    strength: float
+    mask: np.ndarray | None = None
+
+    @property
+    def mode(self) -> str:
+        """IMAGE_TO_IMAGE, or INPAINT with a mask."""
+        return INPAINT if self.mask is not None else IMAGE_TO_IMAGE
+
+
+@dataclass(frozen=True, eq=False)
+class Overlay:
+    """How final images go back over the full photo, in the API process after decoding.
+
+    `photo` is the uint8 RGB photo as sent [H, W, 3]; `mask` its uint8 mask [H, W] (0 keeps,
+    255 repaints, grey blends). `box` (x1, y1, x2, y2), when the request cropped to its
+    mask, is where the generated images go back into the photo. `keep_unmasked` pastes the
+    photo's unmasked pixels over the result exactly.
+    """
+
+    photo: np.ndarray
+    mask: np.ndarray
+    box: tuple[int, int, int, int] | None = None
+    keep_unmasked: bool = True
 
 
 @dataclass(frozen=True)
@@ -40,6 +81,16 @@ class GenerationParams:
     output_quality: int = 90
     preview: PreviewParams = field(default_factory=PreviewParams)
     priority: int = 2
+    # Image conditioning (img2img, inpainting); None: text-to-image.
+    image: ImageConditioning | None = None
+    # Only in the API process: what to paste over the decoded images (the engine core
+    # never receives it).
+    overlay: Overlay | None = None
+
+    @property
+    def mode(self) -> str:
+        """TEXT_TO_IMAGE, IMAGE_TO_IMAGE or INPAINT."""
+        return TEXT_TO_IMAGE if self.image is None else self.image.mode
 
     @property
     def seeds(self) -> list[int]:

@@ -27,7 +27,7 @@ import torch
 from kiln_server.engines.base import Engine, EngineSet
 from kiln_server.engines.limits import PREVIEW_LATENT_RGB, declared_limits
 from kiln_server.models.loader import SDXLModelFiles
-from kiln_server.pipeline.params import GenerationParams, PreviewParams
+from kiln_server.pipeline.params import GenerationParams, ImageConditioning, PreviewParams
 from kiln_server.pipeline.previews import EncodedPreview, LatentPreviewer
 from kiln_server.pipeline.prompts import EncodedPrompts, PromptEncoder, PromptTokenizer
 from kiln_server.pipeline.schedulers import make_scheduler
@@ -38,12 +38,56 @@ def to_uint8_pixels(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def _start_at_strength(scheduler: Any, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps an image-conditioned request runs: the last int(steps x strength)
+    steps of the schedule, the scheduler told where it begins (diffusers' `get_timesteps`)."""
+    start = max(steps - min(int(steps * strength), steps), 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    timesteps: torch.Tensor = scheduler.timesteps[start:]
+    return timesteps
+
+
+def _keep_photo(state: DenoiseState) -> torch.Tensor:
+    """After a step of an inpainting request on a plain UNet: where the mask keeps, the
+    photo's latents re-noised to the next timestep (clean after the last), as diffusers'
+    SDXL inpaint pipeline blends them; an img2img request is left as it is."""
+    photo = state.photo
+    assert photo is not None
+    if photo.mask is None or photo.image is None:
+        return state.latents
+    proper = photo.image
+    following = state.step_index + 1
+    if following < len(state.timesteps):
+        proper = state.scheduler.add_noise(
+            photo.image, photo.noise, state.timesteps[following : following + 1]
+        )
+    return (1 - photo.mask) * proper + photo.mask * state.latents
+
+
 def _decode_in_chunks(engine: Engine, latents: torch.Tensor, per_call: int | None) -> torch.Tensor:
     """`engine`'s images of `latents` ([N, C, h, w]), at most `per_call` per call (None:
     all at once)."""
     parts = latents.split(per_call or latents.shape[0])
     pieces = [engine.infer({"latent": part})["images"] for part in parts]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+@dataclass
+class PhotoLatents:
+    """What an image-conditioned request keeps for its denoising loop, on the device.
+
+    `image` is the photo's sampled latents (scaled), one row per output, and `noise` the
+    noise each output started from; an inpainting request with a plain UNet re-noises
+    `image` to the next timestep after every step and blends it in where `mask` (binary,
+    latent size, 1 = repaint) is 0. `unet_extra` is what an inpainting UNet takes beside
+    the latents: the mask and the masked photo's latents, one row per output.
+    """
+
+    image: torch.Tensor | None
+    noise: torch.Tensor
+    mask: torch.Tensor | None = None
+    unet_extra: torch.Tensor | None = None
 
 
 @dataclass
@@ -65,6 +109,7 @@ class DenoiseState:
     step_kwargs: dict[str, Any]
     step_index: int = 0
     denoised: torch.Tensor | None = None
+    photo: PhotoLatents | None = None
 
     @property
     def total_steps(self) -> int:
@@ -121,22 +166,28 @@ class SDXLPipeline:
         return self.engines.backend
 
     def prepare(self, params: GenerationParams) -> DenoiseState:
-        """Encode prompts, seed latents and set up a scheduler for one request."""
+        """Encode prompts, seed latents and set up a scheduler for one request.
+
+        An image-conditioned request (img2img, inpainting) encodes its photo with the VAE
+        encoder and starts part-way into the schedule, as diffusers' SDXL img2img and
+        inpaint pipelines do.
+        """
         prompts = self.prompt_encoder.encode(params.prompt, params.negative_prompt)
         scheduler = make_scheduler(params.scheduler, self.files.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
-        latent_shape = (
-            1,
-            self.dims.latent_channels,
-            params.height // self.dims.vae_scale_factor,
-            params.width // self.dims.vae_scale_factor,
-        )
+        timesteps = scheduler.timesteps
+        if params.image is not None:
+            timesteps = _start_at_strength(
+                scheduler, params.num_inference_steps, params.image.strength
+            )
         generators = [torch.Generator().manual_seed(seed) for seed in params.seeds]
-        # One draw per output from its own generator, as diffusers does for a generator list.
-        latents = torch.cat(
-            [torch.randn(latent_shape, generator=g, dtype=torch.float32) for g in generators]
-        ).to(self.device)
-        latents = latents * scheduler.init_noise_sigma
+        photo = None
+        if params.image is None:
+            latents = self._noise(params, generators) * scheduler.init_noise_sigma
+        else:
+            latents, photo = self._photo_latents(
+                params, params.image, scheduler, timesteps, generators
+            )
         step_signature = inspect.signature(scheduler.step).parameters
         step_kwargs: dict[str, Any] = {}
         if "eta" in step_signature:
@@ -152,13 +203,92 @@ class SDXLPipeline:
         return DenoiseState(
             params=params,
             scheduler=scheduler,
-            timesteps=scheduler.timesteps,
+            timesteps=timesteps,
             latents=latents,
             generators=generators,
             prompts=prompts,
             time_ids=time_ids,
             step_kwargs=step_kwargs,
+            photo=photo,
         )
+
+    def _noise(self, params: GenerationParams, generators: list[torch.Generator]) -> torch.Tensor:
+        """One draw of initial noise per output from its own generator (as diffusers does
+        for a generator list), on the device."""
+        shape = (
+            1,
+            self.dims.latent_channels,
+            params.height // self.dims.vae_scale_factor,
+            params.width // self.dims.vae_scale_factor,
+        )
+        return torch.cat(
+            [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+        ).to(self.device)
+
+    def _encode(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Sampled, scaled latents of one image ([1, 3, H, W] in [-1, 1]) per generator:
+        the VAE encoder gives the distribution, and each output draws its sample from its own
+        generator, as diffusers' `retrieve_latents` does."""
+        assert self.engines.vae_encoder is not None, "validation admits images only with one"
+        inputs = {"images": images.to(self.device)}
+        parameters = self.engines.vae_encoder.infer(inputs)["latent_parameters"]
+        mean, logvar = parameters.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        samples = [
+            mean + std * torch.randn(mean.shape, generator=g, dtype=torch.float32).to(self.device)
+            for g in generators
+        ]
+        return torch.cat(samples) * self.files.vae_scaling_factor
+
+    def _photo_latents(
+        self,
+        params: GenerationParams,
+        conditioning: ImageConditioning,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        generators: list[torch.Generator],
+    ) -> tuple[torch.Tensor, PhotoLatents]:
+        """Initial latents and the loop's photo state of an image-conditioned request.
+
+        The draws come in diffusers' order: the photo's latent sample (unless an
+        inpainting UNet starts from pure noise), each output's noise, then (inpainting) the
+        masked photo's latent sample. Each output's noise comes from its own generator
+        (seed + i), as for text-to-image.
+        """
+        # As diffusers' VaeImageProcessor: levels / 255 in float32, then to [-1, 1].
+        levels = torch.from_numpy(conditioning.image).permute(2, 0, 1)[None].float() / 255.0
+        pixels = 2.0 * levels - 1.0
+        from_noise = conditioning.mask is not None and conditioning.strength == 1.0
+        # diffusers' img2img samples the photo's latents once per output, each from its
+        # own generator; its inpaint pipeline samples them once, from the first generator,
+        # for every output.
+        inpaint = conditioning.mask is not None
+        samplers = generators[:1] if inpaint else generators
+        image = None
+        if not (self.dims.inpainting and from_noise):
+            image = self._encode(pixels, samplers).expand(params.num_outputs, -1, -1, -1)
+        noise = self._noise(params, generators)
+        if from_noise:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            assert image is not None
+            start = timesteps[:1].repeat(params.num_outputs)
+            latents = scheduler.add_noise(image, noise, start)
+        photo = PhotoLatents(image=image, noise=noise)
+        if conditioning.mask is not None:
+            repaint = (torch.from_numpy(conditioning.mask) >= 0.5).float()[None, None]
+            mask = torch.nn.functional.interpolate(repaint, size=latents.shape[-2:]).to(self.device)
+            photo.mask = mask
+            if self.dims.inpainting:
+                masked = self._encode(pixels * (repaint < 0.5), samplers)
+                extra = [mask, masked]
+                photo.unet_extra = torch.cat(extra, dim=1).expand(params.num_outputs, -1, -1, -1)
+            else:
+                # diffusers samples the masked photo's latents for a plain UNet too and
+                # never uses them; the draw still advances the first generator, and the
+                # scheduler's later draws (ancestral noise) depend on where it left it.
+                torch.randn(noise.shape[1:], generator=samplers[0])
+        return latents, photo
 
     def _unet_inputs(self, states: list[DenoiseState]) -> dict[str, torch.Tensor]:
         """Stack every state's rows: per state [uncond x N, cond x N] under guidance."""
@@ -166,6 +296,8 @@ class SDXLPipeline:
         for state in states:
             t = state.timesteps[state.step_index]
             model_input = state.scheduler.scale_model_input(state.latents, t)
+            if state.photo is not None and state.photo.unet_extra is not None:
+                model_input = torch.cat([model_input, state.photo.unet_extra], dim=1)
             n = state.params.num_outputs
             branches = [state.prompts.positive]
             if state.params.do_classifier_free_guidance:
@@ -210,6 +342,8 @@ class SDXLPipeline:
             )
             state.latents = output.prev_sample
             state.denoised = getattr(output, "pred_original_sample", None)
+            if state.photo is not None and state.photo.unet_extra is None:
+                state.latents = _keep_photo(state)
             state.step_index += 1
         self._pace()
         return StepResult(time.perf_counter() - started, int(inputs["sample"].shape[0]))

@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n kiln/v1/generation_service.proto\x12\x07kiln.v1\"\x9a\x01\n\x0ePreviewOptions\x12\x15\n\revery_n_steps\x18\x01 \x01(\r\x12\x10\n\x08max_size\x18\x02 \x01(\r\x12&\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x16.kiln.v1.PreviewFormat\x12\x0f\n\x07quality\x18\x04 \x01(\r\x12&\n\x06method\x18\x05 \x01(\x0e\x32\x16.kiln.v1.PreviewMethod\"\x8e\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x13\n\x0bnum_outputs\x18\x06 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x07 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tscheduler\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\x04H\x01\x88\x01\x01\x12,\n\routput_format\x18\x0b \x01(\x0e\x32\x15.kiln.v1.OutputFormat\x12\x16\n\x0eoutput_quality\x18\x0c \x01(\r\x12(\n\x07preview\x18\r \x01(\x0b\x32\x17.kiln.v1.PreviewOptions\x12#\n\x08priority\x18\x0e \x01(\x0e\x32\x11.kiln.v1.PriorityB\x11\n\x0f_guidance_scaleB\x07\n\x05_seed\"\x1f\n\x0bQueuedEvent\x12\x10\n\x08position\x18\x01 \x01(\r\"\xa7\x01\n\x0cStartedEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x13\n\x0bnum_outputs\x18\x04 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x11\n\tscheduler\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\x8d\x01\n\rProgressEvent\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0f\n\x07preview\x18\x03 \x01(\x0c\x12\x19\n\x11preview_mime_type\x18\x04 \x01(\t\x12\x15\n\rpreview_width\x18\x05 \x01(\r\x12\x16\n\x0epreview_height\x18\x06 \x01(\r\"i\n\nImageEvent\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\"\x85\x01\n\x0e\x43ompletedEvent\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x19\n\x11inference_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x65ngine_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\x12\x12\n\nnum_images\x18\x05 \x01(\r\"\x81\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06queued\x18\x02 \x01(\x0b\x32\x14.kiln.v1.QueuedEventH\x00\x12(\n\x07started\x18\x03 \x01(\x0b\x32\x15.kiln.v1.StartedEventH\x00\x12*\n\x08progress\x18\x04 \x01(\x0b\x32\x16.kiln.v1.ProgressEventH\x00\x12$\n\x05image\x18\x05 \x01(\x0b\x32\x13.kiln.v1.ImageEventH\x00\x12,\n\tcompleted\x18\x06 \x01(\x0b\x32\x17.kiln.v1.CompletedEventH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\x97\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x15\n\rdefault_width\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x05 \x01(\r\x12#\n\x1b\x64\x65\x66\x61ult_num_inference_steps\x18\x06 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x07 \x01(\x02\x12\x19\n\x11\x64\x65\x66\x61ult_scheduler\x18\x08 \x01(\t\x12\x10\n\x08min_size\x18\t \x01(\r\x12\x10\n\x08max_size\x18\n \x01(\r\x12\x1f\n\x17max_num_inference_steps\x18\x0b \x01(\r\x12\x17\n\x0fmax_num_outputs\x18\x0c \x01(\r\x12\x1a\n\x12max_guidance_scale\x18\r \x01(\x02\x12\x19\n\x11max_prompt_tokens\x18\x0e \x01(\r\x12\x12\n\nschedulers\x18\x0f \x03(\t\x12\x15\n\rsize_multiple\x18\x10 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\x12\x16\n\x0e\x62\x61\x63kend_reason\x18\x12 \x01(\t\x12\x16\n\x0emax_batch_rows\x18\x13 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x14 \x01(\t\x12\x17\n\x0fpreview_methods\x18\x15 \x03(\t\x12\x1e\n\x16\x64\x65\x66\x61ult_preview_method\x18\x16 \x01(\t\"O\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.kiln.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*a\n\rPreviewFormat\x12\x1e\n\x1aPREVIEW_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13PREVIEW_FORMAT_JPEG\x10\x01\x12\x17\n\x13PREVIEW_FORMAT_WEBP\x10\x02*j\n\rPreviewMethod\x12\x1e\n\x1aPREVIEW_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19PREVIEW_METHOD_LATENT_RGB\x10\x01\x12\x1a\n\x16PREVIEW_METHOD_DECODER\x10\x02*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x32\x9d\x01\n\x11GenerationService\x12\x41\n\x08Generate\x12\x18.kiln.v1.GenerateRequest\x1a\x19.kiln.v1.GenerateResponse0\x01\x12\x45\n\nListModels\x12\x1a.kiln.v1.ListModelsRequest\x1a\x1b.kiln.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n kiln/v1/generation_service.proto\x12\x07kiln.v1\"\x9a\x01\n\x0ePreviewOptions\x12\x15\n\revery_n_steps\x18\x01 \x01(\r\x12\x10\n\x08max_size\x18\x02 \x01(\r\x12&\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x16.kiln.v1.PreviewFormat\x12\x0f\n\x07quality\x18\x04 \x01(\r\x12&\n\x06method\x18\x05 \x01(\x0e\x32\x16.kiln.v1.PreviewMethod\"\xb3\x04\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x13\n\x0bnum_outputs\x18\x06 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x07 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\tscheduler\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\x04H\x01\x88\x01\x01\x12,\n\routput_format\x18\x0b \x01(\x0e\x32\x15.kiln.v1.OutputFormat\x12\x16\n\x0eoutput_quality\x18\x0c \x01(\r\x12(\n\x07preview\x18\r \x01(\x0b\x32\x17.kiln.v1.PreviewOptions\x12#\n\x08priority\x18\x0e \x01(\x0e\x32\x11.kiln.v1.Priority\x12\r\n\x05image\x18\x0f \x01(\x0c\x12\x0c\n\x04mask\x18\x10 \x01(\x0c\x12\x15\n\x08strength\x18\x11 \x01(\x02H\x02\x88\x01\x01\x12\x1a\n\rkeep_unmasked\x18\x12 \x01(\x08H\x03\x88\x01\x01\x12\x1e\n\x11mask_crop_padding\x18\x13 \x01(\rH\x04\x88\x01\x01\x42\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strengthB\x10\n\x0e_keep_unmaskedB\x14\n\x12_mask_crop_padding\"\x1f\n\x0bQueuedEvent\x12\x10\n\x08position\x18\x01 \x01(\r\"\xc7\x01\n\x0cStartedEvent\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x13\n\x0bnum_outputs\x18\x04 \x01(\r\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x11\n\tscheduler\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x0c\n\x04mode\x18\t \x01(\t\x12\x10\n\x08strength\x18\n \x01(\x02\"\x8d\x01\n\rProgressEvent\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x0f\n\x07preview\x18\x03 \x01(\x0c\x12\x19\n\x11preview_mime_type\x18\x04 \x01(\t\x12\x15\n\rpreview_width\x18\x05 \x01(\r\x12\x16\n\x0epreview_height\x18\x06 \x01(\r\"i\n\nImageEvent\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x11\n\tmime_type\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\"\x85\x01\n\x0e\x43ompletedEvent\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x19\n\x11inference_seconds\x18\x02 \x01(\x01\x12\x16\n\x0e\x65ngine_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\x12\x12\n\nnum_images\x18\x05 \x01(\r\"\x81\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06queued\x18\x02 \x01(\x0b\x32\x14.kiln.v1.QueuedEventH\x00\x12(\n\x07started\x18\x03 \x01(\x0b\x32\x15.kiln.v1.StartedEventH\x00\x12*\n\x08progress\x18\x04 \x01(\x0b\x32\x16.kiln.v1.ProgressEventH\x00\x12$\n\x05image\x18\x05 \x01(\x0b\x32\x13.kiln.v1.ImageEventH\x00\x12,\n\tcompleted\x18\x06 \x01(\x0b\x32\x17.kiln.v1.CompletedEventH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\xf8\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x15\n\rdefault_width\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x05 \x01(\r\x12#\n\x1b\x64\x65\x66\x61ult_num_inference_steps\x18\x06 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x07 \x01(\x02\x12\x19\n\x11\x64\x65\x66\x61ult_scheduler\x18\x08 \x01(\t\x12\x10\n\x08min_size\x18\t \x01(\r\x12\x10\n\x08max_size\x18\n \x01(\r\x12\x1f\n\x17max_num_inference_steps\x18\x0b \x01(\r\x12\x17\n\x0fmax_num_outputs\x18\x0c \x01(\r\x12\x1a\n\x12max_guidance_scale\x18\r \x01(\x02\x12\x19\n\x11max_prompt_tokens\x18\x0e \x01(\r\x12\x12\n\nschedulers\x18\x0f \x03(\t\x12\x15\n\rsize_multiple\x18\x10 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\x12\x16\n\x0e\x62\x61\x63kend_reason\x18\x12 \x01(\t\x12\x16\n\x0emax_batch_rows\x18\x13 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x14 \x01(\t\x12\x17\n\x0fpreview_methods\x18\x15 \x03(\t\x12\x1e\n\x16\x64\x65\x66\x61ult_preview_method\x18\x16 \x01(\t\x12\x18\n\x10\x64\x65\x66\x61ult_strength\x18\x17 \x01(\x02\x12\x17\n\x0fmax_image_bytes\x18\x18 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x19 \x01(\x04\x12\x12\n\ninpainting\x18\x1a \x01(\x08\"O\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.kiln.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*a\n\rPreviewFormat\x12\x1e\n\x1aPREVIEW_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13PREVIEW_FORMAT_JPEG\x10\x01\x12\x17\n\x13PREVIEW_FORMAT_WEBP\x10\x02*j\n\rPreviewMethod\x12\x1e\n\x1aPREVIEW_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19PREVIEW_METHOD_LATENT_RGB\x10\x01\x12\x1a\n\x16PREVIEW_METHOD_DECODER\x10\x02*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x32\x9d\x01\n\x11GenerationService\x12\x41\n\x08Generate\x12\x18.kiln.v1.GenerateRequest\x1a\x19.kiln.v1.GenerateResponse0\x01\x12\x45\n\nListModels\x12\x1a.kiln.v1.ListModelsRequest\x1a\x1b.kiln.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kiln.v1.generation_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=2093
-  _globals['_OUTPUTFORMAT']._serialized_end=2209
-  _globals['_PREVIEWFORMAT']._serialized_start=2211
-  _globals['_PREVIEWFORMAT']._serialized_end=2308
-  _globals['_PREVIEWMETHOD']._serialized_start=2310
-  _globals['_PREVIEWMETHOD']._serialized_end=2416
-  _globals['_PRIORITY']._serialized_start=2418
-  _globals['_PRIORITY']._serialized_end=2512
+  _globals['_OUTPUTFORMAT']._serialized_start=2387
+  _globals['_OUTPUTFORMAT']._serialized_end=2503
+  _globals['_PREVIEWFORMAT']._serialized_start=2505
+  _globals['_PREVIEWFORMAT']._serialized_end=2602
+  _globals['_PREVIEWMETHOD']._serialized_start=2604
+  _globals['_PREVIEWMETHOD']._serialized_end=2710
+  _globals['_PRIORITY']._serialized_start=2712
+  _globals['_PRIORITY']._serialized_end=2806
   _globals['_PREVIEWOPTIONS']._serialized_start=46
   _globals['_PREVIEWOPTIONS']._serialized_end=200
   _globals['_GENERATEREQUEST']._serialized_start=203
-  _globals['_GENERATEREQUEST']._serialized_end=601
-  _globals['_QUEUEDEVENT']._serialized_start=603
-  _globals['_QUEUEDEVENT']._serialized_end=634
-  _globals['_STARTEDEVENT']._serialized_start=637
-  _globals['_STARTEDEVENT']._serialized_end=804
-  _globals['_PROGRESSEVENT']._serialized_start=807
-  _globals['_PROGRESSEVENT']._serialized_end=948
-  _globals['_IMAGEEVENT']._serialized_start=950
-  _globals['_IMAGEEVENT']._serialized_end=1055
-  _globals['_COMPLETEDEVENT']._serialized_start=1058
-  _globals['_COMPLETEDEVENT']._serialized_end=1191
-  _globals['_GENERATERESPONSE']._serialized_start=1194
-  _globals['_GENERATERESPONSE']._serialized_end=1451
-  _globals['_LISTMODELSREQUEST']._serialized_start=1453
-  _globals['_LISTMODELSREQUEST']._serialized_end=1472
-  _globals['_MODELINFO']._serialized_start=1475
-  _globals['_MODELINFO']._serialized_end=2010
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2012
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2091
-  _globals['_GENERATIONSERVICE']._serialized_start=2515
-  _globals['_GENERATIONSERVICE']._serialized_end=2672
+  _globals['_GENERATEREQUEST']._serialized_end=766
+  _globals['_QUEUEDEVENT']._serialized_start=768
+  _globals['_QUEUEDEVENT']._serialized_end=799
+  _globals['_STARTEDEVENT']._serialized_start=802
+  _globals['_STARTEDEVENT']._serialized_end=1001
+  _globals['_PROGRESSEVENT']._serialized_start=1004
+  _globals['_PROGRESSEVENT']._serialized_end=1145
+  _globals['_IMAGEEVENT']._serialized_start=1147
+  _globals['_IMAGEEVENT']._serialized_end=1252
+  _globals['_COMPLETEDEVENT']._serialized_start=1255
+  _globals['_COMPLETEDEVENT']._serialized_end=1388
+  _globals['_GENERATERESPONSE']._serialized_start=1391
+  _globals['_GENERATERESPONSE']._serialized_end=1648
+  _globals['_LISTMODELSREQUEST']._serialized_start=1650
+  _globals['_LISTMODELSREQUEST']._serialized_end=1669
+  _globals['_MODELINFO']._serialized_start=1672
+  _globals['_MODELINFO']._serialized_end=2304
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2306
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2385
+  _globals['_GENERATIONSERVICE']._serialized_start=2809
+  _globals['_GENERATIONSERVICE']._serialized_end=2966
 # @@protoc_insertion_point(module_scope)

@@ -184,6 +184,11 @@ class GenerateRequest(_message.Message):
     OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
     PREVIEW_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    KEEP_UNMASKED_FIELD_NUMBER: _builtins.int
+    MASK_CROP_PADDING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name as ListModels reports it; empty selects the server's default model."""
     prompt: _builtins.str
@@ -208,6 +213,32 @@ class GenerateRequest(_message.Message):
     output_quality: _builtins.int
     """JPEG/WebP quality 1-100; 0 means the server default (90). Ignored for PNG."""
     priority: Global___Priority.ValueType
+    image: _builtins.bytes
+    """Image conditioning. `image` alone is img2img: the result starts from the photo,
+    re-noised by `strength`. With `mask` it is inpainting. PNG, JPEG or WebP bytes; at most
+    ModelInfo.max_image_bytes encoded and max_image_pixels decoded. Without width and
+    height the output has the image's size, rounded down to ModelInfo.size_multiple.
+    """
+    mask: _builtins.bytes
+    """Inpainting mask over `image` (resized to it): white repaints, black keeps, grey is a
+    soft mask. Needs `image`. PNG, JPEG or WebP; colour masks are read as their luminance.
+    """
+    strength: _builtins.float
+    """How far from `image` the result may go, 0 < strength <= 1; absent means the model's
+    default_strength (0.8). Runs int(num_inference_steps * strength) steps, starting at
+    that point of the schedule (as diffusers' img2img and inpaint pipelines); 1 starts an
+    inpainting from pure noise. Must leave at least one step.
+    """
+    keep_unmasked: _builtins.bool
+    """With a mask: paste the result over the photo through the mask so black mask pixels
+    keep the photo's exact pixels and grey ones blend in proportion. Absent means true.
+    """
+    mask_crop_padding: _builtins.int
+    """With a mask: generate only in the mask's bounding box grown by this many pixels
+    (widened to the output's aspect ratio), at width x height, then paste it back into the
+    full photo; the images have the photo's size. For small products in large photos.
+    Absent: no crop.
+    """
     @_builtins.property
     def preview(self) -> Global___PreviewOptions:
         """Progress previews; absent or every_n_steps == 0 sends progress without previews."""
@@ -229,19 +260,36 @@ class GenerateRequest(_message.Message):
         output_quality: _builtins.int = ...,
         preview: Global___PreviewOptions | None = ...,
         priority: Global___Priority.ValueType = ...,
+        image: _builtins.bytes = ...,
+        mask: _builtins.bytes = ...,
+        strength: _builtins.float | None = ...,
+        keep_unmasked: _builtins.bool | None = ...,
+        mask_crop_padding: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "preview", b"preview", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_keep_unmasked", b"_keep_unmasked", "_mask_crop_padding", b"_mask_crop_padding", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "keep_unmasked", b"keep_unmasked", "mask_crop_padding", b"mask_crop_padding", "preview", b"preview", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height", b"height", "model", b"model", "negative_prompt", b"negative_prompt", "num_inference_steps", b"num_inference_steps", "num_outputs", b"num_outputs", "output_format", b"output_format", "output_quality", b"output_quality", "preview", b"preview", "priority", b"priority", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_keep_unmasked", b"_keep_unmasked", "_mask_crop_padding", b"_mask_crop_padding", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "keep_unmasked", b"keep_unmasked", "mask", b"mask", "mask_crop_padding", b"mask_crop_padding", "model", b"model", "negative_prompt", b"negative_prompt", "num_inference_steps", b"num_inference_steps", "num_outputs", b"num_outputs", "output_format", b"output_format", "output_quality", b"output_quality", "preview", b"preview", "priority", b"priority", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
+    _WhichOneofReturnType__keep_unmasked: _TypeAlias = _typing.Literal["keep_unmasked"]  # noqa: Y015
+    _WhichOneofArgType__keep_unmasked: _TypeAlias = _typing.Literal["_keep_unmasked", b"_keep_unmasked"]  # noqa: Y015
+    _WhichOneofReturnType__mask_crop_padding: _TypeAlias = _typing.Literal["mask_crop_padding"]  # noqa: Y015
+    _WhichOneofArgType__mask_crop_padding: _TypeAlias = _typing.Literal["_mask_crop_padding", b"_mask_crop_padding"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_unmasked) -> _WhichOneofReturnType__keep_unmasked | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mask_crop_padding) -> _WhichOneofReturnType__mask_crop_padding | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -281,6 +329,8 @@ class StartedEvent(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     SCHEDULER_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     width: _builtins.int
     height: _builtins.int
@@ -290,6 +340,10 @@ class StartedEvent(_message.Message):
     scheduler: _builtins.str
     seed: _builtins.int
     """Seed of the first image; image i uses seed + i."""
+    mode: _builtins.str
+    """"text_to_image", "image_to_image" or "inpaint"."""
+    strength: _builtins.float
+    """The strength used for image conditioning; 0 for text-to-image."""
     def __init__(
         self,
         *,
@@ -301,10 +355,12 @@ class StartedEvent(_message.Message):
         guidance_scale: _builtins.float = ...,
         scheduler: _builtins.str = ...,
         seed: _builtins.int = ...,
+        mode: _builtins.str = ...,
+        strength: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "height", b"height", "model", b"model", "num_inference_steps", b"num_inference_steps", "num_outputs", b"num_outputs", "scheduler", b"scheduler", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_scale", b"guidance_scale", "height", b"height", "mode", b"mode", "model", b"model", "num_inference_steps", b"num_inference_steps", "num_outputs", b"num_outputs", "scheduler", b"scheduler", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -512,6 +568,10 @@ class ModelInfo(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PREVIEW_METHODS_FIELD_NUMBER: _builtins.int
     DEFAULT_PREVIEW_METHOD_FIELD_NUMBER: _builtins.int
+    DEFAULT_STRENGTH_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
+    INPAINTING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     family: _builtins.str
     """Architecture family, e.g. "sdxl"."""
@@ -541,6 +601,15 @@ class ModelInfo(_message.Message):
     """What the model is, from its configuration (e.g. that a benchmark model draws noise)."""
     default_preview_method: _builtins.str
     """The method an unspecified PreviewOptions.method gets ("decoder" where available)."""
+    default_strength: _builtins.float
+    """Image conditioning: the strength an absent GenerateRequest.strength gets."""
+    max_image_bytes: _builtins.int
+    """Largest encoded `image` or `mask` in bytes, and most pixels either may decode to."""
+    max_image_pixels: _builtins.int
+    inpainting: _builtins.bool
+    """True for an inpainting model (a 9-channel UNet that takes the mask and the masked
+    photo): it serves only requests with both `image` and `mask`.
+    """
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -574,10 +643,14 @@ class ModelInfo(_message.Message):
         description: _builtins.str = ...,
         preview_methods: _abc.Iterable[_builtins.str] | None = ...,
         default_preview_method: _builtins.str = ...,
+        default_strength: _builtins.float = ...,
+        max_image_bytes: _builtins.int = ...,
+        max_image_pixels: _builtins.int = ...,
+        inpainting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_preview_method", b"default_preview_method", "default_scheduler", b"default_scheduler", "default_width", b"default_width", "description", b"description", "device", b"device", "family", b"family", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "preview_methods", b"preview_methods", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_preview_method", b"default_preview_method", "default_scheduler", b"default_scheduler", "default_strength", b"default_strength", "default_width", b"default_width", "description", b"description", "device", b"device", "family", b"family", "inpainting", b"inpainting", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "preview_methods", b"preview_methods", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
