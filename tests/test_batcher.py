@@ -241,9 +241,10 @@ def test_waiting_ages_a_low_priority_job_forward(harness: Any, waited: float, fi
     assert h.timeline.order_of(Started)[0] == first
 
 
-def test_other_shape_waits_its_turn_and_is_not_overtaken(harness: Any) -> None:
-    """Same-shape jobs arriving after a different-shape job do not jump ahead of it."""
-    h = harness(default_max_batch_rows=8)
+def test_other_shape_waits_for_a_group_slot_and_is_not_overtaken(harness: Any) -> None:
+    """With every shape-group slot taken (one here), same-shape jobs arriving after a
+    different-shape job do not jump ahead of it: the running group drains first."""
+    h = harness(default_max_batch_rows=8, max_shape_groups=1)
     running = h.submit("running-64", params(num_inference_steps=4))
     queued_up = threading.Event()
 
@@ -270,6 +271,36 @@ def test_other_shape_waits_its_turn_and_is_not_overtaken(harness: Any) -> None:
     assert h.recorders["other-shape"].of(Queued)[0].position == 0
     # The two late same-shape jobs then share one batch.
     assert h.timeline.order_of(Finished)[-2:] == ["same-shape-1", "same-shape-2"]
+
+
+def test_other_shape_shares_the_engine_step_by_step(tiny_pipeline: Any, harness: Any) -> None:
+    """A short job of another shape starts at the next step and finishes while a long job
+    runs, the two groups taking turns; both give the images they give alone."""
+    long_params = params(num_inference_steps=12, num_outputs=2)
+    short_params = params(width=48, height=64, num_inference_steps=3, seed=5)
+    expected = {
+        "long": solo(tiny_pipeline, long_params),
+        "short": solo(tiny_pipeline, short_params),
+    }
+    h = harness(default_max_batch_rows=8)
+    long_job = h.submit("long", long_params)
+    queued_up = threading.Event()
+
+    def hold_after_step_1(event: JobEvent) -> None:
+        if isinstance(event, Progress) and event.step == 1:
+            assert queued_up.wait(WAIT)
+
+    long_job.hooks.append(hold_after_step_1)
+    h.batcher.start()
+    h.submit("short", short_params)
+    queued_up.set()
+    h.wait_all()
+    assert h.timeline.order_of(Finished) == ["short", "long"]
+    # The short job's three steps all ran before the long job's fifth.
+    steps = [rid for rid, event in h.timeline.entries if isinstance(event, Progress)]
+    assert [rid for rid in steps[: steps.index("short") + 5] if rid == "short"] == ["short"] * 3
+    for rid, pixels in expected.items():
+        assert_close_to_solo(h.recorders[rid].pixels, pixels)
 
 
 def test_cancelling_one_member_leaves_the_others_unchanged(

@@ -203,3 +203,41 @@ def test_full_queue_is_resource_exhausted_with_retry_info(server_factory: Any) -
         # Cancelling frees the slots: the server takes work again.
         events = generate(stub, request(seed=2, num_inference_steps=2))
         assert kinds(events)[-1] == "completed"
+
+
+def raw_generate(kiln_server: Any, data: bytes) -> grpc.RpcError:
+    """Send `data` as the Generate request's bytes, unparsed; the call's error."""
+    with grpc.insecure_channel(kiln_server.address) as channel:
+        call = channel.unary_stream(
+            "/kiln.v1.GenerationService/Generate",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
+        return expect_error(lambda: list(call(data, timeout=RPC_TIMEOUT)))
+
+
+MALFORMED = {
+    "truncated varint": (b"\x08\xff\xff", "request"),
+    "length past the end": (b"\x12\x50abc", "request"),
+    "invalid UTF-8 in prompt": (b"\x12\x03a\xff\xfe", "prompt"),
+    "lone surrogate (CESU-8) in scheduler": (b"\x12\x01a\x4a\x03\xed\xa0\x80", "scheduler"),
+}
+
+
+@pytest.mark.parametrize(("data", "field"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_bytes_are_invalid_argument(kiln_server: Any, data: bytes, field: str) -> None:
+    error = raw_generate(kiln_server, data)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(field_violations(error)) == [field]
+    assert "Traceback" not in error.details()
+
+
+def test_malformed_bytes_log_one_warning_line(kiln_server: Any) -> None:
+    before = len(kiln_server.logs().splitlines())
+    raw_generate(kiln_server, b"\x08\xff\xff")
+    record = wait_for_log(
+        kiln_server.logs, lambda r: "refused a malformed request" in r.get("message", "")
+    )
+    assert record["level"] == "warning" and "exception" not in record
+    new_lines = kiln_server.logs().splitlines()[before:]
+    assert not any("Traceback" in line or "DecodeError" in line for line in new_lines)

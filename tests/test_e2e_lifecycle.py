@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -139,3 +140,16 @@ def test_sigterm_drains_in_flight_work_then_exits_zero(server_factory: Any) -> N
     assert server.process.wait(timeout=START_TIMEOUT) == 0
     wait_for_log(server.logs, lambda record: record["message"] == "draining")
     wait_for_log(server.logs, lambda record: record["message"] == "stopped")
+
+
+def test_json_logs_hold_only_json(kiln_server: Any) -> None:
+    """Every line the server and its engine core wrote (model loading by transformers and
+    diffusers included, after a generation and a bad request) is one JSON object."""
+    from e2e_support import generate, open_stub, request
+
+    with open_stub(kiln_server.address) as stub:
+        generate(stub, request("a teapot", seed=1, num_inference_steps=2))
+    lines = [line for line in kiln_server.logs().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line

@@ -220,3 +220,44 @@ def test_unknown_model_is_not_found(validate: Any) -> None:
     with pytest.raises(ModelNotFound) as raised:
         validate(pb.GenerateRequest(model="sdxl-turbo", prompt="a teapot"))
     assert "sdxl-turbo" in str(raised.value) and MODEL in str(raised.value)
+
+
+def test_work_over_the_budget_names_every_factor(
+    registry: ModelRegistry, tiny_model_path: Path
+) -> None:
+    """steps x outputs x megapixels over the server's bound is refused naming the four
+    fields that make it; an image request counts only the steps its strength runs."""
+    from kiln_server.models.loader import read_model_files
+    from kiln_server.pipeline.prompts import PromptTokenizer
+    from kiln_server.validation import RequestBudget
+
+    tokenizer = PromptTokenizer.for_model(read_model_files(tiny_model_path))
+
+    def check(request: pb.GenerateRequest) -> GenerationParams:
+        return validate_request(
+            request,
+            registry,
+            lambda _model, text: tokenizer.count_tokens(text),
+            lambda _model: tokenizer.max_tokens,
+            budget=RequestBudget(max_work=10.0),
+        )
+
+    # 100 steps x 4 outputs x 0.065 MP = 26 units
+    big = pb.GenerateRequest(
+        prompt="a", num_inference_steps=100, num_outputs=4, width=256, height=256
+    )
+    found = violations(check, big)
+    assert set(found) == {"num_inference_steps", "num_outputs", "width", "height"}
+    assert "26 units of work" in found["width"] and "at most 10" in found["width"]
+    assert check(
+        pb.GenerateRequest(prompt="a", num_inference_steps=30, num_outputs=4, width=256, height=256)
+    )
+
+
+def test_echoed_input_is_cut_short(validate: Any) -> None:
+    """A 100,000-character value does not come back whole in the error text."""
+    found = violations(validate, pb.GenerateRequest(prompt="a", scheduler="X" * 100_000))
+    assert len(found["scheduler"]) < 300
+    with pytest.raises(ModelNotFound) as raised:
+        validate(pb.GenerateRequest(prompt="a", model="m" * 100_000))
+    assert len(str(raised.value)) < 300

@@ -7,9 +7,23 @@ steps, or use different schedulers, guidance scales, step counts and prompts. A 
 at the next step boundary and leaves when it finishes or is cancelled.
 
 Fairness: waiting jobs are ordered by priority plus age (every `aging_seconds` of waiting
-is worth one priority level) and then by arrival. Admission into the running batch walks
-that order and stops at the first job of another shape, so a different-shape job at the
-head of the line is never overtaken: the running batch drains and its shape goes next.
+is worth one priority level) and then by arrival. Admission walks that order: a job joins
+its shape's group in the running batch when the group has room for its rows, and may
+start a new group while fewer than `max_shape_groups` run. Within a shape nothing
+overtakes a job that did not fit; a job refused only because every group slot is taken
+stops admission altogether, so the groups drain and its shape gets a slot.
+
+Time-sharing: each step runs one shape group, chosen by start-time fair queueing: every
+group keeps a virtual time that grows by the engine seconds of its steps divided by its
+weight (the highest priority among its jobs), and the group furthest behind runs next. A
+short request of another shape thus gets its share of the engine at once instead of
+waiting for a long batch to drain; the price is that the long batch's steps are spread
+out (benchmarks/timesharing.py measures both).
+
+Failure: the engine thread is watched. An exception that escapes a step (an engine or
+device error) or a step that makes no progress for `stall_seconds` ends every job with
+INTERNAL naming the cause, refuses new jobs, and calls `on_fatal` so the process can exit
+for its supervisor; a broken device is not something to serve through.
 
 The engine thread only runs engines: it computes preview pixels and decodes finished
 images on the engines' device, then hands those tensors to the output thread, which waits
@@ -31,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kiln_server.engines.base import EngineError
 from kiln_server.engines.device import bind_thread
 from kiln_server.events import (
     Decoded,
@@ -49,6 +64,7 @@ logger = logging.getLogger(__name__)
 ShapeKey = tuple[str, int, int]
 ENGINE_THREAD = "kiln-engine"
 OUTPUT_THREAD = "kiln-output"
+WATCHDOG_THREAD = "kiln-watchdog"
 
 
 class QueueFull(Exception):
@@ -100,13 +116,18 @@ class BatcherSettings:
     """Capacity and fairness knobs.
 
     `max_batch_rows` caps UNet rows per call for each model (a job's rows are doubled under
-    guidance); a single job larger than the cap still runs, alone.
+    guidance); a single job larger than the cap still runs, alone. `max_shape_groups` and
+    `stall_seconds` are explained in the module docstring.
     """
 
     max_queue: int = 64
     max_batch_rows: Mapping[str, int] = field(default_factory=dict)
     default_max_batch_rows: int = 8
     aging_seconds: float = 5.0
+    # Shape groups that may share the engine at once (their jobs' latents stay resident).
+    max_shape_groups: int = 4
+    # A step (or an admission) running longer than this means the engine is stuck.
+    stall_seconds: float = 300.0
 
 
 @dataclass
@@ -244,13 +265,23 @@ class Batcher:
         pipelines: Mapping[str, SDXLPipeline],
         settings: BatcherSettings,
         clock: Callable[[], float] = time.monotonic,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.pipelines = pipelines
         self.settings = settings
         self.clock = clock
+        self.on_fatal = on_fatal
         self.stats = BatcherStats()
         self._waiting: list[Job] = []
         self._running: list[Job] = []
+        # Start-time fair queueing: each running shape group's virtual time.
+        self._virtual_time: dict[ShapeKey, float] = {}
+        self._virtual_now = 0.0
+        # When the engine thread began its current step or admission; None while idle.
+        self._busy_since: float | None = None
+        self.failure: str | None = None
+        self._watchdog: threading.Thread | None = None
+        self._watchdog_stop = threading.Event()
         self._condition = threading.Condition()
         self._sequence = 0
         self._draining = False
@@ -266,6 +297,8 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue a job or raise QueueFull / Draining at once."""
         with self._condition:
+            if self.failure is not None:
+                raise Draining(f"the engine has failed ({self.failure})")
             if self._draining or self._stopping:
                 raise Draining("the server is shutting down")
             if len(self._waiting) >= self.settings.max_queue:
@@ -298,6 +331,8 @@ class Batcher:
         self._output.start()
         self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name=WATCHDOG_THREAD, daemon=True)
+        self._watchdog.start()
 
     def drain(self, timeout: float | None = None) -> bool:
         """Refuse new jobs and wait for every accepted one to end, its last event emitted.
@@ -328,23 +363,67 @@ class Batcher:
             )
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self._watchdog_stop.set()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=5)
         self._output.stop()
 
     # ----- engine thread -----
 
     def _run(self) -> None:
         bind_thread(self.device)
-        while True:
+        try:
+            while True:
+                with self._condition:
+                    while not (self._waiting or self._running or self._stopping):
+                        self._condition.wait()
+                    if self._stopping or self.failure is not None:
+                        return
+                    self._drop_cancelled()
+                    admitted = self._select_admissions()
+                    self._busy_since = self.clock()
+                for job in admitted:
+                    self._admit(job)
+                self._step()
+                with self._condition:
+                    self._busy_since = None
+        except BaseException as exc:  # whatever it is, the engine is done
+            logger.exception("the engine thread failed")
+            self._fail_all(f"the engine failed: {_name(exc)}: {exc}"[:300])
+
+    def _watch(self) -> None:
+        """Watchdog: fail everything when a step makes no progress for `stall_seconds`."""
+        stall = self.settings.stall_seconds
+        period = min(1.0, stall / 4)
+        while not self._watchdog_stop.wait(period):
             with self._condition:
-                while not (self._waiting or self._running or self._stopping):
-                    self._condition.wait()
-                if self._stopping:
+                if self._stopping or self.failure is not None:
                     return
-                self._drop_cancelled()
-                admitted = self._select_admissions()
-            for job in admitted:
-                self._admit(job)
-            self._step()
+                busy = self._busy_since
+            if busy is not None and self.clock() - busy > stall:
+                logger.error("the engine thread made no progress for %g s", stall)
+                self._fail_all(
+                    f"the engine made no progress for {stall:g} s (a stuck device?); the "
+                    "server restarts it"
+                )
+                return
+
+    def _fail_all(self, reason: str) -> None:
+        """The engine cannot go on: end every job with INTERNAL naming `reason`, refuse
+        new ones, and tell the owner (once)."""
+        with self._condition:
+            if self.failure is not None or self._stopping:
+                return
+            self.failure = reason
+            leftovers = self._waiting + self._running
+            self._waiting, self._running = [], []
+            self._condition.notify_all()
+        for job in leftovers:
+            self.stats.jobs_failed += 1
+            self._output.emit(job, Failed("INTERNAL", reason))
+        self._output.wait_idle(10.0)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     def _priority_order(self) -> list[Job]:
         now = self.clock()
@@ -360,25 +439,48 @@ class Batcher:
 
     def _select_admissions(self) -> list[Job]:
         """Pick the waiting jobs that join the running batch at this step (lock held)."""
-        order = self._priority_order()
-        if not order:
-            return []
-        key = self._running[0].shape_key if self._running else order[0].shape_key
-        rows = sum(job.rows for job in self._running)
-        limit = self._max_rows(key[0])
+        rows: dict[ShapeKey, int] = {}
+        for job in self._running:
+            rows[job.shape_key] = rows.get(job.shape_key, 0) + job.rows
+        blocked: set[ShapeKey] = set()
         chosen: list[Job] = []
-        for job in order:
-            if job.shape_key != key:
-                break  # never overtake a waiting job of another shape
-            if rows and rows + job.rows > limit:
-                break
+        for job in self._priority_order():
+            key = job.shape_key
+            if key in blocked:
+                continue
+            if key not in rows and len(rows) >= self.settings.max_shape_groups:
+                break  # every group slot is taken: let them drain rather than overtake
+            taken = rows.get(key, 0)
+            if taken and taken + job.rows > self._max_rows(key[0]):
+                blocked.add(key)  # nothing of this shape overtakes it
+                continue
             chosen.append(job)
-            rows += job.rows
+            rows[key] = taken + job.rows
         for job in chosen:
             self._waiting.remove(job)
             self._running.append(job)
         if chosen:
             self._report_positions()
+        return chosen
+
+    def _next_group(self, runnable: list[Job]) -> ShapeKey:
+        """The shape group to step next: the lowest virtual time (lock held).
+
+        A group that just became runnable starts at the virtual time of the step served
+        last (start-time fair queueing's system time): level with the groups already
+        running, so it neither waits behind their past service nor gets a burst of credit.
+        """
+        keys = {job.shape_key for job in runnable}
+        for key in list(self._virtual_time):
+            if key not in keys:
+                del self._virtual_time[key]
+        for key in keys:
+            self._virtual_time.setdefault(key, self._virtual_now)
+        first_arrival = {
+            key: min(j.arrival for j in runnable if j.shape_key == key) for key in keys
+        }
+        chosen = min(keys, key=lambda k: (self._virtual_time[k], first_arrival[k]))
+        self._virtual_now = self._virtual_time[chosen]
         return chosen
 
     def _drop_cancelled(self) -> None:
@@ -398,24 +500,27 @@ class Batcher:
             started = time.perf_counter()
             job.state = pipeline.prepare(job.params)
             job.engine_seconds += time.perf_counter() - started
-        except Exception as exc:  # an engine fault fails this job only
+        except (EngineError, ValueError) as exc:  # this request's inputs: this job only
             self._fail(job, exc)
             return
         self._output.emit(job, Started(total_steps=job.state.total_steps))
 
     def _step(self) -> None:
         with self._condition:
-            batch = [j for j in self._running if j.state is not None and not j.cancelled.is_set()]
-        if not batch:
-            return
-        pipeline = self.pipelines[batch[0].params.model]
+            runnable = [
+                j for j in self._running if j.state is not None and not j.cancelled.is_set()
+            ]
+            if not runnable:
+                return
+            key = self._next_group(runnable)
+        batch = [job for job in runnable if job.shape_key == key]
+        pipeline = self.pipelines[key[0]]
         states = [job.state for job in batch if job.state is not None]
-        try:
-            result = pipeline.denoise_step(states)
-        except Exception as exc:
-            for job in batch:
-                self._fail(job, exc)
-            return
+        result = pipeline.denoise_step(states)
+        weight = max(job.params.priority for job in batch)
+        with self._condition:
+            if key in self._virtual_time:
+                self._virtual_time[key] += result.engine_seconds / max(weight, 1)
         self.stats.steps += 1
         self.stats.rows += result.rows
         for job in batch:
@@ -434,22 +539,18 @@ class Batcher:
             self._output.emit(job, Progress(step, total))
             return
         size = pipeline.preview_size(state, options)
-        try:
-            started = time.perf_counter()
-            pixels = pipeline.preview_pixels(state, options.method, size)
-            ready = mark_ready(pixels)
-            # The preview decoder is an engine call: the job pays for it like a step.
-            job.engine_seconds += time.perf_counter() - started
-        except Exception:  # a preview is a nicety; never fail the job over it
-            logger.exception("preview failed", extra={"request_id": job.request_id})
-            self._output.emit(job, Progress(step, total))
-            return
+        started = time.perf_counter()
+        # An engine error here is the device's, not the preview's: it is fatal like a step's.
+        pixels = pipeline.preview_pixels(state, options.method, size)
+        ready = mark_ready(pixels)
+        # The preview decoder is an engine call: the job pays for it like a step.
+        job.engine_seconds += time.perf_counter() - started
 
         def encode() -> list[JobEvent]:
             try:
                 host = self._output.to_host(pixels, ready)
                 preview = pipeline.previewer.encode(host, size, options.format, options.quality)
-            except Exception:
+            except Exception:  # encoding a preview is a nicety; never fail the job over it
                 logger.exception("preview failed", extra={"request_id": job.request_id})
                 return [Progress(step, total)]
             return [Progress(step, total, preview)]
@@ -457,14 +558,10 @@ class Batcher:
         self._output.hand_off(job, encode)
 
     def _finish(self, pipeline: SDXLPipeline, job: Job, state: DenoiseState) -> None:
-        try:
-            started = time.perf_counter()
-            images = pipeline.decode(state)
-            ready = mark_ready(images)
-            job.engine_seconds += time.perf_counter() - started
-        except Exception as exc:
-            self._fail(job, exc)
-            return
+        started = time.perf_counter()
+        images = pipeline.decode(state)
+        ready = mark_ready(images)
+        job.engine_seconds += time.perf_counter() - started
         now = self.clock()
         admitted = job.admitted_at if job.admitted_at is not None else now
         finished = Finished(

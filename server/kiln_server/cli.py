@@ -74,6 +74,24 @@ def register(subparsers: Any) -> None:
         "--drain-timeout", type=float, help="seconds to let requests finish on SIGTERM (default 60)"
     )
     parser.add_argument(
+        "--max-shape-groups",
+        type=int,
+        help="request shapes (model, size) that share the engine at once, taking turns step by "
+        "step weighted by priority (default 4)",
+    )
+    parser.add_argument(
+        "--engine-stall-seconds",
+        type=float,
+        help="a denoising step that makes no progress this long fails every request and exits "
+        "non-zero for the supervisor (default 300)",
+    )
+    parser.add_argument(
+        "--max-request-work",
+        type=float,
+        help="most work one request may ask for, in steps x outputs x megapixels (default "
+        "1000, e.g. 8 images of 1024x1024 at 119 steps); more is INVALID_ARGUMENT",
+    )
+    parser.add_argument(
         "--max-image-mb",
         type=int,
         help="largest encoded `image` or `mask` a request may send, MiB (default 20); "
@@ -107,7 +125,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except SettingsError as error:
         print(f"kiln serve: {error}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    # The API process reads the tokenizers with transformers.
+    configure_logging(settings.log_format, settings.log_level, ("transformers",))
     log = logging.getLogger("kiln_server")
     try:
         registry = ModelRegistry.from_config(config, settings.cache_dir)

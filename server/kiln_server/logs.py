@@ -34,6 +34,9 @@ STRUCTURED_FIELDS = (
 )
 
 
+LIBRARY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "httpx")
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as a single-line JSON object."""
 
@@ -66,14 +69,35 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(log_format: str = "auto", level: str = "INFO") -> None:
-    """Send Kiln's logs to stderr in the chosen format ('auto': JSON unless on a terminal)."""
+def adopt_library_logging(libraries: tuple[str, ...]) -> None:
+    """Make `libraries` (transformers, diffusers) log through the root handler only.
+
+    Each installs a plain-text stderr handler of its own on first use and stops
+    propagation, which would put text lines into JSON logs; importing their logging module
+    now lets Kiln remove that handler before anything is logged through it.
+    """
+    import importlib
+
+    for name in libraries:
+        module = importlib.import_module(f"{name}.utils.logging")
+        module.disable_default_handler()
+        module.enable_propagation()
+
+
+def configure_logging(
+    log_format: str = "auto", level: str = "INFO", libraries: tuple[str, ...] = ()
+) -> None:
+    """Send Kiln's logs to stderr in the chosen format ('auto': JSON unless on a terminal),
+    the `libraries`' logs and Python warnings included."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python warnings become log records, so JSON logs hold nothing but JSON.
+    logging.captureWarnings(True)
+    adopt_library_logging(libraries)
     # Libraries' chatter (config notices, progress bars) is not service telemetry.
-    for noisy in ("diffusers", "transformers", "huggingface_hub", "httpx"):
+    for noisy in LIBRARY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.ERROR)

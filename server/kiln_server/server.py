@@ -20,14 +20,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
-from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
 from kiln_server.core.client import EngineCoreClient
 from kiln_server.image_inputs import ImageInputLimits
 from kiln_server.models.loader import read_model_files
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.prompts import PromptTokenizer
-from kiln_server.service import GenerationService
+from kiln_server.service import GenerationService, add_to_server
 from kiln_server.settings import ServerSettings
+from kiln_server.validation import RequestBudget
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,12 @@ class KilnServer:
         self.service = GenerationService(
             registry,
             is_draining=lambda: self.draining,
-            image_limits=ImageInputLimits(
-                max_bytes=settings.max_image_mb * 1024 * 1024,
-                max_pixels=settings.max_image_pixels,
+            budget=RequestBudget(
+                images=ImageInputLimits(
+                    max_bytes=settings.max_image_mb * 1024 * 1024,
+                    max_pixels=settings.max_image_pixels,
+                ),
+                max_work=settings.max_request_work,
             ),
         )
         max_bytes = settings.max_message_mb * 1024 * 1024
@@ -67,7 +70,7 @@ class KilnServer:
                 ("grpc.max_receive_message_length", max_bytes),
             ]
         )
-        pb_grpc.add_GenerationServiceServicer_to_server(self.service, self.server)
+        add_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server

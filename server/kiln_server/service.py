@@ -40,18 +40,21 @@ from kiln_server.events import (
     Refused,
     Started,
 )
-from kiln_server.image_inputs import ImageInputLimits, apply_overlay
+from kiln_server.image_inputs import apply_overlay
 from kiln_server.imaging import EncodedImage, encode_image
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.pipeline.prompts import PromptTokenizer
 from kiln_server.pipeline.schedulers import scheduler_names
 from kiln_server.validation import (
+    FieldViolation,
     ModelNotFound,
+    RequestBudget,
     RequestInvalid,
     ServedLimits,
     validate_request,
 )
+from kiln_server.wire import MalformedRequest, lenient_parser
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +129,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self,
         registry: ModelRegistry,
         is_draining: Callable[[], bool] = lambda: False,
-        image_limits: ImageInputLimits | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         self.registry = registry
         self.is_draining = is_draining
-        self.image_limits = image_limits or ImageInputLimits()
+        self.budget = budget or RequestBudget()
         self.core: EngineCoreClient | None = None
         self.served: dict[str, ServedModel] = {}
         self.tokenizers: dict[str, PromptTokenizer] = {}
@@ -177,9 +180,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return served.limits if served else None
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListModelsRequest | MalformedRequest,
+        context: grpc.aio.ServicerContext,
     ) -> pb.ListModelsResponse:
         """Every served model with its defaults and limits."""
+        if isinstance(request, MalformedRequest):
+            await self._refuse_malformed(request, context)
         infos = []
         for spec in self.registry.models.values():
             served = self.served.get(spec.name)
@@ -209,17 +216,27 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     preview_methods=list(limits.preview_methods),
                     default_preview_method=limits.preview_methods[0],
                     default_strength=spec.default_strength,
-                    max_image_bytes=self.image_limits.max_bytes,
-                    max_image_pixels=self.image_limits.max_pixels,
+                    max_image_bytes=self.budget.images.max_bytes,
+                    max_image_pixels=self.budget.images.max_pixels,
                     inpainting=limits.inpainting,
                 )
             )
         return pb.ListModelsResponse(models=infos, default_model=self.registry.default_model)
 
+    async def _refuse_malformed(
+        self, request: MalformedRequest, context: grpc.aio.ServicerContext
+    ) -> NoReturn:
+        logger.warning("refused a malformed request: %s %s", request.field, request.problem)
+        error = RequestInvalid([FieldViolation(request.field, request.problem)])
+        await abort_with(context, bad_request_status(error))
+
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | MalformedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Validate, queue, and stream the request's events until images and completion."""
+        if isinstance(request, MalformedRequest):
+            await self._refuse_malformed(request, context)
+        assert isinstance(request, pb.GenerateRequest)
         arrival = time.monotonic()
         request_id = uuid.uuid4().hex[:16]
         log = {"request_id": request_id}
@@ -238,7 +255,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             self._count_tokens,
             self._max_tokens,
             self._engine_limits,
-            self.image_limits,
+            self.budget,
         )
         try:
             # Decoding a photo takes long enough to stall every other stream on the loop.
@@ -359,3 +376,24 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 return
             elif isinstance(event, Failed):
                 await context.abort(grpc.StatusCode[event.code], event.message)
+
+
+def add_to_server(service: GenerationService, server: grpc.aio.Server) -> None:
+    """Serve `service` as kiln.v1.GenerationService on `server`, as the generated
+    `add_GenerationServiceServicer_to_server` does, but with request parsers that turn
+    unparseable bytes into an INVALID_ARGUMENT answer instead of a traceback."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate,
+            request_deserializer=lenient_parser(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            service.ListModels,
+            request_deserializer=lenient_parser(pb.ListModelsRequest),
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

@@ -36,6 +36,12 @@ class ServerSettings:
     max_batch_rows: int = 8
     intra_op_threads: int = 0  # CPU threads per engine call; 0 = every core but one
     aging_seconds: float = 5.0
+    # Shape groups that share the engine at once (time-sliced step by step).
+    max_shape_groups: int = 4
+    # A step that makes no progress for this long fails everything and exits (supervisor).
+    engine_stall_seconds: float = 300.0
+    # Most work one request may ask for: denoising steps x outputs x megapixels.
+    max_request_work: float = 1000.0
     drain_timeout: float = 60.0
     max_message_mb: int = 64
     # Request photos: encoded size of `image` or `mask`, and decoded pixels.
@@ -54,6 +60,9 @@ _CONVERTERS: dict[str, Any] = {
     "max_image_mb": int,
     "max_image_pixels": int,
     "aging_seconds": float,
+    "max_shape_groups": int,
+    "engine_stall_seconds": float,
+    "max_request_work": float,
     "drain_timeout": float,
     "compile": to_bool,
     "cuda_graphs": to_bool,
@@ -104,6 +113,10 @@ def load_settings(
         raise SettingsError(f"unknown dtype {settings.dtype!r}: choose fp16, bf16 or fp32")
     if settings.max_queue < 1 or settings.max_batch_rows < 1:
         raise SettingsError("max_queue and max_batch_rows must be at least 1")
+    if settings.max_shape_groups < 1 or settings.engine_stall_seconds <= 0:
+        raise SettingsError("max_shape_groups must be at least 1 and engine_stall_seconds above 0")
+    if settings.max_request_work <= 0:
+        raise SettingsError("max_request_work must be above 0 (steps x outputs x megapixels)")
     if settings.max_image_mb < 1 or settings.max_image_pixels < 64 * 64:
         raise SettingsError("max_image_mb must be at least 1 and max_image_pixels at least 4096")
     if settings.max_message_mb < 2 * settings.max_image_mb + 1:

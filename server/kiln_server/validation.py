@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -28,6 +28,7 @@ from kiln_server.image_inputs import (
 from kiln_server.models.registry import ModelRegistry, ModelSpec
 from kiln_server.pipeline.params import GenerationParams, PreviewParams
 from kiln_server.pipeline.schedulers import scheduler_names
+from kiln_server.user_text import quoted, shorten
 
 MAX_PROMPT_CHARS = 4096
 MAX_SEED = 2**64 - 1
@@ -83,11 +84,23 @@ class ModelNotFound(LookupError):
     """The requested model is not served here."""
 
     def __init__(self, name: str, available: list[str]) -> None:
-        super().__init__(f"model {name!r} is not served here; available: {', '.join(available)}")
-        self.name = name
+        super().__init__(
+            f"model {quoted(name)} is not served here; available: {', '.join(available)}"
+        )
+        self.name = shorten(name)
 
 
 TokenCounter = Callable[[str, str], int]
+
+
+@dataclass(frozen=True)
+class RequestBudget:
+    """Server-wide bounds on one request, from the server's settings: its photos'
+    decoding limits, and the most work it may ask for in denoising steps x outputs x
+    megapixels (a request over it would hold the engine for minutes)."""
+
+    images: ImageInputLimits = field(default_factory=ImageInputLimits)
+    max_work: float = 1000.0
 
 
 @dataclass(frozen=True)
@@ -343,13 +356,14 @@ def validate_request(
     count_tokens: TokenCounter,
     max_tokens: Callable[[str], int],
     engine_limits: Callable[[str], EngineLimits | None] = lambda _model: None,
-    image_limits: ImageInputLimits | None = None,
+    budget: RequestBudget | None = None,
 ) -> GenerationParams:
     """Resolve defaults and check every field; raise RequestInvalid or ModelNotFound.
 
     Sizes and output counts are checked against the model's limits narrowed by
     `engine_limits(model)`, what its loaded engines declare they can run. Request images
-    are decoded within `image_limits` and framed to the output size.
+    are decoded within the `budget`'s limits and framed to the output size, and the
+    request's work must fit the budget.
     """
     spec = registry.get(request.model)
     if spec is None:
@@ -371,7 +385,8 @@ def validate_request(
             errors.append(problem)
 
     limits = ServedLimits.of(spec, engine_limits(spec.name))
-    photo = _decode_photo(request, spec, limits, image_limits or ImageInputLimits(), errors)
+    budget = budget or RequestBudget()
+    photo = _decode_photo(request, spec, limits, budget.images, errors)
     size_errors = len(errors)
     width, height = _output_size(request, spec, limits, photo, errors)
     if len(errors) == size_errors:  # a photo-derived size is already refused as `image`
@@ -431,7 +446,8 @@ def validate_request(
         errors.append(
             FieldViolation(
                 "scheduler",
-                f"unknown scheduler {scheduler!r}; choose one of {', '.join(scheduler_names())}",
+                f"unknown scheduler {quoted(scheduler)}; choose one of "
+                f"{', '.join(scheduler_names())}",
             )
         )
 
@@ -486,6 +502,16 @@ def validate_request(
     framed = None
     if request.image or request.HasField("strength"):
         framed = _framed_inputs(request, photo, spec, (width, height), steps, errors)
+    run_steps = steps if framed is None else max(1, int(steps * framed.conditioning.strength))
+    work = run_steps * num_outputs * width * height / 1e6
+    if not errors and work > budget.max_work:
+        message = (
+            f"the request asks for {work:,.0f} units of work (denoising steps x outputs x "
+            f"megapixels: {run_steps} x {num_outputs} x {width}x{height}); this server runs "
+            f"at most {budget.max_work:,.0f} per request: fewer steps, outputs or pixels"
+        )
+        for name in ("num_inference_steps", "num_outputs", "width", "height"):
+            errors.append(FieldViolation(name, message))
 
     if errors:
         raise RequestInvalid(errors)

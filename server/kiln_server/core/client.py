@@ -81,6 +81,7 @@ class EngineCoreClient:
         self._loaded = threading.Event()
         self._stopping = False
         self._exited = False
+        self._failure: str | None = None
         self._connection: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -220,7 +221,11 @@ class EngineCoreClient:
             self._loaded.set()
             self._ready.set_result(report.models)
         elif isinstance(report, CoreFailed):
-            self._ready.set_exception(EngineCoreError(report.message))
+            if self._loaded.is_set():  # the engine failed while serving; the core exits
+                logger.error("the engine core failed: %s", report.message)
+                self._failure = report.message
+            else:
+                self._ready.set_exception(EngineCoreError(report.message))
 
     def _deliver(self, update: JobUpdate) -> None:
         with self._lock:
@@ -278,6 +283,8 @@ class EngineCoreClient:
             message = f"the engine core exited during start-up (exit code {code})"
         elif broken:
             message = "the engine core was stopped after a broken message"
+        elif self._failure is not None:
+            message = f"the engine core failed ({self._failure}); the server restarts"
         else:
             message = f"the engine core exited unexpectedly (exit code {code})"
         if not self._ready.done():

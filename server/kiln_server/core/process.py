@@ -41,6 +41,8 @@ from kiln_server.runtime import batch_row_limit, load_registry_models
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+# The engine core's exit code when its engine failed (EX_SOFTWARE).
+ENGINE_FAILED_EXIT = 70
 
 
 class ReportSender:
@@ -178,7 +180,8 @@ def run_engine_core(connection: Connection) -> None:
     if not isinstance(start, StartCore):
         raise TypeError(f"the engine core expects StartCore first, not {type(start).__name__}")
     settings, registry = start.settings, start.registry
-    configure_logging(settings.log_format, settings.log_level)
+    # The core loads the models, so diffusers logs here too.
+    configure_logging(settings.log_format, settings.log_level, ("transformers", "diffusers"))
     sender = ReportSender(connection)
     try:
         models = load_registry_models(registry, settings)
@@ -188,6 +191,15 @@ def run_engine_core(connection: Connection) -> None:
         sender.close()
         sys.exit(1)
     limits = {name: batch_row_limit(m, settings.max_batch_rows) for name, m in models.items()}
+
+    def on_fatal(reason: str) -> None:
+        # Every job has its INTERNAL status by now; tell the API process why, and go:
+        # `kiln serve` then exits non-zero and its supervisor starts a fresh engine.
+        logger.error("the engine failed; the engine core exits", extra={"why": reason})
+        sender.put(CoreFailed(reason))
+        sender.close()
+        os._exit(ENGINE_FAILED_EXIT)
+
     batcher = Batcher(
         {name: model.pipeline for name, model in models.items()},
         BatcherSettings(
@@ -195,7 +207,10 @@ def run_engine_core(connection: Connection) -> None:
             max_batch_rows=limits,
             default_max_batch_rows=settings.max_batch_rows,
             aging_seconds=settings.aging_seconds,
+            max_shape_groups=settings.max_shape_groups,
+            stall_seconds=settings.engine_stall_seconds,
         ),
+        on_fatal=on_fatal,
     )
     shared_arrays.start_tracker()
     batcher.start()
