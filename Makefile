@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 SOURCES := server build_engines clients/python/kiln_client training tests benchmarks
 
-.PHONY: serve test lint lint-protos typecheck protos check-protos engines bench clean install
+.PHONY: serve test test-deps soak lint lint-protos typecheck protos check-protos engines bench clean install
 
 install: $(STAMP)
 
@@ -27,8 +27,25 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(BIN)/kiln serve $(if $(wildcard engines/*/manifest.json),--engines engines) $(ARGS)
 
-test: $(STAMP) lint lint-protos typecheck check-protos
+test: $(STAMP) test-deps lint lint-protos typecheck check-protos
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Debian packages the tests need, installed with apt-get when missing: PostgreSQL's server
+# (initdb, pg_ctl), which the gateway's database tests start on a free port of their own.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+test-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "installing Debian's postgresql package (for the gateway's database tests)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends postgresql; \
+	fi
+
+# A bounded soak (about 3 minutes): gRPC and gateway clients with cancellations and
+# deadlines, one engine-core kill and one gateway restart; fails when any request is lost.
+# ARGS passes flags, e.g. make soak ARGS="--seconds 600 --clients 24 --write-results".
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)

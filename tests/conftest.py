@@ -125,3 +125,23 @@ def server_factory(tmp_path: Path, kiln_cache_dir: Path, tiny_model_path: Path) 
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A throwaway PostgreSQL server (Debian's package) for the session; skips when absent."""
+    from postgres_support import start_postgres
+
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty prediction database: SQLite in the test's folder, or a new PostgreSQL one."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'db' / 'predictions.db'}"
+    server = request.getfixturevalue("postgres_server")
+    url: str = server.new_database()
+    return url

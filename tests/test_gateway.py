@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -79,6 +80,7 @@ BASE_SETTINGS = GatewaySettings(
     ),
     webhook_secret=WEBHOOK_SECRET,
     webhook_retry_seconds=0.05,
+    webhook_allowed_hosts=("127.0.0.1",),  # the test's webhook receiver
     log_level="WARNING",
 )
 
@@ -100,7 +102,13 @@ class Gateway:
 
 @contextlib.contextmanager
 def running_gateway(settings: GatewaySettings) -> Iterator[Gateway]:
-    """Serve the gateway app on an ephemeral 127.0.0.1 port until the block ends."""
+    """Serve the gateway app on an ephemeral 127.0.0.1 port until the block ends.
+
+    Without a `files_dir`, it gets a fresh folder (and so its own SQLite database).
+    """
+    own_folder = settings.files_dir is None
+    if own_folder:
+        settings = replace(settings, files_dir=Path(tempfile.mkdtemp(prefix="kiln-gateway-")))
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = build_server(settings)
@@ -118,6 +126,8 @@ def running_gateway(settings: GatewaySettings) -> Iterator[Gateway]:
         server.should_exit = True
         thread.join(timeout=20)
         sock.close()
+        if own_folder and settings.files_dir is not None:
+            shutil.rmtree(settings.files_dir, ignore_errors=True)
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:

@@ -15,6 +15,8 @@ import contextlib
 import hashlib
 import io
 import random
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -156,6 +158,9 @@ SETTINGS = GatewaySettings(
 @contextlib.contextmanager
 def running(settings: GatewaySettings) -> Iterator[Gateway]:
     """The real gateway app in front of a RecordingKiln, on an ephemeral 127.0.0.1 port."""
+    own_folder = settings.files_dir is None
+    if own_folder:
+        settings = replace(settings, files_dir=Path(tempfile.mkdtemp(prefix="kiln-gateway-")))
     upstream = Upstream()
 
     def stand_in(target: str) -> AsyncKilnClient:
@@ -176,6 +181,8 @@ def running(settings: GatewaySettings) -> Iterator[Gateway]:
         server.should_exit = True
         thread.join(timeout=20)
         sock.close()
+        if own_folder and settings.files_dir is not None:
+            shutil.rmtree(settings.files_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

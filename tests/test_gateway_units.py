@@ -20,6 +20,7 @@ from kiln_client.cli import main as kiln_main
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_gateway.api import parse_prefer_wait
 from kiln_gateway.errors import ApiError
+from kiln_gateway.records import WebhookConfig
 from kiln_gateway.schema import (
     DEFAULT_PROMPT,
     InputInvalid,
@@ -29,13 +30,12 @@ from kiln_gateway.schema import (
 )
 from kiln_gateway.settings import (
     Alias,
-    GatewaySettings,
     SettingsError,
     load_settings,
     parse_alias,
 )
 from kiln_gateway.streaming import format_event
-from kiln_gateway.webhooks import PredictionWebhook, WebhookSender, new_secret, sign
+from kiln_gateway.webhooks import PredictionWebhook, new_secret, sign
 
 TINY = pb.ModelInfo(
     name="tiny",
@@ -97,6 +97,27 @@ def test_settings_errors_name_the_problem(tmp_path: Path) -> None:
         load_settings({"config": tmp_path / "missing.toml"}, {})
     with pytest.raises(SettingsError, match="KILN_GATEWAY_PORT"):
         load_settings({}, {"KILN_GATEWAY_PORT": "eighty"})
+
+
+def test_database_and_limits_settings(tmp_path: Path) -> None:
+    folder = load_settings({"files_dir": tmp_path}, {})
+    home = load_settings({}, {})
+    chosen = load_settings(
+        {"database": "postgresql://kiln:secret@db/kiln", "allowed_hosts": "a.example,b"},
+        {"KILN_GATEWAY_WEBHOOK_ALLOWED_HOSTS": "10.0.0.0/8, hooks.internal"},
+    )
+
+    assert folder.database_url == f"sqlite:///{tmp_path.resolve()}/data/predictions.db"
+    assert home.files_root.parts[-2:] == ("kiln", "gateway")
+    assert chosen.database_url == "postgresql://kiln:secret@db/kiln"
+    assert "secret" not in repr(chosen)
+    assert chosen.allowed_hosts == ("a.example", "b")
+    assert chosen.webhook_allowed_hosts == ("10.0.0.0/8", "hooks.internal")
+    # Two 20 MiB images as base64 data URIs fit; much more does not.
+    assert 2 * (20 << 20) * 4 // 3 < folder.request_limit < 60 << 20
+    with pytest.raises(SettingsError, match="database must be") as caught:
+        load_settings({"database": "mysql://root:hunter2@db/x"}, {})
+    assert "hunter2" not in str(caught.value)
 
 
 def test_output_mode_defaults_to_auto_and_is_checked() -> None:
@@ -164,6 +185,7 @@ def test_cli_serves_on_loopback_and_says_auth_is_off(tmp_path: Path) -> None:
         [
             sys.executable, "-m", "kiln_client.cli", "gateway", "--upstream", "127.0.0.1:9",
             "--port", "0", "--port-file", str(port_file), "--log-format", "text",
+            "--files-dir", str(tmp_path / "gateway"),
         ],
         stderr=subprocess.PIPE,
         env=env,
@@ -414,45 +436,42 @@ def test_server_sent_event_format() -> None:
     assert format_event(4, "done", "{}") == "event: done\nid: 4\ndata: {}\n\n"
 
 
-class RecordingSender(WebhookSender):
-    """Records deliveries instead of sending them."""
-
-    def __init__(self) -> None:
-        super().__init__(GatewaySettings(), new_secret())
-        self.sent: list[tuple[str, int]] = []
-
-    async def deliver(self, url: str, body: bytes, *, prediction_id: str = "") -> bool:
-        self.sent.append((url, json.loads(body)["n"]))
-        return True
-
-
 async def test_webhooks_throttle_logs_and_always_send_completed() -> None:
-    sender = RecordingSender()
     state = {"n": 0}
+    later: list[tuple[str, int]] = []
+
+    def send_later(messages: list[tuple[str, str, bytes]]) -> None:
+        later.extend((url, json.loads(body)["n"]) for _, url, body in messages)
+
     hook = PredictionWebhook(
-        sender,
-        "p1",
+        WebhookConfig.of("http://receiver/all", None, "http://receiver/completed"),
         lambda: json.dumps(state).encode(),
-        url="http://receiver/all",
-        events=None,
-        completed_url="http://receiver/completed",
+        send_later,
     )
 
-    hook.notify("start")
+    def sent(messages: list[tuple[str, str, bytes]]) -> list[tuple[str, int]]:
+        return [(url, json.loads(body)["n"]) for _, url, body in messages]
+
+    now = sent(hook.notify("start"))
     for n in range(1, 21):  # twenty log lines at once
         state["n"] = n
-        hook.notify("logs")
-    await asyncio.sleep(0.6)  # let the one throttled delivery (500 ms later) go out
+        now += sent(hook.notify("logs"))
+    await asyncio.sleep(0.6)  # the one throttled message comes due 500 ms later
     state["n"] = 21
-    hook.notify("completed")
-    hook.notify("logs")  # nothing follows completed
-    await hook.wait_delivered(timeout=5)
-    await sender.aclose()
+    completed = hook.notify("completed")
+    after = hook.notify("logs")  # nothing follows completed
 
-    assert sender.sent == [
-        ("http://receiver/all", 0),  # start
-        ("http://receiver/all", 1),  # first logs change, sent at once
-        ("http://receiver/all", 20),  # the rest, coalesced into the latest state
-        ("http://receiver/all", 21),  # completed
-        ("http://receiver/completed", 21),  # webhook_completed
-    ]
+    assert now == [("http://receiver/all", 0), ("http://receiver/all", 1)]
+    assert later == [("http://receiver/all", 20)]  # the rest, coalesced into the latest state
+    assert sent(completed) == [("http://receiver/all", 21), ("http://receiver/completed", 21)]
+    assert len({message_id for message_id, _, _ in completed}) == 2
+    assert after == []
+
+
+def test_webhook_filter_sends_only_the_chosen_events() -> None:
+    hook = PredictionWebhook(
+        WebhookConfig.of("http://receiver/x", ["completed"], None), lambda: b"{}", print
+    )
+
+    assert hook.notify("start") == [] and hook.notify("output") == []
+    assert [url for _, url, _ in hook.notify("completed")] == ["http://receiver/x"]

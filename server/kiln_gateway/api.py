@@ -8,11 +8,17 @@
   (60 s) or `Prefer: wait=N` they hold the request until the prediction finishes or N
   seconds pass. As on Replicate (and as the official client expects), a held request that
   runs out of time reports `starting`, so the client falls back to polling.
-- GET /v1/predictions pages through predictions, newest first (`next`/`previous` cursor
-  URLs; Kiln also accepts `page_size`, 1-100, default 100).
+- GET /v1/predictions pages through the caller's predictions, newest first
+  (`next`/`previous` cursor URLs; Kiln also accepts `page_size`, 1-100, default 100).
 - GET /v1/predictions/{id}; POST /v1/predictions/{id}/cancel (stops the Kiln request
   within one denoising step; canceling a finished prediction changes nothing).
 - GET /v1/webhooks/default/secret: the `whsec_...` key webhooks are signed with.
+
+A token sees only the predictions it created (another's answer 404); an admin token
+(`TOKEN:admin` in KILN_API_TOKENS) sees and cancels all. Input fields the model does not
+have are dropped (noted in the logs), and long data URIs are stored shortened, so the
+stored and echoed input stays small. Webhook URLs must reach a public address (422 naming
+`webhook` or `webhook_completed` otherwise).
 """
 
 from __future__ import annotations
@@ -26,15 +32,17 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
-from kiln_gateway.auth import caller_owner, require_token
-from kiln_gateway.errors import ApiError, InvalidField, ProblemDetail, input_invalid
+from kiln_gateway.auth import Caller, caller, require_token
+from kiln_gateway.errors import ApiError, InvalidField, ProblemDetail, input_invalid, shorten
 from kiln_gateway.files import FileStore
-from kiln_gateway.inputs import Caller, abbreviate_input
+from kiln_gateway.inputs import Caller as InputCaller
+from kiln_gateway.inputs import abbreviate_input
 from kiln_gateway.models import ResolvedModel
-from kiln_gateway.predictions import (
+from kiln_gateway.records import (
     PredictionRecord,
     PredictionResponse,
     Status,
+    WebhookConfig,
     new_prediction_id,
 )
 from kiln_gateway.schema import InputInvalid, parse_input
@@ -110,27 +118,26 @@ def parse_prefer_wait(prefer: str | None, maximum: float) -> float | None:
         raise ApiError(
             400,
             "Invalid Prefer header",
-            f"Prefer: wait=N needs N in whole seconds between 1 and {maximum:g}; got {value!r}",
+            f"Prefer: wait=N needs N in whole seconds between 1 and {maximum:g}; got "
+            f"{shorten(value, 40)!r}",
         )
     return float(min(max(int(value), 1), maximum))
 
 
-def _check_webhook_url(name: str, url: str | None) -> None:
-    if url is not None and not re.match(r"^https?://[^\s/]+", url):
-        raise input_invalid(
-            [
-                InvalidField(
-                    type="format",
-                    field=name,
-                    description="Does not match format 'uri' (use an http:// or https:// URL)",
-                )
-            ]
-        )
+async def _check_webhook_url(state: GatewayState, name: str, url: str | None) -> None:
+    if url is None:
+        return
+    if not re.match(r"^https?://[^\s/]+", url):
+        problem: str | None = "Does not match format 'uri' (use an http:// or https:// URL)"
+    else:
+        problem = await state.webhooks.check(url)
+    if problem is not None:
+        raise input_invalid([InvalidField(type="format", field=name, description=problem)])
 
 
 router = APIRouter(prefix="/v1", tags=["predictions"], dependencies=[Depends(require_token)])
 StateDep = Annotated[GatewayState, Depends(gateway_state)]
-OwnerDep = Annotated[str, Depends(caller_owner)]
+CallerDep = Annotated[Caller, Depends(caller)]
 PreferHeader = Annotated[
     str | None,
     Header(description="`wait` or `wait=N`: hold the request until done (at most N s)"),
@@ -154,38 +161,33 @@ async def _create(
     resolved: ResolvedModel,
     body: CreatePrediction,
     prefer: str | None,
-    owner: str,
+    who: Caller,
 ) -> PredictionResponse:
     wait = parse_prefer_wait(prefer, state.settings.max_wait_seconds)
-    _check_webhook_url("webhook", body.webhook)
-    _check_webhook_url("webhook_completed", body.webhook_completed)
+    await _check_webhook_url(state, "webhook", body.webhook)
+    await _check_webhook_url(state, "webhook_completed", body.webhook_completed)
     try:
         parsed = parse_input(body.input, resolved.info)
         if parsed.images:
-            caller = Caller(owner, own_base_urls(request, state))
+            asking = InputCaller(who.owner, own_base_urls(request, state))
             limit = _input_limit(state.settings, resolved.info)
-            parsed.attach(await state.inputs.resolve_all(parsed.images, caller, limit))
+            parsed.attach(await state.inputs.resolve_all(parsed.images, asking, limit))
     except InputInvalid as error:
         raise input_invalid(error.fields) from None
     record = PredictionRecord(
         id=new_prediction_id(),
-        seq=state.store.next_seq(),
+        owner=who.owner,
         model=resolved.ref,
         version=resolved.version,
         kiln_model=resolved.info.name,
-        input=abbreviate_input(body.input),
+        input=abbreviate_input(parsed.known),
         request=parsed.request,
         base_url=public_base_url(request, state),
         data_uri=parsed.data_uri,
         file_token=FileStore.new_token(),
+        webhook=WebhookConfig.of(body.webhook, body.webhook_events_filter, body.webhook_completed),
     )
-    await state.runner.start(
-        record,
-        webhook=body.webhook,
-        webhook_events=body.webhook_events_filter,
-        webhook_completed=body.webhook_completed,
-        notes=parsed.notes,
-    )
+    await state.runner.start(record, notes=parsed.notes)
     status: Status | None = None
     if wait is not None and not await record.wait_done(wait):
         status = "starting"  # what Replicate reports when the wait runs out (see module doc)
@@ -207,12 +209,12 @@ async def create_model_prediction(
     request: Request,
     response: Response,
     state: StateDep,
-    caller: OwnerDep,
+    who: CallerDep,
     prefer: PreferHeader = None,
 ) -> PredictionResponse:
     """Run model `owner/name` (an alias, or the Kiln model called `name`)."""
     resolved = await state.catalog.resolve(owner, name)
-    return await _create(request, response, state, resolved, body, prefer, caller)
+    return await _create(request, response, state, resolved, body, prefer, who)
 
 
 @router.post(
@@ -226,12 +228,12 @@ async def create_prediction(
     request: Request,
     response: Response,
     state: StateDep,
-    caller: OwnerDep,
+    who: CallerDep,
     prefer: PreferHeader = None,
 ) -> PredictionResponse:
     """Run the model a `version` names (id, `owner/name` or `owner/name:id`)."""
     resolved = await state.catalog.resolve_version(body.version)
-    return await _create(request, response, state, resolved, body, prefer, caller)
+    return await _create(request, response, state, resolved, body, prefer, who)
 
 
 def _encode_cursor(kind: str, seq: int) -> str:
@@ -259,12 +261,14 @@ def _decode_cursor(cursor: str) -> tuple[int | None, int | None]:
 async def list_predictions(
     request: Request,
     state: StateDep,
+    who: CallerDep,
     cursor: Annotated[str | None, Query(description="From a previous page's URLs")] = None,
     page_size: Annotated[int, Query(ge=1, le=100, description="Kiln: results per page")] = 100,
 ) -> PredictionPage:
-    """Predictions created through this gateway, newest first, one page at a time."""
+    """The caller's predictions (an admin token's: everyone's), newest first, by page."""
     before, after = _decode_cursor(cursor) if cursor else (None, None)
-    records, older, newer = state.store.page(before=before, after=after, size=page_size)
+    page = await state.store.page(who.sees, before=before, after=after, size=page_size)
+    records, older, newer = page.records, page.older, page.newer
     base = f"{public_base_url(request, state)}/v1/predictions"
     size = "" if page_size == 100 else f"&page_size={page_size}"
     return PredictionPage(
@@ -274,10 +278,12 @@ async def list_predictions(
     )
 
 
-def _record(state: GatewayState, prediction_id: str) -> PredictionRecord:
-    record = state.store.get(prediction_id)
+async def _record(state: GatewayState, prediction_id: str, who: Caller) -> PredictionRecord:
+    record = await state.runner.find(prediction_id, who.sees)
     if record is None:
-        raise ApiError(404, "Not found", f"no prediction with id {prediction_id!r}")
+        raise ApiError(
+            404, "Not found", f"no prediction with id {shorten(prediction_id, 40)!r} for this token"
+        )
     return record
 
 
@@ -286,9 +292,9 @@ def _record(state: GatewayState, prediction_id: str) -> PredictionRecord:
     response_model=PredictionResponse,
     responses={401: {"model": ProblemDetail}, 404: {"model": ProblemDetail}},
 )
-async def get_prediction(prediction_id: str, state: StateDep) -> PredictionResponse:
+async def get_prediction(prediction_id: str, state: StateDep, who: CallerDep) -> PredictionResponse:
     """One prediction's current state."""
-    return _record(state, prediction_id).render()
+    return (await _record(state, prediction_id, who)).render()
 
 
 @router.post(
@@ -296,11 +302,12 @@ async def get_prediction(prediction_id: str, state: StateDep) -> PredictionRespo
     response_model=PredictionResponse,
     responses={401: {"model": ProblemDetail}, 404: {"model": ProblemDetail}},
 )
-async def cancel_prediction(prediction_id: str, state: StateDep) -> PredictionResponse:
+async def cancel_prediction(
+    prediction_id: str, state: StateDep, who: CallerDep
+) -> PredictionResponse:
     """Cancel a prediction; Kiln stops its work within one denoising step."""
-    record = _record(state, prediction_id)
-    await state.runner.cancel(record)
-    return record.render()
+    record = await _record(state, prediction_id, who)
+    return (await state.runner.cancel(record)).render()
 
 
 @router.get(

@@ -1,10 +1,15 @@
 """The gateway's FastAPI application: `create_app(settings)` builds it.
 
-Starting the app opens one `AsyncKilnClient` channel to `settings.upstream` (inside the
-server's event loop), the output file store, the uploaded-files store, the input resolver,
-the webhook sender and a background task that enforces the retention and upload expiry
-times; stopping it cancels running predictions and closes them all. The OpenAPI
-description is served at /openapi.json (interactive docs at /docs).
+Starting the app opens the prediction database (`settings.database_url`), one
+`AsyncKilnClient` channel to `settings.upstream` (inside the server's event loop), the
+output file store, the uploaded-files store, the input resolver and the webhook
+dispatcher; then it takes over the predictions a stopped gateway left running (sending
+them to Kiln again), deletes output folders no prediction owns, and starts the background
+tasks: lease renewal (every second) and retention (expiry, storage caps, record limit).
+Stopping it stops the running predictions and releases them for the next start (or
+another replica), then closes everything. Every request first passes
+`kiln_gateway.guard.RequestGuard` (host, token, body size). The OpenAPI description is
+served at /openapi.json (interactive docs at /docs).
 """
 
 from __future__ import annotations
@@ -12,31 +17,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from kiln_client.aio import AsyncKilnClient
 from kiln_gateway import api, files, models, streaming, uploads
-from kiln_gateway.errors import ApiError, install_error_handlers
-from kiln_gateway.fetch import UrlFetcher
+from kiln_gateway.database import Database, DatabaseError
+from kiln_gateway.errors import ApiError, ProblemDetail, install_error_handlers
+from kiln_gateway.fetch import AddressCheck, Resolver, UrlFetcher, address_problem
 from kiln_gateway.files import FileStore
+from kiln_gateway.guard import RequestGuard
 from kiln_gateway.inputs import InputResolver
 from kiln_gateway.models import ModelCatalog
-from kiln_gateway.predictions import PredictionRunner, PredictionStore
+from kiln_gateway.predictions import PredictionRunner
 from kiln_gateway.settings import GatewaySettings
 from kiln_gateway.state import GatewayState
+from kiln_gateway.store import PredictionStore
 from kiln_gateway.uploads import UploadStore
-from kiln_gateway.webhooks import WebhookSender, new_secret
+from kiln_gateway.webhooks import WebhookDispatcher, WebhookSender, new_secret
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "new_instance_id"]
 
 log = logging.getLogger("kiln_gateway")
 
 ClientFactory = Callable[[str], AsyncKilnClient]
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthenticated",
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Request body too large",
+}
+
+
+def new_instance_id() -> str:
+    """A replica id for this gateway process: host, process id and a random part."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _purge_interval(settings: GatewaySettings) -> float:
@@ -55,8 +80,12 @@ async def _purge_forever(state: GatewayState) -> None:
             log.exception("retention pass failed")
 
 
-def _open_state(settings: GatewaySettings, client_factory: ClientFactory) -> GatewayState:
-    kiln = client_factory(settings.upstream)
+async def _open_state(
+    settings: GatewaySettings,
+    client_factory: ClientFactory,
+    resolver: Resolver | None,
+    address_check: AddressCheck,
+) -> GatewayState:
     secret = settings.webhook_secret
     if secret is None:
         secret = new_secret()
@@ -64,66 +93,102 @@ def _open_state(settings: GatewaySettings, client_factory: ClientFactory) -> Gat
             "no webhook secret configured: signing webhooks with a new secret for this run "
             "only (set KILN_WEBHOOK_SECRET to keep it across restarts)"
         )
-    store = PredictionStore(settings.max_predictions)
-    file_store = FileStore(settings.files_dir)
-    upload_store = UploadStore(
-        file_store.root / "uploads", expiry_seconds=settings.upload_expiry_seconds
-    )
+    database = await Database.open(settings.database_url)
+    kiln = client_factory(settings.upstream)
+    root = settings.files_root
+    store = PredictionStore(database, new_instance_id(), settings.lease_seconds)
+    file_store = FileStore(root / "outputs")
+    upload_store = UploadStore(root / "uploads", expiry_seconds=settings.upload_expiry_seconds)
     fetcher = UrlFetcher(
         timeout_seconds=settings.fetch_timeout_seconds,
         max_redirects=settings.fetch_max_redirects,
         allow_private=settings.allow_private_urls,
+        resolver=resolver,
+        address_check=address_check,
     )
-    sender = WebhookSender(settings, secret)
+    sender = WebhookSender(settings, secret, resolver=resolver, address_check=address_check)
+    dispatcher = WebhookDispatcher(store, sender, settings)
     return GatewayState(
         settings=settings,
         kiln=kiln,
         catalog=ModelCatalog(kiln, settings),
+        database=database,
         store=store,
         files=file_store,
         webhooks=sender,
-        runner=PredictionRunner(kiln, settings, store, file_store, sender),
+        dispatcher=dispatcher,
+        runner=PredictionRunner(kiln, settings, store, file_store, dispatcher),
         uploads=upload_store,
         inputs=InputResolver(upload_store, file_store, fetcher),
     )
 
 
 def create_app(
-    settings: GatewaySettings, *, client_factory: ClientFactory | None = None
+    settings: GatewaySettings,
+    *,
+    client_factory: ClientFactory | None = None,
+    resolver: Resolver | None = None,
+    address_check: AddressCheck = address_problem,
 ) -> FastAPI:
     """The ASGI app serving Replicate's API for the Kiln server at `settings.upstream`.
 
     `client_factory(target)` makes the Kiln client (default: `AsyncKilnClient(target)`);
-    it is called once, when the app starts.
+    it is called once, when the app starts. `resolver` and `address_check` replace the
+    system resolver and the public-address rule for every outbound URL (input fetches and
+    webhooks), e.g. to keep a test from reaching any network.
     """
     factory = client_factory or (lambda target: AsyncKilnClient(target))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = _open_state(settings, factory)
+        state = await _open_state(settings, factory, resolver, address_check)
         app.state.gateway = state
-        purger = asyncio.create_task(_purge_forever(state), name="retention")
-        if settings.allow_private_urls:
-            log.warning(
-                "allow_private_urls is on: image inputs may be fetched from loopback, "
-                "private and link-local addresses (trusted callers only)"
-            )
-        log.info(
-            "gateway ready for Kiln at %s (auth %s, %d alias(es))",
-            settings.upstream,
-            "on" if settings.auth_enabled else "OFF",
-            len(settings.aliases),
-        )
+        background: list[asyncio.Task[None]] = []
         try:
+            adopted = await state.runner.recover(everything=state.database.dialect == "sqlite")
+            swept = await state.runner.sweep_files()
+            if adopted or swept:
+                log.warning(
+                    "recovered from a stopped gateway: %d running prediction(s) taken over, "
+                    "%d output folder(s) without a prediction deleted",
+                    adopted,
+                    swept,
+                )
+            state.dispatcher.start()
+            background = [
+                asyncio.create_task(_purge_forever(state), name="retention"),
+                asyncio.create_task(state.runner.maintain_forever(), name="leases"),
+            ]
+            if settings.allow_private_urls:
+                log.warning(
+                    "allow_private_urls is on: image inputs may be fetched from loopback, "
+                    "private and link-local addresses (trusted callers only)"
+                )
+            log.info(
+                "gateway ready for Kiln at %s (auth %s, %d alias(es), predictions in %s)",
+                settings.upstream,
+                "on" if settings.auth_enabled else "OFF",
+                len(settings.aliases),
+                state.database.url,
+            )
             yield
         finally:
-            purger.cancel()
+            for task in background:
+                task.cancel()
             await state.runner.shutdown()
-            await state.webhooks.aclose()
+            await state.dispatcher.aclose()
+            with contextlib.suppress(Exception):
+                await state.store.release()
             await state.kiln.close()
-            state.files.close()
+            await state.database.close()
 
     app = FastAPI(
+        # Answers any route may give: the guard's (bad Host, body too large) and validation.
+        responses={
+            400: {"model": ProblemDetail, "description": "Bad request (e.g. Host not allowed)"},
+            413: {"model": ProblemDetail, "description": "Request body too large"},
+            422: {"model": ProblemDetail, "description": "Validation failed"},
+        },
         title="Kiln gateway",
         summary="Replicate-compatible predictions API in front of Kiln's gRPC service",
         version="0.1.0",
@@ -133,7 +198,9 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, settings=settings)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(DatabaseError, _database_down)
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(models.router)
     app.include_router(api.router)
@@ -145,9 +212,33 @@ def create_app(
 
 async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-    error = ApiError(exc.status_code, title, str(exc.detail), headers=dict(exc.headers or {}))
+    title = _TITLES.get(exc.status_code, "HTTP error")
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    error = ApiError(exc.status_code, title, str(exc.detail), headers=headers)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (Starlette's 405 names only the
+    first route's, though several routes may share a path, e.g. GET and POST /v1/files)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return sorted(methods)
+
+
+async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+    log.error("database error on %s %s: %s", request.method, request.url.path, exc)
+    error = ApiError(
+        503,
+        "Database unavailable",
+        "the gateway cannot reach its prediction database; retry shortly",
+        headers={"Retry-After": "5"},
+    )
+    return JSONResponse(error.body(), status_code=503, headers=error.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

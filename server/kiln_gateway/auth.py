@@ -1,27 +1,42 @@
 """Bearer-token authentication as Replicate does it: `Authorization: Bearer <token>`.
 
-Tokens come from `KILN_API_TOKENS`. When none are configured the gateway only listens on
-loopback (see `kiln gateway`) and every request is allowed. Replicate's older
-`Authorization: Token <token>` scheme is accepted too.
+Tokens come from `KILN_API_TOKENS`, comma-separated; an entry `TOKEN:admin` gives that
+token the admin scope. When none are configured the gateway only listens on loopback (see
+`kiln gateway`) and every request is allowed. Replicate's older `Authorization: Token
+<token>` scheme is accepted too.
 
-`caller_owner` names who a request acts for, so uploaded files stay private to the token
-that uploaded them: a one-way hash of the token (tokens are never stored), or "anonymous"
-when authentication is off.
+The token is checked by `kiln_gateway.guard` before a request's body is read; the
+dependencies here say who the request acts for. `caller_owner` is a one-way hash of the
+token (tokens are never stored), or "anonymous" when authentication is off: predictions
+and uploaded files belong to it, and another token gets 404 for them. An admin token sees,
+lists and cancels every prediction (its uploaded files stay its own).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kiln_gateway.errors import ApiError
+from kiln_gateway.settings import GatewaySettings
 from kiln_gateway.state import GatewayState, gateway_state
 
-__all__ = ["ANONYMOUS", "caller_owner", "owner_of", "require_token"]
+__all__ = [
+    "ANONYMOUS",
+    "Caller",
+    "caller",
+    "caller_owner",
+    "owner_of",
+    "presented_token",
+    "require_token",
+    "token_accepted",
+    "unauthenticated",
+]
 
 ANONYMOUS = "anonymous"
 """The owner of every request while authentication is off."""
@@ -29,14 +44,46 @@ ANONYMOUS = "anonymous"
 _bearer = HTTPBearer(auto_error=False, description="A token listed in KILN_API_TOKENS")
 
 
-def _presented_token(request: Request) -> str | None:
-    scheme, _, value = request.headers.get("authorization", "").strip().partition(" ")
+@dataclass(frozen=True)
+class Caller:
+    """Who a request acts for."""
+
+    owner: str
+    """`owner_of(token)`, or ANONYMOUS when authentication is off."""
+    admin: bool
+    """The token has the admin scope (or authentication is off): it sees everything."""
+
+    @property
+    def sees(self) -> str | None:
+        """The owner whose predictions this caller sees; None for all of them."""
+        return None if self.admin else self.owner
+
+
+def presented_token(authorization: str) -> str | None:
+    """The token of an `Authorization` header value (`Bearer` or `Token` scheme), or None."""
+    scheme, _, value = authorization.strip().partition(" ")
     if scheme.lower() in ("bearer", "token") and value.strip():
         return value.strip()
     return None
 
 
-def _unauthenticated() -> ApiError:
+def _matches(presented: str, tokens: tuple[str, ...]) -> bool:
+    matched = False
+    for token in tokens:  # compare with every token so timing does not reveal which matched
+        matched |= hmac.compare_digest(presented.encode(), token.encode())
+    return matched
+
+
+def token_accepted(settings: GatewaySettings, authorization: str) -> bool:
+    """True when auth is off or the header carries a configured token."""
+    if not settings.tokens:
+        return True
+    presented = presented_token(authorization)
+    return presented is not None and _matches(presented, settings.tokens)
+
+
+def unauthenticated() -> ApiError:
+    """The 401 for a missing or wrong token, as Replicate words it."""
     return ApiError(
         401,
         "Unauthenticated",
@@ -51,17 +98,8 @@ async def require_token(
     _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """Dependency: pass when auth is off or the request carries a configured token; else 401."""
-    tokens = state.settings.tokens
-    if not tokens:
-        return
-    presented = _presented_token(request)
-    if presented is None:
-        raise _unauthenticated()
-    matched = False
-    for token in tokens:  # compare with every token so timing does not reveal which matched
-        matched |= hmac.compare_digest(presented.encode(), token.encode())
-    if not matched:
-        raise _unauthenticated()
+    if not token_accepted(state.settings, request.headers.get("authorization", "")):
+        raise unauthenticated()
 
 
 def owner_of(token: str) -> str:
@@ -69,13 +107,19 @@ def owner_of(token: str) -> str:
     return hashlib.sha256(f"kiln-gateway-owner:{token}".encode()).hexdigest()[:32]
 
 
-async def caller_owner(
+async def caller(
     request: Request,
     state: Annotated[GatewayState, Depends(gateway_state)],
     _authorized: Annotated[None, Depends(require_token)],
-) -> str:
-    """Dependency: the owner id the request acts for (after `require_token` let it in)."""
-    presented = _presented_token(request)
-    if not state.settings.tokens or presented is None:
-        return ANONYMOUS
-    return owner_of(presented)
+) -> Caller:
+    """Dependency: who the request acts for (after `require_token` let it in)."""
+    settings = state.settings
+    presented = presented_token(request.headers.get("authorization", ""))
+    if not settings.tokens or presented is None:
+        return Caller(ANONYMOUS, admin=True)
+    return Caller(owner_of(presented), admin=_matches(presented, settings.admin_tokens))
+
+
+async def caller_owner(who: Annotated[Caller, Depends(caller)]) -> str:
+    """Dependency: the owner id the request acts for (uploaded files belong to it)."""
+    return who.owner

@@ -18,9 +18,10 @@ def register(subparsers: Any) -> None:
             "Serve Replicate's predictions API (the official clients work unchanged once "
             "REPLICATE_BASE_URL points here) and forward every prediction to the Kiln gRPC "
             "server at --upstream. Accepted bearer tokens come from KILN_API_TOKENS "
-            "(comma-separated); without tokens the gateway only listens on loopback. Other "
-            "settings can also come from KILN_GATEWAY_<NAME> variables or the [gateway] "
-            "table of --config; flags win."
+            "(comma-separated; TOKEN:admin gives a token the admin scope, which sees every "
+            "prediction); without tokens the gateway only listens on loopback. Predictions "
+            "are kept in --database and survive restarts. Other settings can also come from "
+            "KILN_GATEWAY_<NAME> variables or the [gateway] table of --config; flags win."
         ),
     )
     parser.add_argument(
@@ -34,6 +35,19 @@ def register(subparsers: Any) -> None:
         metavar="URL",
         help="base URL clients use to reach the gateway, for prediction and file URLs "
         "(default: the URL each request came in on)",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        metavar="HOST[,HOST]",
+        help="Host header names the gateway answers to without --public-url, besides "
+        "loopback and its bind address (* for any)",
+    )
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        help="where predictions are kept: sqlite:///PATH (one gateway) or "
+        "postgresql://USER:PASSWORD@HOST/NAME (replicas share it); default: "
+        "sqlite:///<files dir>/data/predictions.db",
     )
     parser.add_argument(
         "--retention-seconds",
@@ -57,7 +71,34 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--files-dir",
         type=Path,
-        help="folder for output files and files uploaded to /v1/files (default: temp)",
+        help="the gateway's folder: output files, uploads to /v1/files and the default "
+        "database (default: ~/.local/share/kiln/gateway)",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        metavar="N",
+        help="largest request body; larger ones get 413 unread (default: two "
+        "--max-input-bytes images as data URIs plus 1 MiB)",
+    )
+    parser.add_argument(
+        "--max-files-bytes",
+        type=int,
+        metavar="N",
+        help="cap on output files kept; the oldest are removed first (default 10 GiB)",
+    )
+    parser.add_argument(
+        "--max-inline-bytes",
+        type=int,
+        metavar="N",
+        help="cap on data-URI outputs kept in the database (default 1 GiB)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        metavar="S",
+        help="how soon a running prediction of a replica that died is re-submitted by "
+        "another (default 15)",
     )
     parser.add_argument(
         "--max-input-bytes",
@@ -83,6 +124,12 @@ def register(subparsers: Any) -> None:
         default=None,
         help="also fetch http(s) inputs from loopback, private, link-local and other "
         "non-public addresses (refused by default: only for trusted callers)",
+    )
+    parser.add_argument(
+        "--webhook-allowed-hosts",
+        metavar="HOST[,HOST]",
+        help="host names, addresses or CIDR networks webhooks may reach although they are "
+        "not public (default: public addresses only)",
     )
     parser.add_argument("--tls-certfile", type=Path, help="serve HTTPS with this certificate")
     parser.add_argument("--tls-keyfile", type=Path, help="private key of --tls-certfile")
@@ -126,6 +173,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from kiln_gateway.database import DatabaseError
     from kiln_gateway.server import serve
     from kiln_server.logs import configure_logging
 
@@ -137,11 +185,23 @@ def run_gateway(args: argparse.Namespace) -> int:
             "the gateway listens on loopback %s only",
             settings.host,
         )
+    if not settings.public_url and not settings.allowed_hosts and not is_loopback(settings.host):
+        from kiln_gateway.guard import allowed_host_names
+
+        log.warning(
+            "no --public-url or --allowed-hosts: only requests whose Host header is one of "
+            "%s are answered (others get 400); set --public-url to the URL clients use",
+            ", ".join(sorted(allowed_host_names(settings) or ())),
+        )
     # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal; this handler
     # turns that into a clean exit (0) instead of death by signal.
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         asyncio.run(serve(settings, port_file=args.port_file))
+    except DatabaseError as error:
+        log.error("cannot start: %s", error)
+        print(f"kiln gateway: {error}", file=sys.stderr)
+        return 1
     except OSError as error:
         log.error("cannot start: %s", error)
         print(f"kiln gateway: {error}", file=sys.stderr)

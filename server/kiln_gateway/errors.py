@@ -97,10 +97,12 @@ async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:
     invalid = [
         InvalidField(
             type=str(error.get("type", "invalid")),
-            field="body" if error.get("type") == "json_invalid" else _location(error["loc"]),
-            description=str(error.get("msg", "invalid value")),
+            field="body"
+            if error.get("type") == "json_invalid"
+            else shorten(_location(error["loc"])),
+            description=shorten(str(error.get("msg", "invalid value")), 300),
         )
-        for error in exc.errors()
+        for error in exc.errors()[:20]
     ]
     return await _api_error(request, input_invalid(invalid))
 

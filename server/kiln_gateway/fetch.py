@@ -17,6 +17,9 @@ One time limit covers the whole fetch (DNS, redirects and body). The body is rea
 and abandoned as soon as it passes the size limit. The response's Content-Type must be
 image/png, image/jpeg or image/webp and its bytes must be one of them. Every failure is a
 `FetchError` whose message says what went wrong, for the caller to read.
+
+The address rules live in `AddressGuard` and the pinned connection in `pinned`, which
+webhook deliveries (`kiln_gateway.webhooks`) use too.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -35,12 +39,15 @@ from kiln_gateway.images import IMAGE_TYPES, IMAGE_TYPES_TEXT, sniff_image_type
 
 __all__ = [
     "AddressCheck",
+    "AddressGuard",
     "FetchError",
     "Fetched",
     "IPAddress",
     "Resolver",
     "UrlFetcher",
     "address_problem",
+    "parse_outbound_url",
+    "pinned",
     "system_resolver",
 ]
 
@@ -150,6 +157,103 @@ def _describe(error: httpx.HTTPError) -> str:
     return shorten(text, 200)
 
 
+def parse_outbound_url(text: str) -> httpx.URL:
+    """`text` as an http(s) URL the gateway may send a request to.
+
+    Raises:
+        FetchError: not a valid http(s) URL, no host, credentials in it, or a bad port.
+    """
+    return _parse(text)
+
+
+def _allowed_entry(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | str:
+    try:
+        return ipaddress.ip_network(entry.strip("[]"), strict=False)
+    except ValueError:
+        return entry.lower().rstrip(".")
+
+
+class AddressGuard:
+    """Which addresses an outbound URL (an input to fetch, a webhook) may reach.
+
+    `addresses(url)` resolves the URL's host itself and refuses it unless every address is
+    public (`address_check`, by default `address_problem`), unless `allow_private` is set or
+    `allowed` names the host or a network holding the address. Connecting to exactly the
+    addresses it returns (see `pinned`) closes the gap a second DNS answer could use.
+    """
+
+    def __init__(
+        self,
+        *,
+        resolver: Resolver | None = None,
+        address_check: AddressCheck = address_problem,
+        allow_private: bool = False,
+        allowed: tuple[str, ...] = (),
+        remedy: str = "an operator can allow others with --allow-private-urls",
+    ) -> None:
+        self._resolver = resolver or system_resolver
+        self._check = address_check
+        self._allow_private = allow_private
+        self._allowed = [_allowed_entry(entry) for entry in allowed]
+        self._remedy = remedy
+
+    def _trusted(self, host: str, address: IPAddress) -> bool:
+        name = host.lower().rstrip(".")
+        for entry in self._allowed:
+            if isinstance(entry, str):
+                if entry == name:
+                    return True
+            elif address.version == entry.version and address in entry:
+                return True
+        return False
+
+    async def addresses(self, url: httpx.URL) -> list[IPAddress]:
+        """The addresses to connect to for `url`, each checked.
+
+        Raises:
+            FetchError: the host cannot be resolved or resolves to a refused address.
+        """
+        host = url.raw_host.decode("ascii")
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            addresses = [literal]
+        else:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            try:
+                answers = await self._resolver(host, port)
+                addresses = [ipaddress.ip_address(answer.split("%")[0]) for answer in answers]
+            except (OSError, UnicodeError, ValueError) as error:
+                raise FetchError(f"cannot resolve host {shorten(host)}: {error}") from None
+            if not addresses:
+                raise FetchError(f"host {shorten(host)} has no address")
+        if self._allow_private:
+            return addresses
+        for address in addresses:
+            problem = self._check(address)
+            if problem is not None and not self._trusted(host, address):
+                where = f"{address} is" if literal is not None else f"{host} resolves to {address},"
+                raise FetchError(
+                    f"{shorten(where)} {problem}; the gateway connects only to public "
+                    f"addresses ({self._remedy})"
+                )
+        return addresses
+
+
+def pinned(url: httpx.URL, address: IPAddress) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+    """(URL aimed at `address`, Host header, TLS server-name extension) for one request.
+
+    The request goes to the checked address while the server sees, and the certificate is
+    verified against, the URL's own host name.
+    """
+    extensions: dict[str, Any] = {}
+    if url.scheme == "https":
+        extensions["sni_hostname"] = url.raw_host.decode("ascii")
+    return url.copy_with(host=str(address)), {"Host": url.netloc.decode("ascii")}, extensions
+
+
 class UrlFetcher:
     """Downloads http(s) image inputs under the rules in this module's docstring."""
 
@@ -165,9 +269,9 @@ class UrlFetcher:
     ) -> None:
         self._timeout = timeout_seconds
         self._max_redirects = max_redirects
-        self._allow_private = allow_private
-        self._resolver = resolver or system_resolver
-        self._check = address_check
+        self._guard = AddressGuard(
+            resolver=resolver, address_check=address_check, allow_private=allow_private
+        )
         self._verify = verify
 
     async def fetch(self, url: str, max_bytes: int) -> Fetched:
@@ -189,7 +293,7 @@ class UrlFetcher:
         current = text
         for _ in range(self._max_redirects + 1):
             url = _parse(current)
-            addresses = await self._addresses(url)
+            addresses = await self._guard.addresses(url)
             result = await self._get(url, addresses, max_bytes)
             if isinstance(result, Fetched):
                 return result
@@ -199,44 +303,13 @@ class UrlFetcher:
             "image's final URL"
         )
 
-    async def _addresses(self, url: httpx.URL) -> list[IPAddress]:
-        host = url.raw_host.decode("ascii")
-        try:
-            literal: IPAddress | None = ipaddress.ip_address(host)
-        except ValueError:
-            literal = None
-        if literal is not None:
-            addresses = [literal]
-        else:
-            port = url.port or (443 if url.scheme == "https" else 80)
-            try:
-                answers = await self._resolver(host, port)
-                addresses = [ipaddress.ip_address(answer.split("%")[0]) for answer in answers]
-            except (OSError, UnicodeError, ValueError) as error:
-                raise FetchError(f"cannot resolve host {shorten(host)}: {error}") from None
-            if not addresses:
-                raise FetchError(f"host {shorten(host)} has no address")
-        if not self._allow_private:
-            for address in addresses:
-                problem = self._check(address)
-                if problem is not None:
-                    where = (
-                        f"{address} is" if literal is not None else f"{host} resolves to {address},"
-                    )
-                    raise FetchError(
-                        f"{shorten(where)} {problem}; the gateway fetches only from public "
-                        "addresses (an operator can allow others with --allow-private-urls)"
-                    )
-        return addresses
-
     async def _get(
         self, url: httpx.URL, addresses: list[IPAddress], max_bytes: int
     ) -> Fetched | str:
         """The image, or the absolute URL a redirect points to."""
-        headers = {**_HEADERS, "Host": url.netloc.decode("ascii")}
-        extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
         for position, address in enumerate(addresses):
-            pinned = url.copy_with(host=str(address))
+            target, host, extensions = pinned(url, address)
+            headers = {**_HEADERS, **host}
             # A fresh client per hop: a pooled connection opened for one host name must never
             # serve another that happens to share its address.
             async with httpx.AsyncClient(
@@ -244,7 +317,7 @@ class UrlFetcher:
             ) as client:
                 try:
                     async with client.stream(
-                        "GET", pinned, headers=headers, extensions=extensions
+                        "GET", target, headers=headers, extensions=extensions
                     ) as response:
                         return await self._read(url, response, max_bytes)
                 except httpx.ConnectError as error:

@@ -1,10 +1,12 @@
-"""Output files: written to disk, served at unguessable URLs, deleted after the retention time.
+"""Output files: written to disk, served at unguessable URLs, deleted with their prediction's data.
 
 Each prediction gets its own random folder token; its images are `out-<index>.<ext>`, so
 an output URL looks like `<base>/files/<token>/out-0.png`. As with Replicate's delivery
 URLs, knowing the URL is the permission: file URLs need no token, which lets them be used
-directly in `<img src>` and read by the official client's `FileOutput`. After the
-retention time the prediction's files are deleted and their URLs answer 404.
+directly in `<img src>` and read by the official client's `FileOutput`. When the
+prediction's data is removed (retention time, storage cap, record limit) its files are
+deleted and their URLs answer 404. Replicas sharing a database share this folder too (a
+shared volume), or use data-URI outputs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import base64
 import re
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -45,11 +46,10 @@ def data_uri(data: bytes, mime_type: str) -> str:
 
 
 class FileStore:
-    """Prediction output files under one root folder (a private temp folder by default)."""
+    """Prediction output files under one root folder (the gateway's files folder)."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self._owned = root is None
-        self.root = Path(tempfile.mkdtemp(prefix="kiln-gateway-files-")) if root is None else root
+    def __init__(self, root: Path) -> None:
+        self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -76,10 +76,11 @@ class FileStore:
         if _TOKEN.match(token):
             await asyncio.to_thread(shutil.rmtree, self.root / token, True)
 
-    def close(self) -> None:
-        """Remove the root folder when this store created it (a temporary one)."""
-        if self._owned:
-            shutil.rmtree(self.root, ignore_errors=True)
+    def tokens(self) -> list[str]:
+        """The token of every output folder on disk."""
+        return [
+            path.name for path in self.root.iterdir() if path.is_dir() and _TOKEN.match(path.name)
+        ]
 
 
 def _write(folder: Path, name: str, data: bytes) -> None:

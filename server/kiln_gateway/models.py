@@ -29,7 +29,7 @@ from kiln_client.aio import AsyncKilnClient
 from kiln_client.errors import KilnError
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_gateway.auth import require_token
-from kiln_gateway.errors import ApiError, ProblemDetail
+from kiln_gateway.errors import ApiError, ProblemDetail, shorten
 from kiln_gateway.schema import openapi_schema
 from kiln_gateway.settings import Alias, GatewaySettings
 from kiln_gateway.state import GatewayState, gateway_state, public_base_url
@@ -166,8 +166,9 @@ class ModelCatalog:
             raise ApiError(
                 404,
                 "Model not found",
-                f"no Kiln model called {name!r} and no alias for {owner}/{name}; served "
-                f"models: {', '.join(sorted(models)) or 'none'}; aliases: {aliases}",
+                f"no Kiln model called {shorten(name, 60)!r} and no alias for "
+                f"{shorten(f'{owner}/{name}', 100)}; served models: "
+                f"{', '.join(sorted(models)) or 'none'}; aliases: {aliases}",
             )
         return resolved
 
@@ -221,7 +222,8 @@ def _invalid_version(version: str) -> ApiError:
     return ApiError(
         422,
         "Invalid version or not permitted",
-        f"version {version!r} is not a Kiln model version; use owner/name, a version id "
+        f"version {shorten(version, 80)!r} is not a Kiln model version; use owner/name, a "
+        "version id "
         "from GET /v1/models/{owner}/{name}/versions, or pin it with "
         "--alias owner/name:VERSION=MODEL",
     )
@@ -278,7 +280,7 @@ def _version_body(state: GatewayState, resolved: ResolvedModel, version: str) ->
     )
 
 
-def _model_body(state: GatewayState, resolved: ResolvedModel, base: str) -> ModelResponse:
+async def _model_body(state: GatewayState, resolved: ResolvedModel, base: str) -> ModelResponse:
     info = resolved.info
     return ModelResponse(
         url=f"{base}/v1/models/{resolved.ref}",
@@ -292,7 +294,7 @@ def _model_body(state: GatewayState, resolved: ResolvedModel, base: str) -> Mode
         github_url=None,
         paper_url=None,
         license_url=None,
-        run_count=state.store.run_count(info.name),
+        run_count=await state.store.run_count(info.name),
         cover_image_url=None,
         default_example=None,
         latest_version=_version_body(state, resolved, resolved.versions[0]),
@@ -313,14 +315,14 @@ async def list_models(request: Request, state: StateDep) -> ModelPage:
     """Every Kiln model (under the default owner) and every alias that resolves."""
     base = public_base_url(request, state)
     resolved = await state.catalog.listing()
-    return ModelPage(results=[_model_body(state, item, base) for item in resolved])
+    return ModelPage(results=[await _model_body(state, item, base) for item in resolved])
 
 
 @router.get("/models/{owner}/{name}", response_model=ModelResponse, responses=_errors)
 async def get_model(owner: str, name: str, request: Request, state: StateDep) -> ModelResponse:
     """The model `owner/name` resolves to, with its latest version and input schema."""
     resolved = await state.catalog.resolve(owner, name)
-    return _model_body(state, resolved, public_base_url(request, state))
+    return await _model_body(state, resolved, public_base_url(request, state))
 
 
 @router.get("/models/{owner}/{name}/versions", response_model=VersionPage, responses=_errors)
@@ -342,7 +344,8 @@ async def get_version(owner: str, name: str, version_id: str, state: StateDep) -
         raise ApiError(
             404,
             "Version not found",
-            f"{resolved.ref} has no version {version_id!r}; its versions: "
+            f"{shorten(resolved.ref, 100)} has no version {shorten(version_id, 80)!r}; its "
+            "versions: "
             f"{', '.join(resolved.versions)}",
         )
     return _version_body(state, resolved, version_id)

@@ -1,250 +1,84 @@
-"""Predictions: the store that keeps them and the lifecycle that runs each one on Kiln.
+"""Predictions' lifecycle: running each one on Kiln, durably, and cleaning up after it.
 
 A prediction is created `starting`, becomes `processing` when Kiln admits it into a batch
 (the `started` event), gains one output per `image` event and ends `succeeded` on
-`completed`, `failed` when Kiln reports an error, or `canceled`. Every change is recorded
-three ways: the prediction object (GET), an append-only journal of server-sent events
-(`logs`, `output`, `error`, `done`) for streaming, and webhook notifications.
+`completed`, `failed` when Kiln reports an error, or `canceled`. Every change is written to
+the database (`kiln_gateway.store`) before anyone is told: the prediction object (GET), an
+append-only journal of server-sent events (`logs`, `output`, `error`, `done`) for
+streaming, and webhook messages in the outbox.
 
 Each denoising step adds a tqdm-style log line (` 50%|█████     | 4/8 [...]`), which is what
 the official client's `Prediction.progress` parses.
 
+Nothing accepted is lost when a gateway stops. The replica running a prediction holds a
+lease on it and renews it every second; a prediction whose lease ran out (its gateway was
+killed, or shut down mid-run) is claimed by another replica or by the next start and sent
+to Kiln again, its partial outputs discarded, up to `max_submissions` times in all; after
+that, or when Kiln refuses it, it ends `failed` with the reason. A cancel sent to any
+replica reaches the one running the prediction within a second.
+
 After `retention_seconds` a finished prediction's files are deleted and its input, output
-and logs are removed (`data_removed: true`), as Replicate does for API predictions. At most
-`max_predictions` records are kept; the oldest finished ones are forgotten first.
+and logs are removed (`data_removed: true`), as Replicate does for API predictions. The
+same happens to the oldest finished predictions when the output files pass
+`max_files_bytes` or the data-URI outputs kept in the database pass `max_inline_bytes`.
+Beyond `max_predictions` records, the oldest finished ones are deleted with their files.
+Output folders without a prediction that still has its data are deleted at start and on
+every retention pass.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
-import secrets
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
 
 import grpc
-from pydantic import BaseModel
 
 from kiln_client.aio import AsyncKilnClient
 from kiln_client.errors import KilnError
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
-from kiln_gateway.errors import ApiError, input_invalid
+from kiln_gateway.errors import ApiError, input_invalid, shorten
 from kiln_gateway.files import FileStore, data_uri
+from kiln_gateway.records import (
+    TERMINAL,
+    PredictionRecord,
+    PredictionResponse,
+    PredictionUrls,
+    Status,
+    new_prediction_id,
+)
 from kiln_gateway.schema import replicate_field, violations_to_fields
 from kiln_gateway.settings import GatewaySettings
-from kiln_gateway.timefmt import iso8601
-from kiln_gateway.webhooks import PredictionWebhook, WebhookSender
+from kiln_gateway.store import PredictionStore
+from kiln_gateway.webhooks import Message, PredictionWebhook, WebhookDispatcher
 
 __all__ = [
     "TERMINAL",
     "PredictionRecord",
     "PredictionResponse",
     "PredictionRunner",
-    "PredictionStore",
     "PredictionUrls",
     "Status",
+    "new_prediction_id",
 ]
 
 log = logging.getLogger("kiln_gateway.predictions")
 
-Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
 ACCEPT_TIMEOUT_SECONDS = 10.0
 """How long creation waits for Kiln to accept (or reject) the request before answering."""
+PROGRESS_FLUSH_SECONDS = 0.2
+"""Progress lines are written at most this often per prediction (other changes at once)."""
+REMOTE_POLL_SECONDS = 0.5
+"""How often a waiter re-reads a prediction another replica runs."""
+CANCEL_WAIT_SECONDS = 10.0
 _BAR_WIDTH = 10
 
 
-class PredictionUrls(BaseModel):
-    """Where to get, cancel and stream the prediction."""
-
-    get: str
-    cancel: str
-    stream: str
-
-
-class PredictionResponse(BaseModel):
-    """The prediction object, field for field as Replicate returns it.
-
-    `metrics` holds `predict_time` (seconds the model ran) and `total_time` as on Replicate,
-    plus Kiln's `queue_time` (seconds waiting for a batch slot), `engine_seconds` (this
-    prediction's share of engine time: GPU-seconds on a GPU host) and `image_count`.
-    """
-
-    id: str
-    model: str
-    version: str
-    status: Status
-    input: dict[str, Any]
-    output: list[str] | None
-    error: str | None
-    logs: str
-    metrics: dict[str, float | int]
-    created_at: str
-    started_at: str | None
-    completed_at: str | None
-    urls: PredictionUrls
-    source: Literal["api"] = "api"
-    data_removed: bool = False
-
-
-@dataclass
-class PredictionRecord:
-    """One prediction's full state; mutated only by its lifecycle and by the store."""
-
-    id: str
-    seq: int
-    model: str
-    version: str
-    kiln_model: str
-    input: dict[str, Any]
-    request: pb.GenerateRequest
-    base_url: str
-    data_uri: bool
-    file_token: str
-    created_at: float = field(default_factory=time.time)
-    status: Status = "starting"
-    started_at: float | None = None
-    completed_at: float | None = None
-    outputs: list[str] = field(default_factory=list)
-    error: str | None = None
-    log_lines: list[str] = field(default_factory=list)
-    metrics: dict[str, float | int] = field(default_factory=dict)
-    data_removed: bool = False
-    journal: list[tuple[str, str]] = field(default_factory=list)
-    """Server-sent events so far, in order: (event, data)."""
-    _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    task: asyncio.Task[None] | None = None
-    webhook: PredictionWebhook | None = None
-    cancel_requested: bool = False
-
-    @property
-    def done(self) -> bool:
-        """True once the prediction reached a terminal status."""
-        return self.status in TERMINAL
-
-    def url(self, path: str) -> str:
-        """An absolute URL for a gateway path (data URIs pass through)."""
-        return path if path.startswith("data:") else f"{self.base_url}{path}"
-
-    def render(self, *, status: Status | None = None) -> PredictionResponse:
-        """The prediction object; `status` overrides the reported status (Prefer: wait)."""
-        urls = f"{self.base_url}/v1/predictions/{self.id}"
-        return PredictionResponse(
-            id=self.id,
-            model=self.model,
-            version=self.version,
-            status=status or self.status,
-            input=self.input,
-            output=[self.url(item) for item in self.outputs] if self.outputs else None,
-            error=self.error,
-            logs="".join(f"{line}\n" for line in self.log_lines),
-            metrics=self.metrics,
-            created_at=iso8601(self.created_at),
-            started_at=None if self.started_at is None else iso8601(self.started_at),
-            completed_at=None if self.completed_at is None else iso8601(self.completed_at),
-            urls=PredictionUrls(get=urls, cancel=f"{urls}/cancel", stream=f"{urls}/stream"),
-            data_removed=self.data_removed,
-        )
-
-    def body(self) -> bytes:
-        """The prediction object as JSON bytes (webhook bodies)."""
-        return self.render().model_dump_json().encode()
-
-    def touch(self) -> None:
-        """Wake everyone waiting in `wait_change` (call after every change)."""
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def wait_change(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for the next `touch`; True if one happened."""
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    async def wait_done(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for a terminal status; True if reached."""
-        deadline = time.monotonic() + timeout
-        while not self.done:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await self.wait_change(remaining):
-                return self.done
-        return True
-
-
-def new_prediction_id() -> str:
-    """A 26-character lowercase id, shaped like Replicate's."""
-    return base64.b32encode(secrets.token_bytes(16)).decode().lower().rstrip("=")[:26]
-
-
-class PredictionStore:
-    """Every known prediction, in creation order, with cursor pagination (newest first)."""
-
-    def __init__(self, max_predictions: int) -> None:
-        self._records: dict[str, PredictionRecord] = {}
-        self._max = max_predictions
-        self._next_seq = 1
-        self._runs: Counter[str] = Counter()
-
-    def next_seq(self) -> int:
-        """A creation sequence number, larger than every earlier one."""
-        seq = self._next_seq
-        self._next_seq += 1
-        return seq
-
-    def add(self, record: PredictionRecord) -> None:
-        """Keep a record; forget the oldest finished ones beyond the limit."""
-        self._records[record.id] = record
-        self._runs[record.kiln_model] += 1
-        if len(self._records) > self._max:
-            for old in [r for r in self._records.values() if r.done][
-                : len(self._records) - self._max
-            ]:
-                del self._records[old.id]
-
-    def discard(self, record: PredictionRecord) -> None:
-        """Forget a record that was never accepted (it does not count as a run)."""
-        if self._records.pop(record.id, None) is not None:
-            self._runs[record.kiln_model] -= 1
-
-    def get(self, prediction_id: str) -> PredictionRecord | None:
-        """The record with this id, or None."""
-        return self._records.get(prediction_id)
-
-    def run_count(self, kiln_model: str) -> int:
-        """Predictions created for a Kiln model through this gateway."""
-        return self._runs[kiln_model]
-
-    def records(self) -> list[PredictionRecord]:
-        """Every record, oldest first."""
-        return list(self._records.values())
-
-    def page(
-        self, *, before: int | None, after: int | None, size: int
-    ) -> tuple[list[PredictionRecord], int | None, int | None]:
-        """One page, newest first: (records, `before` cursor of next, `after` cursor of previous).
-
-        `before=S` pages to records older than sequence S; `after=S` to the ones just newer.
-        """
-        ordered = self.records()
-        if after is not None:
-            items = [r for r in ordered if r.seq > after][:size][::-1]
-        else:
-            newest_first = ordered[::-1]
-            items = [r for r in newest_first if before is None or r.seq < before][:size]
-        if not items:
-            return [], None, None
-        oldest, newest = items[-1].seq, items[0].seq
-        has_older = any(r.seq < oldest for r in ordered)
-        has_newer = any(r.seq > newest for r in ordered)
-        return items, (oldest if has_older else None), (newest if has_newer else None)
+class _LeaseLost(Exception):
+    """Another replica holds the prediction now; this one must stop touching it."""
 
 
 def _progress_line(step: int, total: int, elapsed: float) -> str:
@@ -268,10 +102,11 @@ def _clock(seconds: float) -> str:
 def _http_error(error: KilnError, upstream: str) -> ApiError:
     """The HTTP answer for a request Kiln refused before accepting it."""
     code = error.code
+    message = shorten(error.message, 300)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return input_invalid(violations_to_fields(error.field_violations))
     if code == grpc.StatusCode.NOT_FOUND:
-        return ApiError(404, "Model not found", error.message)
+        return ApiError(404, "Model not found", message)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         retry = max(1, round(error.retry_after or 1))
         return ApiError(
@@ -284,20 +119,24 @@ def _http_error(error: KilnError, upstream: str) -> ApiError:
         return ApiError(
             503,
             "Kiln server unavailable",
-            f"the Kiln server at {upstream} is unavailable: {error.message}",
+            f"the Kiln server at {upstream} is unavailable: {message}",
             headers={"Retry-After": "5"},
         )
-    return ApiError(502, "Kiln server error", f"{code.name}: {error.message}")
+    return ApiError(502, "Kiln server error", f"{code.name}: {message}")
 
 
 def _failure_message(error: KilnError) -> str:
     if error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field_violations:
-        return "; ".join(f"{replicate_field(name)}: {why}" for name, why in error.field_violations)
-    return f"{error.code.name}: {error.message}" if error.message else error.code.name
+        return "; ".join(
+            f"{replicate_field(name)}: {shorten(why, 200)}" for name, why in error.field_violations
+        )
+    if error.message:
+        return f"{error.code.name}: {shorten(error.message, 300)}"
+    return error.code.name
 
 
 class PredictionRunner:
-    """Runs predictions on Kiln and applies each event to the record."""
+    """Runs predictions on Kiln, writes each change to the store, and keeps the leases."""
 
     def __init__(
         self,
@@ -305,35 +144,64 @@ class PredictionRunner:
         settings: GatewaySettings,
         store: PredictionStore,
         files: FileStore,
-        webhooks: WebhookSender,
+        dispatcher: WebhookDispatcher,
     ) -> None:
         self._client = client
         self._settings = settings
         self._store = store
         self._files = files
-        self._webhooks = webhooks
+        self._dispatcher = dispatcher
+        self._live: dict[str, PredictionRecord] = {}
+        self._lost: set[str] = set()
+        self._stopping = False
+        self._caps_task: asyncio.Task[None] | None = None
 
-    async def start(
-        self,
-        record: PredictionRecord,
-        *,
-        webhook: str | None = None,
-        webhook_events: Sequence[str] | None = None,
-        webhook_completed: str | None = None,
-        notes: list[str] | None = None,
-    ) -> None:
-        """Send the prediction to Kiln and return once Kiln accepted it (or after 10 s).
+    # --- looking predictions up -----------------------------------------------------------
 
-        The record joins the store; webhooks start with the `start` event.
+    def live(self, prediction_id: str) -> PredictionRecord | None:
+        """The record of a prediction this gateway is running right now, or None."""
+        return self._live.get(prediction_id)
+
+    async def find(self, prediction_id: str, owner: str | None) -> PredictionRecord | None:
+        """A prediction by id if `owner` made it (None: anyone's), freshest copy first."""
+        live = self._live.get(prediction_id)
+        if live is not None:
+            return live if owner is None or live.owner == owner else None
+        return await self._store.get(prediction_id, owner)
+
+    def waiter(self, prediction_id: str) -> Callable[[float], Awaitable[None]]:
+        """A wait for the prediction's next change after now: `await waiter(timeout)`.
+
+        Take it before reading the prediction, so a change made during the read still ends
+        the wait. For a prediction another replica runs, the wait is a short poll interval.
+        """
+        live = self._live.get(prediction_id)
+        if live is None:
+            return lambda timeout: asyncio.sleep(min(timeout, REMOTE_POLL_SECONDS))
+        changed = live.change_marker()
+
+        async def wait(timeout: float) -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout)
+
+        return wait
+
+    # --- starting and adopting ------------------------------------------------------------
+
+    async def start(self, record: PredictionRecord, *, notes: list[str] | None = None) -> None:
+        """Store the prediction, send it to Kiln and return once Kiln accepted it (or 10 s).
+
+        Webhooks start with the `start` event.
 
         Raises:
             ApiError: Kiln refused the request before accepting it (422 naming the fields,
-                404, 429 with Retry-After, 503); the record is then discarded.
+                404, 429 with Retry-After, 503); the prediction is then forgotten.
         """
         for note in notes or ():
             self._log(record, note)
+        await self._store.create(record, self._take(record))
+        self._live[record.id] = record
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._store.add(record)
         record.task = asyncio.create_task(self._run(record, accepted), name=f"kiln-{record.id}")
         try:
             await asyncio.wait_for(asyncio.shield(accepted), ACCEPT_TIMEOUT_SECONDS)
@@ -342,42 +210,134 @@ class PredictionRunner:
             if not accepted.done():
                 accepted.set_result(None)
         except KilnError as error:
-            self._store.discard(record)
+            self._live.pop(record.id, None)
+            await self._store.discard(record.id)
             raise _http_error(error, self._settings.upstream) from None
-        if webhook or webhook_completed:
-            record.webhook = PredictionWebhook(
-                self._webhooks,
-                record.id,
-                record.body,
-                url=webhook,
-                events=webhook_events,
-                completed_url=webhook_completed,
-            )
-            record.webhook.notify("start")
+        if record.webhook is not None:
+            record.hooks = self._hooks(record)
+            messages = record.hooks.notify("start")
             if record.done:
-                record.webhook.notify("completed")
+                messages += record.hooks.notify("completed")
+            await self._enqueue(record, messages)
         log.info(
             "prediction created",
             extra={"request_id": record.id, "model": record.kiln_model, "status": record.status},
         )
 
-    async def cancel(self, record: PredictionRecord) -> None:
-        """Cancel a running prediction (stopping the Kiln request); no-op once finished."""
-        if record.done or record.task is None:
+    async def adopt(self, record: PredictionRecord) -> None:
+        """Take over a prediction whose gateway stopped: send it to Kiln again, or end it."""
+        self._live[record.id] = record
+        if record.webhook is not None:
+            record.hooks = self._hooks(record)
+        try:
+            if record.cancel_requested:
+                await self._finish(record, "canceled", None)
+            elif record.request is None or record.submissions > self._settings.max_submissions:
+                await self._finish(
+                    record,
+                    "failed",
+                    f"the gateway running this prediction stopped {record.submissions - 1} "
+                    "time(s); it was not sent to Kiln again",
+                )
+            else:
+                await self._files.delete(record.file_token)
+                record.outputs, record.output_bytes = [], 0
+                self._log(
+                    record,
+                    "Re-submitted to Kiln: the gateway that ran this prediction stopped "
+                    f"(submission {record.submissions} of at most "
+                    f"{self._settings.max_submissions})",
+                )
+                await self._flush(record, "logs")
+                accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                accepted.set_result(None)
+                record.task = asyncio.create_task(
+                    self._run(record, accepted), name=f"kiln-{record.id}"
+                )
+                log.warning(
+                    "prediction re-submitted after its gateway stopped",
+                    extra={"request_id": record.id, "model": record.kiln_model},
+                )
+                return
+        except _LeaseLost:
+            pass
+        self._live.pop(record.id, None)
+
+    def _hooks(self, record: PredictionRecord) -> PredictionWebhook:
+        assert record.webhook is not None
+
+        def send_later(messages: list[Message]) -> None:
+            if record.id in self._lost:
+                return
+            # Queued now, so it lands before the prediction's next change (`completed`).
+            written = self._store.enqueue(record.id, messages)
+            written.add_done_callback(self._after_enqueue)
+
+        return PredictionWebhook(record.webhook, record.body, send_later)
+
+    def _after_enqueue(self, written: asyncio.Future[None]) -> None:
+        if written.cancelled():
             return
-        record.cancel_requested = True
-        record.task.cancel()
-        await asyncio.wait({record.task}, timeout=10)
+        if written.exception() is not None:
+            log.error("storing a webhook message failed", exc_info=written.exception())
+        else:
+            self._dispatcher.kick()
+
+    async def _enqueue(self, record: PredictionRecord, messages: list[Message]) -> None:
+        if messages:
+            await self._store.enqueue(record.id, messages)
+            self._dispatcher.kick()
+
+    # --- cancel ---------------------------------------------------------------------------
+
+    async def cancel(self, record: PredictionRecord) -> PredictionRecord:
+        """Cancel a prediction (stopping the Kiln request); its state afterwards.
+
+        A prediction another replica runs is canceled through the database; this waits up
+        to 10 s to see it end. Canceling a finished prediction changes nothing.
+        """
+        if record.done:
+            return record
+        live = self._live.get(record.id)
+        if live is not None:
+            if not live.done and live.task is not None:
+                live.cancel_requested = True
+                live.task.cancel()
+                await asyncio.wait({live.task}, timeout=CANCEL_WAIT_SECONDS)
+            return live
+        await self._store.request_cancel(record.id)
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        current = record
+        while not current.done and time.monotonic() < deadline:
+            await asyncio.sleep(REMOTE_POLL_SECONDS / 2)
+            current = await self._store.get(record.id, None) or current
+        return current
+
+    # --- running --------------------------------------------------------------------------
 
     async def _run(self, record: PredictionRecord, accepted: asyncio.Future[None]) -> None:
         try:
             await self._generate(record, accepted)
+        except _LeaseLost:
+            log.warning(
+                "another gateway took this prediction over; stopped running it here",
+                extra={"request_id": record.id},
+            )
+        except Exception:
+            # Its lease is no longer renewed: the prediction is taken over (sent to Kiln
+            # again) once the lease runs out.
+            log.exception("prediction bookkeeping failed", extra={"request_id": record.id})
         finally:
             # The input photos are megabytes and Kiln has them; the record outlives the run.
-            record.request.ClearField("image")
-            record.request.ClearField("mask")
+            record.request = None
+            if record.hooks is not None and (record.done or record.id in self._lost):
+                record.hooks.close()
+            self._live.pop(record.id, None)
+            self._lost.discard(record.id)
+            record.touch()
 
     async def _generate(self, record: PredictionRecord, accepted: asyncio.Future[None]) -> None:
+        assert record.request is not None
         events = self._client.generate_events(
             record.request, timeout=self._settings.upstream_timeout_seconds
         )
@@ -394,19 +354,27 @@ class PredictionRunner:
                         )
                     completed = await self._apply(record, event) or completed
             if not completed:
-                self._finish(record, "failed", "the Kiln server ended the stream early")
+                await self._finish(record, "failed", "the Kiln server ended the stream early")
         except asyncio.CancelledError:
             if not accepted.done():
                 why = "canceled" if record.cancel_requested else "the gateway is shutting down"
                 accepted.set_exception(KilnError(grpc.StatusCode.CANCELLED, why))
                 return
-            reason = None if record.cancel_requested else "the gateway shut down"
-            self._finish(record, "canceled" if reason is None else "failed", reason)
+            if record.id in self._lost:
+                return
+            if record.cancel_requested:
+                await self._finish(record, "canceled", None)
+                return
+            # The gateway is stopping: the lease is released and the prediction is sent to
+            # Kiln again by the next gateway to start (or by another replica).
+            await self._save_quietly(record)
         except KilnError as error:
             if not accepted.done():
                 accepted.set_exception(error)
                 return
-            self._finish(record, "failed", _failure_message(error))
+            await self._finish(record, "failed", _failure_message(error))
+        except _LeaseLost:
+            raise
         except Exception:
             log.exception("prediction failed inside the gateway", extra={"request_id": record.id})
             if not accepted.done():
@@ -414,13 +382,14 @@ class PredictionRunner:
                     KilnError(grpc.StatusCode.INTERNAL, "the gateway failed; see its logs")
                 )
                 return
-            self._finish(record, "failed", "internal error in the gateway; see its logs")
+            await self._finish(record, "failed", "internal error in the gateway; see its logs")
 
     async def _apply(self, record: PredictionRecord, event: pb.GenerateResponse) -> bool:
         kind = event.WhichOneof("event")
         if kind == "queued" and event.queued.position > 0:
             ahead = event.queued.position
             self._log(record, f"Waiting for a batch slot: {ahead} request(s) ahead in the queue")
+            await self._flush(record, "logs")
         elif kind == "started":
             started = event.started
             record.status = "processing"
@@ -438,10 +407,12 @@ class PredictionRunner:
                 f"scheduler {started.scheduler}, guidance {started.guidance_scale:g}"
                 f"{conditioning}",
             )
+            await self._flush(record, "logs")
         elif kind == "progress":
             elapsed = time.time() - (record.started_at or record.created_at)
             line = _progress_line(event.progress.step, event.progress.total_steps, elapsed)
             self._log(record, line)
+            await self._flush(record, "logs", urgent=False)
         elif kind == "image":
             await self._add_output(record, event.image)
         elif kind == "completed":
@@ -453,7 +424,7 @@ class PredictionRunner:
                 "engine_seconds": round(done.engine_seconds, 6),
                 "image_count": int(done.num_images or len(record.outputs)),
             }
-            self._finish(record, "succeeded", None)
+            await self._finish(record, "succeeded", None)
             return True
         return False
 
@@ -467,26 +438,55 @@ class PredictionRunner:
     async def _add_output(self, record: PredictionRecord, image: pb.ImageEvent) -> None:
         if self._inline(record):
             item = data_uri(image.data, image.mime_type)
+            size = len(item)
         else:
             item = await self._files.save(
                 record.file_token, image.index, image.data, image.mime_type
             )
+            size = len(image.data)
         record.outputs.append(item)
-        record.journal.append(("output", record.url(item)))
-        self._changed(record, "output")
+        record.output_bytes += size
+        self._journal(record, "output", str(len(record.outputs) - 1))
+        await self._flush(record, "output")
 
     def _log(self, record: PredictionRecord, line: str) -> None:
         record.log_lines.append(line)
-        record.journal.append(("logs", line))
-        self._changed(record, "logs")
+        self._journal(record, "logs", line)
 
     @staticmethod
-    def _changed(record: PredictionRecord, event: str) -> None:
-        if record.webhook is not None:
-            record.webhook.notify(event)
+    def _journal(record: PredictionRecord, event: str, data: str) -> None:
+        record.unsaved.append((record.next_position, event, data))
+        record.next_position += 1
+
+    @staticmethod
+    def _take(record: PredictionRecord) -> list[tuple[int, str, str]]:
+        events, record.unsaved = record.unsaved, []
+        return events
+
+    async def _flush(self, record: PredictionRecord, event: str, *, urgent: bool = True) -> None:
+        """Write the record's changes (and its webhook messages), then wake its waiters.
+
+        Progress lines (`urgent=False`) are written at most every PROGRESS_FLUSH_SECONDS;
+        the next write carries the ones held back.
+        """
+        now = time.monotonic()
+        if not urgent and now - record.flushed_at < PROGRESS_FLUSH_SECONDS:
+            return
+        messages = record.hooks.notify(event) if record.hooks is not None else []
+        events = self._take(record)
+        if not await self._store.save(record, events, messages):
+            self._lost.add(record.id)
+            raise _LeaseLost
+        record.flushed_at = now
+        if messages:
+            self._dispatcher.kick()
         record.touch()
 
-    def _finish(self, record: PredictionRecord, status: Status, error: str | None) -> None:
+    async def _save_quietly(self, record: PredictionRecord) -> None:
+        with contextlib.suppress(Exception):
+            await self._store.save(record, self._take(record), [])
+
+    async def _finish(self, record: PredictionRecord, status: Status, error: str | None) -> None:
         if record.done:
             return
         record.status = status
@@ -494,53 +494,130 @@ class PredictionRunner:
         record.completed_at = time.time()
         if status == "failed":
             self._log(record, f"Prediction failed: {error}")
-            record.journal.append(("error", json.dumps({"detail": error})))
+            self._journal(record, "error", json.dumps({"detail": error}))
         elif status == "canceled":
             self._log(record, "Prediction canceled")
-        reason = {
-            "succeeded": {},
-            "failed": {"reason": "error"},
-            "canceled": {"reason": "canceled"},
-        }
-        record.journal.append(("done", json.dumps(reason.get(status, {}))))
+        reason = {"failed": {"reason": "error"}, "canceled": {"reason": "canceled"}}
+        self._journal(record, "done", json.dumps(reason.get(status, {})))
+        await self._flush(record, "completed")
         log.info(
             "prediction %s",
             status,
             extra={"request_id": record.id, "model": record.kiln_model, "status": status},
         )
-        self._changed(record, "completed")
+        if record.output_bytes:
+            self._enforce_caps_soon()
+
+    # --- leases ---------------------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        """Renew this replica's leases, act on cancels sent to other replicas, and adopt
+        predictions whose gateway stopped (one pass)."""
+        running = [r for r in self._live.values() if not r.done and r.task is not None]
+        held = await self._store.renew([record.id for record in running])
+        for record in running:
+            if record.done or record.task is None:
+                continue
+            if record.id not in held:
+                self._lost.add(record.id)
+                record.task.cancel()
+            elif held[record.id] and not record.cancel_requested:
+                record.cancel_requested = True
+                record.task.cancel()
+        if not self._stopping:
+            for orphan in await self._store.claim_orphans():
+                if orphan.id not in self._live:  # else its lease lapsed while it ran here
+                    await self.adopt(orphan)
+
+    async def maintain_forever(self) -> None:
+        """`maintain` every second (or a third of the lease, when shorter) until cancelled."""
+        interval = min(1.0, self._settings.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.maintain()
+            except Exception:  # keep the leases going whatever one pass hit
+                log.exception("lease renewal failed")
+
+    async def recover(self, *, everything: bool) -> int:
+        """Adopt every prediction left running by a gateway that stopped (at start).
+
+        `everything`: also those whose lease has not run out (SQLite: no other gateway can
+        hold them). Returns how many were adopted.
+        """
+        if everything:
+            await self._store.reset_delivery_leases()
+        orphans = await self._store.claim_orphans(everything=everything)
+        for orphan in orphans:
+            await self.adopt(orphan)
+        return len(orphans)
+
+    # --- retention, caps, orphans ---------------------------------------------------------
+
+    async def _delete_files(self, tokens: list[str]) -> None:
+        for token in tokens:
+            await self._files.delete(token)
 
     async def purge(self, now: float | None = None) -> int:
-        """Remove the data of predictions finished more than `retention_seconds` ago.
+        """One retention pass: expire old data, trim records, enforce the caps, sweep files.
 
-        Returns how many predictions lost their data.
+        Returns how many predictions lost their data to retention.
         """
         now = time.time() if now is None else now
         cutoff = now - self._settings.retention_seconds
-        expired = [
-            r
-            for r in self._store.records()
-            if r.done and not r.data_removed and (r.completed_at or now) <= cutoff
-        ]
-        for record in expired:
-            await self._files.delete(record.file_token)
-            record.data_removed = True
-            record.input = {}
-            record.outputs = []
-            record.log_lines = []
-            record.journal = [("done", json.dumps({"reason": "data_removed"}))]
-            record.touch()
-        return len(expired)
+        removed = 0
+        while True:
+            tokens = await self._store.remove_expired(cutoff)
+            await self._delete_files(tokens)
+            removed += len(tokens)
+            if len(tokens) < 500:
+                break
+        await self._delete_files(await self._store.trim(self._settings.max_predictions))
+        await self.enforce_caps()
+        await self.sweep_files()
+        return removed
+
+    async def enforce_caps(self) -> None:
+        """Remove the oldest finished outputs while files or data URIs pass their caps."""
+        settings = self._settings
+        await self._delete_files(
+            await self._store.evict(inline=False, cap=settings.max_files_bytes)
+        )
+        await self._store.evict(inline=True, cap=settings.max_inline_bytes)
+
+    def _enforce_caps_soon(self) -> None:
+        if self._caps_task is None or self._caps_task.done():
+            self._caps_task = asyncio.create_task(self.enforce_caps(), name="storage-caps")
+            self._caps_task.add_done_callback(_log_failure)
+
+    async def sweep_files(self) -> int:
+        """Delete output folders of predictions that no longer exist or have no data."""
+        tokens = self._files.tokens()
+        keep = await self._store.tokens_with_data(tokens)
+        stale = [token for token in tokens if token not in keep]
+        await self._delete_files(stale)
+        return len(stale)
+
+    # --- stopping -------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Stop every running prediction and flush webhooks briefly (gateway exit)."""
-        running = [r for r in self._store.records() if r.task is not None and not r.task.done()]
+        """Stop running predictions and release them, so the next gateway re-submits them."""
+        self._stopping = True
+        running = [r for r in self._live.values() if r.task is not None and not r.task.done()]
         for record in running:
             assert record.task is not None
             record.task.cancel()
         if running:
             await asyncio.wait({r.task for r in running if r.task is not None}, timeout=5)
-        for record in self._store.records():
-            if record.webhook is not None:
-                await record.webhook.wait_delivered(timeout=1)
-                record.webhook.close()
+        for record in list(self._live.values()):
+            if record.hooks is not None:
+                record.hooks.close()
+        if self._caps_task is not None:
+            self._caps_task.cancel()
+        with contextlib.suppress(Exception):
+            await self._store.release()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background store write failed", exc_info=task.exception())

@@ -26,8 +26,9 @@ Fields fall in four groups:
 
 Errors use Replicate's words: `Invalid type. Expected: integer, given: string`,
 `Must be less than or equal to 4`, `scheduler must be one of the following: ...`.
-Unknown input names are ignored rather than rejected (each is noted in the prediction's
-logs), so an input written for a slightly different model version still runs.
+Unknown input names are ignored rather than rejected: they are dropped from the stored
+input and noted (names cut short) in the prediction's logs, so an input written for a
+slightly different model version still runs.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any, Literal
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.requests import build_request
-from kiln_gateway.errors import InvalidField
+from kiln_gateway.errors import InvalidField, shorten
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -123,6 +124,8 @@ class ParsedInput:
     notes: list[str] = field(default_factory=list)
     images: dict[str, str] = field(default_factory=dict)
     """The `image` / `mask` inputs given (name to data URI or URL), still to be resolved."""
+    known: dict[str, Any] = field(default_factory=dict)
+    """The input as given, without the fields the schema does not have (what is stored)."""
 
     def attach(self, resolved: dict[str, bytes]) -> None:
         """Put the resolved image bytes (by input name) into the request."""
@@ -480,7 +483,7 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
             notes.append(f"{name} is accepted but has no effect in Kiln: {spec.description}")
     unknown = sorted(set(raw) - set(specs))
     if unknown:
-        notes.append(f"ignoring input field(s) this model does not have: {', '.join(unknown)}")
+        notes.append(_unknown_note(unknown))
     problems += _conditioning_problems(values, info)
     if problems:
         raise InputInvalid(problems)
@@ -520,7 +523,18 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
         bool(values.get("output_as_data_uri", False)),
         notes,
         images={name: values[name] for name in IMAGE_INPUTS if name in values},
+        known={name: value for name, value in raw.items() if name in specs},
     )
+
+
+_MAX_NAMED = 10
+
+
+def _unknown_note(names: list[str]) -> str:
+    """The log note for dropped input fields, each name cut short and at most ten named."""
+    shown = ", ".join(shorten(repr(name)[1:-1], 40) for name in names[:_MAX_NAMED])
+    more = f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else ""
+    return f"ignoring input field(s) this model does not have: {shown}{more}"
 
 
 def _conditioning_problems(values: dict[str, Any], info: pb.ModelInfo) -> list[InvalidField]:
@@ -578,7 +592,9 @@ def violations_to_fields(violations: list[tuple[str, str]]) -> list[InvalidField
     """The Kiln server's field violations (INVALID_ARGUMENT) as Replicate's invalid fields."""
     return [
         InvalidField(
-            type="invalid_value", field=f"input.{replicate_field(name)}", description=description
+            type="invalid_value",
+            field=f"input.{shorten(replicate_field(name), 60)}",
+            description=shorten(description, 300),
         )
         for name, description in violations
     ] or [InvalidField(type="invalid_value", field="input", description="rejected by Kiln")]

@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from kiln_gateway.app import create_app
+from kiln_gateway.database import Database
 from kiln_gateway.settings import GatewaySettings
 
 __all__ = ["bind_socket", "build_server", "serve"]
@@ -56,8 +57,11 @@ async def serve(settings: GatewaySettings, *, port_file: Path | None = None) -> 
     """Serve until SIGINT/SIGTERM; write the bound port to `port_file` once ready.
 
     Raises:
+        DatabaseError: the database cannot be opened (checked before binding).
         OSError: the address cannot be bound.
     """
+    database = await Database.open(settings.database_url)  # a clear error before serving
+    await database.close()
     sock = bind_socket(settings.host, settings.port)
     port = sock.getsockname()[1]
     server = build_server(settings)

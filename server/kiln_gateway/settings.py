@@ -3,8 +3,10 @@
 Precedence: command-line flag, then environment variable, then the config file, then the
 default here. Environment variables are `KILN_GATEWAY_<NAME>` (so they never collide with
 `kiln serve`'s `KILN_<NAME>`), except the two secrets: accepted bearer tokens come only from
-`KILN_API_TOKENS` (comma-separated) and the webhook signing secret from
-`KILN_WEBHOOK_SECRET` (or `webhook_secret` in the config file), never from a flag.
+`KILN_API_TOKENS` (comma-separated; `TOKEN:admin` marks a token that sees every prediction)
+and the webhook signing secret from `KILN_WEBHOOK_SECRET` (or `webhook_secret` in the
+config file), never from a flag. `database` may hold a password: it is never shown in logs
+or errors.
 
 Example config (the same file `kiln serve --config` reads; `kiln serve` ignores the table):
 
@@ -35,9 +37,11 @@ __all__ = [
     "Alias",
     "GatewaySettings",
     "SettingsError",
+    "default_files_dir",
     "is_loopback",
     "load_settings",
     "parse_alias",
+    "parse_tokens",
 ]
 
 OUTPUT_MODES = ("auto", "url", "data-uri")
@@ -46,6 +50,8 @@ URLs when the prediction's base URL is https, data URIs otherwise. The official 
 only https: and data: URLs into file objects, so "auto" keeps `output[0].read()` working on a
 plain-HTTP gateway."""
 
+DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+_HOST_ENTRY = re.compile(r"^[A-Za-z0-9._:\[\]/-]{1,253}$")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _ALIAS_KEY = re.compile(rf"^(?P<owner>{_NAME})/(?P<name>{_NAME})(?::(?P<version>[A-Za-z0-9]+))?$")
 
@@ -65,6 +71,20 @@ class Alias:
         return f"{self.owner}/{self.name}"
 
 
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""Host names every gateway answers to, whatever --allowed-hosts says."""
+ADMIN_SCOPE = "admin"
+"""The scope of a `TOKEN:admin` entry in KILN_API_TOKENS: sees every prediction."""
+
+
+def default_files_dir() -> Path:
+    """`$XDG_DATA_HOME/kiln/gateway` (`~/.local/share/kiln/gateway` when unset)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "kiln" / "gateway"
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """Everything the gateway needs; every field has a working default for local use."""
@@ -74,23 +94,51 @@ class GatewaySettings:
     port: int = 8080
     config: Path | None = None
     public_url: str | None = None
-    """Base URL clients reach the gateway at (behind a proxy); default: the request's own."""
+    """Base URL clients reach the gateway at (behind a proxy). Without it, links are built
+    from the request's Host header, which must then be one of `allowed_hosts`."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (or addresses) the gateway answers to besides loopback and its bind
+    address, when no `public_url` is set; `*` allows any Host header."""
     retention_seconds: float = 3600.0
     """How long output files and prediction data stay available after completion."""
     aliases: tuple[Alias, ...] = ()
     tokens: tuple[str, ...] = field(default=(), repr=False)
+    """Every accepted bearer token (from KILN_API_TOKENS)."""
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
+    """The tokens given as `TOKEN:admin`: they see and cancel every prediction."""
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_max_attempts: int = 5
     webhook_retry_seconds: float = 1.0
     """Delay before the first webhook retry; it doubles on each further retry."""
     webhook_timeout_seconds: float = 10.0
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    """Host names, addresses or networks (CIDR) webhooks may reach although they are not
+    public (loopback, private, link-local...); every other webhook must go to a public
+    address."""
     output_mode: str = "auto"
     files_dir: Path | None = None
-    """Where output files and uploaded input files are kept; default: a private temporary
-    folder removed on exit."""
-    max_input_bytes: int = 20 * 1024 * 1024
+    """The gateway's folder: output files, `uploads/` and, by default, the prediction
+    database `data/predictions.db`. Default: `default_files_dir()`."""
+    database: str | None = field(default=None, repr=False)
+    """Where predictions are stored: `sqlite:///PATH` or `postgresql://...` (shared by
+    several replicas). Default: SQLite at `<files_dir>/data/predictions.db`."""
+    lease_seconds: float = 15.0
+    """How long a running prediction stays with a replica that stopped renewing it before
+    another replica (or the next start) re-submits it to Kiln."""
+    max_submissions: int = 3
+    """How often one prediction is sent to Kiln at most: it is re-submitted when the gateway
+    that ran it stopped, and fails with the reason after this many tries."""
+    max_input_bytes: int = 20 * MIB
     """Largest `image` or `mask` input (data URI, uploaded file or fetched URL) and largest
     upload to POST /v1/files; a Kiln model's smaller `max_image_bytes` wins for its inputs."""
+    max_request_bytes: int | None = None
+    """Largest request body; default: room for two `max_input_bytes` images as base64 data
+    URIs plus 1 MiB (about 54 MiB with the defaults)."""
+    max_files_bytes: int = 10 * GIB
+    """Cap on the output files kept; past it the oldest finished predictions lose their
+    outputs (`data_removed`)."""
+    max_inline_bytes: int = 1 * GIB
+    """Cap on the data-URI outputs kept in the database, enforced the same way."""
     upload_expiry_seconds: float = 86400.0
     """How long a file uploaded to POST /v1/files stays available."""
     fetch_timeout_seconds: float = 15.0
@@ -103,8 +151,9 @@ class GatewaySettings:
     tls_keyfile: Path | None = None
     max_wait_seconds: float = 60.0
     """Longest `Prefer: wait` hold, as on Replicate."""
-    max_predictions: int = 10000
-    """Prediction records kept; the oldest finished ones are forgotten beyond this."""
+    max_predictions: int = 100000
+    """Prediction records kept; beyond it the oldest finished ones are deleted with their
+    outputs (checked on every retention pass)."""
     default_owner: str = "kiln"
     """Owner shown for Kiln models reached by version id or listed by GET /v1/models."""
     upstream_timeout_seconds: float = 600.0
@@ -116,6 +165,25 @@ class GatewaySettings:
     def auth_enabled(self) -> bool:
         """True when bearer tokens are configured and therefore required."""
         return bool(self.tokens)
+
+    @property
+    def files_root(self) -> Path:
+        """The gateway's folder: `files_dir`, or `default_files_dir()` when unset."""
+        return self.files_dir if self.files_dir is not None else default_files_dir()
+
+    @property
+    def database_url(self) -> str:
+        """`database`, or SQLite at `<files_root>/data/predictions.db`."""
+        if self.database:
+            return self.database
+        return f"sqlite:///{(self.files_root / 'data' / 'predictions.db').resolve()}"
+
+    @property
+    def request_limit(self) -> int:
+        """Largest request body in bytes (`max_request_bytes` or its default)."""
+        if self.max_request_bytes is not None:
+            return self.max_request_bytes
+        return -(-2 * self.max_input_bytes * 4 // 3) + 64 + MIB
 
 
 def is_loopback(host: str) -> bool:
@@ -144,6 +212,12 @@ def _alias(key: str, target: str, source: str) -> Alias:
     return Alias(match["owner"], match["name"], target, match["version"])
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    """A list setting: a TOML array, or comma-separated text (flags and variables)."""
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
 _CONVERTERS: dict[str, Any] = {
     "port": int,
     "retention_seconds": float,
@@ -158,13 +232,21 @@ _CONVERTERS: dict[str, Any] = {
     "fetch_timeout_seconds": float,
     "fetch_max_redirects": int,
     "allow_private_urls": to_bool,
+    "allowed_hosts": _names,
+    "webhook_allowed_hosts": _names,
+    "lease_seconds": float,
+    "max_submissions": int,
+    "max_request_bytes": int,
+    "max_files_bytes": int,
+    "max_inline_bytes": int,
     "config": Path,
     "files_dir": Path,
     "tls_certfile": Path,
     "tls_keyfile": Path,
 }
+_LISTS = {"allowed_hosts", "webhook_allowed_hosts"}
 # Settings with their own sources or shapes, handled outside the generic loop.
-_SPECIAL = {"aliases", "tokens", "webhook_secret"}
+_SPECIAL = {"aliases", "tokens", "admin_tokens", "webhook_secret"}
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
@@ -178,9 +260,30 @@ def _read_config(path: Path) -> dict[str, Any]:
     return table
 
 
-def _tokens(environ: Mapping[str, str]) -> tuple[str, ...]:
-    raw = environ.get("KILN_API_TOKENS", "")
-    return tuple(token.strip() for token in raw.split(",") if token.strip())
+def parse_tokens(raw: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """KILN_API_TOKENS (`TOKEN[:SCOPE],...`) as (every token, the admin-scoped ones).
+
+    A scope follows the token's last `:`; the only scope is `admin`.
+
+    Raises:
+        SettingsError: an entry's scope is not `admin` (the message never shows the token).
+    """
+    tokens: list[str] = []
+    admins: list[str] = []
+    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
+    for position, entry in enumerate(entries, start=1):
+        token, colon, scope = entry.rpartition(":")
+        if not colon:
+            token, scope = entry, ""
+        if scope not in ("", ADMIN_SCOPE) or (colon and not token):
+            raise SettingsError(
+                f"KILN_API_TOKENS entry {position}: write TOKEN or TOKEN:{ADMIN_SCOPE} (the "
+                f"only scope is {ADMIN_SCOPE}, after the token's last ':')"
+            )
+        tokens.append(token)
+        if scope == ADMIN_SCOPE:
+            admins.append(token)
+    return tuple(dict.fromkeys(tokens)), tuple(dict.fromkeys(admins))
 
 
 def load_settings(
@@ -201,7 +304,9 @@ def load_settings(
         for name in names
         if environ.get(var := f"KILN_GATEWAY_{name.upper()}")
     }
-    flag_values = {k: v for k, v in flags.items() if k in names and v is not None}
+    flag_values: dict[str, Any] = {
+        k: _names(v) if k in _LISTS else v for k, v in flags.items() if k in names and v is not None
+    }
     config_path = flag_values.get("config") or env_values.get("config")
     file_values: dict[str, Any] = {}
     aliases: dict[tuple[str, str, str | None], Alias] = {}
@@ -228,11 +333,13 @@ def load_settings(
     for text in flags.get("alias") or ():
         alias = parse_alias(text)
         aliases[(alias.owner, alias.name, alias.version)] = alias
+    tokens, admin_tokens = parse_tokens(environ.get("KILN_API_TOKENS", ""))
     settings = replace(
         GatewaySettings(),
         **{**file_values, **env_values, **flag_values},
         aliases=tuple(aliases.values()),
-        tokens=_tokens(environ),
+        tokens=tokens,
+        admin_tokens=admin_tokens,
         webhook_secret=webhook_secret,
     )
     return validate_settings(settings)
@@ -262,6 +369,23 @@ def validate_settings(settings: GatewaySettings) -> GatewaySettings:
         raise SettingsError("fetch_timeout_seconds must be positive")
     if not 0 <= settings.fetch_max_redirects <= 20:
         raise SettingsError("fetch_max_redirects must be between 0 and 20")
+    if settings.lease_seconds < 1:
+        raise SettingsError("lease_seconds must be at least 1")
+    if settings.max_submissions < 1:
+        raise SettingsError("max_submissions must be at least 1")
+    if settings.max_request_bytes is not None and settings.max_request_bytes < 1024:
+        raise SettingsError("max_request_bytes must be at least 1024")
+    if settings.max_files_bytes < 1 or settings.max_inline_bytes < 1:
+        raise SettingsError("max_files_bytes and max_inline_bytes must be positive")
+    if settings.database is not None and not settings.database.startswith(DATABASE_SCHEMES):
+        raise SettingsError(
+            f"database must be sqlite:///PATH or postgresql://...; got "
+            f"{settings.database.partition('://')[0][:20]!r}:// (credentials not shown)"
+        )
+    for name in ("allowed_hosts", "webhook_allowed_hosts"):
+        for entry in getattr(settings, name):
+            if entry != "*" and not _HOST_ENTRY.match(entry):
+                raise SettingsError(f"{name}: {entry[:80]!r} is not a host name or address")
     if (settings.tls_certfile is None) != (settings.tls_keyfile is None):
         raise SettingsError("give both --tls-certfile and --tls-keyfile, or neither")
     if settings.public_url is not None and not re.match(r"^https?://", settings.public_url):

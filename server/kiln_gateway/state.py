@@ -14,13 +14,15 @@ from fastapi import Request
 
 if TYPE_CHECKING:
     from kiln_client.aio import AsyncKilnClient
+    from kiln_gateway.database import Database
     from kiln_gateway.files import FileStore
     from kiln_gateway.inputs import InputResolver
     from kiln_gateway.models import ModelCatalog
-    from kiln_gateway.predictions import PredictionRunner, PredictionStore
+    from kiln_gateway.predictions import PredictionRunner
     from kiln_gateway.settings import GatewaySettings
+    from kiln_gateway.store import PredictionStore
     from kiln_gateway.uploads import UploadStore
-    from kiln_gateway.webhooks import WebhookSender
+    from kiln_gateway.webhooks import WebhookDispatcher, WebhookSender
 
 __all__ = ["GatewayState", "gateway_state", "own_base_urls", "public_base_url"]
 
@@ -32,9 +34,11 @@ class GatewayState:
     settings: GatewaySettings
     kiln: AsyncKilnClient
     catalog: ModelCatalog
+    database: Database
     store: PredictionStore
     files: FileStore
     webhooks: WebhookSender
+    dispatcher: WebhookDispatcher
     runner: PredictionRunner
     uploads: UploadStore
     inputs: InputResolver
@@ -47,7 +51,11 @@ def gateway_state(request: Request) -> GatewayState:
 
 
 def public_base_url(request: Request, state: GatewayState) -> str:
-    """Base URL for links in responses: `public_url` if configured, else the request's own."""
+    """Base URL for links in responses: `public_url` if configured, else the request's own.
+
+    Without a public URL, `kiln_gateway.guard` has already refused Host headers that do not
+    name this gateway, so the request's own URL is one of its allowed hosts.
+    """
     if state.settings.public_url:
         return state.settings.public_url.rstrip("/")
     return str(request.base_url).rstrip("/")

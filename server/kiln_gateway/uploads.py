@@ -256,6 +256,8 @@ def _invalid(name: str, description: str) -> ApiError:
 
 
 def _metadata(text: str) -> dict[str, Any]:
+    if not text.strip():
+        return {}  # an empty form field is no metadata
     try:
         value = json.loads(text)
     except ValueError:

@@ -500,7 +500,7 @@ def validate_request(
         preview_method = asked or preview_method
 
     framed = None
-    if request.image or request.HasField("strength"):
+    if request.image:  # without one, `strength` is already refused as needing an image
         framed = _framed_inputs(request, photo, spec, (width, height), steps, errors)
     run_steps = steps if framed is None else max(1, int(steps * framed.conditioning.strength))
     work = run_steps * num_outputs * width * height / 1e6

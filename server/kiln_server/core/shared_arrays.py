@@ -55,8 +55,20 @@ def block_prefix(pid: int) -> str:
 
 
 def start_tracker() -> None:
-    """Start this process's resource tracker now, so the first image does not wait for it."""
-    resource_tracker.ensure_running()
+    """Start this process's resource tracker now, so the first image does not wait for it.
+
+    The tracker is a process of its own that inherits stderr, where it would print plain
+    text (warnings about "leaked" blocks) into the JSON log when the core is killed; the
+    API process sweeps those blocks anyway (`sweep`), so its stderr goes to /dev/null.
+    """
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            resource_tracker.ensure_running()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def send_array(array: np.ndarray, send: Callable[[SharedArray], bool]) -> bool:
