@@ -1,14 +1,24 @@
 """Prompt adherence of Kiln's shapes model: does the image show what the prompt says?
 
     .venv/bin/python benchmarks/adherence.py [--model models/kiln-shapes] [--threads 1]
+        [--tables text image]
 
-Generates a fixed set of prompts (default 48 prompts × 2 seeds = 96 images per row) and
-judges every image from its pixels with kiln_training.evaluate: both colours right (shape
-and background) and shape class right. Rows: the default settings through every backend
-(Kiln's pipeline on torch and on onnxruntime, and diffusers' StableDiffusionXLPipeline as
-the reference), a guidance sweep including 1.0 (no guidance), and every scheduler Kiln
-accepts at its usual step count. The table goes into the "Prompt adherence" section of
-benchmarks/RESULTS.md; other sections are kept as they are.
+Text-to-image (`--tables text`): generates a fixed set of prompts (default 48 prompts × 2
+seeds = 96 images per row) and judges every image from its pixels with
+kiln_training.evaluate: both colours right (shape and background) and shape class right.
+Rows: the default settings through every backend (Kiln's pipeline on torch and on
+onnxruntime, and diffusers' StableDiffusionXLPipeline as the reference), a guidance sweep
+including 1.0 (no guidance), and every scheduler Kiln accepts at its usual step count. The
+table goes into the "Prompt adherence" section of benchmarks/RESULTS.md.
+
+Image-conditioned (`--tables image`): the model's own images of the same prompts and seeds
+are the photos (kiln_training.image_tasks). Inpainting keeps each photo's shape (the
+"product") under a mask and asks for another background colour; img2img asks for other
+colours of both shape and background at a sweep of strengths. Each request goes the
+server's way (PNG bytes, decode_image, frame_inputs, the pipeline batched over all cases,
+apply_overlay) on Kiln's torch and onnxruntime backends, and through diffusers' SDXL
+inpaint and img2img pipelines as the reference. Both tables go into the "Image-conditioned
+adherence" section. Other sections of RESULTS.md are kept as they are.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from results_file import write_section
@@ -29,7 +40,24 @@ from results_file import write_section
 from kiln_server.pipeline.schedulers import SCHEDULERS
 from kiln_training.dataset import caption, prompt_set
 from kiln_training.evaluate import Adherence, adherence, score
+from kiln_training.image_tasks import (
+    CLEAN_SHARE,
+    RIM,
+    Case,
+    Img2ImgResult,
+    InpaintResult,
+    Photo,
+    img2img_cases,
+    img2img_result,
+    inpainting_cases,
+    inpainting_result,
+    photo_backgrounds,
+    run_img2img,
+    run_inpainting,
+    source_photos,
+)
 from kiln_training.sampling import (
+    DiffusersImageSampler,
     DiffusersSampler,
     KilnSampler,
     Sampler,
@@ -37,6 +65,17 @@ from kiln_training.sampling import (
 )
 
 SECTION = "## Prompt adherence: kiln-shapes (benchmarks/adherence.py)"
+IMAGE_SECTION = (
+    "## Image-conditioned adherence: kiln-shapes inpainting and img2img (benchmarks/adherence.py)"
+)
+TABLES = ("text", "image")
+# Inpainting at the server's default strength (Replicate's prompt_strength default) and at
+# 1.0 (pure noise in the repainted region; diffusers' inpaint default is 0.9999).
+INPAINT_STRENGTHS = (0.8, 1.0)
+# img2img on every runner; the Kiln torch rows add the rest of the sweep and a control.
+IMG2IMG_STRENGTHS = (0.3, 0.6, 1.0)
+IMG2IMG_SWEEP = (0.1, 0.2, 0.3, 0.6, 0.8, 1.0)
+CONTROL_STRENGTHS = (0.3, 1.0)
 REPO = Path(__file__).resolve().parents[1]
 
 # Usual step counts per scheduler, as commonly used with SDXL (LCM: distilled models).
@@ -141,14 +180,270 @@ def render_section(rows: list[Row], args: argparse.Namespace, command: str) -> s
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class InpaintRow:
+    """One inpainting configuration."""
+
+    runner: str
+    strength: float
+    steps: int
+    result: InpaintResult
+    seconds: float
+
+
+@dataclass
+class Img2ImgRow:
+    """One img2img configuration: `prompt` says which prompt the cases asked for."""
+
+    runner: str
+    prompt: str
+    strength: float
+    steps: int
+    result: Img2ImgResult
+    seconds: float
+
+
+class ImageRunner:
+    """Runs image-conditioned requests on one runner, `batch` requests per UNet call
+    (Kiln) or one at a time (diffusers)."""
+
+    def __init__(self, name: str, run: Any, batch: int) -> None:
+        self.name = name
+        self._run = run
+        self.batch = batch
+
+    def __call__(self, requests: Any) -> list[Any]:
+        images: list[Any] = []
+        for start in range(0, len(requests), self.batch):
+            images.extend(self._run(requests[start : start + self.batch]))
+        return images
+
+
+def steps_run(steps: int, strength: float) -> int:
+    """Denoising steps an image-conditioned request runs (diffusers' get_timesteps)."""
+    return min(int(steps * strength), steps)
+
+
+def measure_inpainting(
+    runner: ImageRunner, cases: list[Case], strength: float, defaults: dict[str, Any]
+) -> InpaintRow:
+    """Run and score every inpainting case at `strength`."""
+    began = time.perf_counter()
+    result = inpainting_result(run_inpainting(runner, cases, strength, defaults))
+    steps = steps_run(int(defaults["default_num_inference_steps"]), strength)
+    row = InpaintRow(runner.name, strength, steps, result, time.perf_counter() - began)
+    print(
+        f"inpainting {runner.name:<26} strength {strength:<4}: background right "
+        f"{result.background_right:.1%} (no overlay {result.background_right_raw:.1%}), clean "
+        f"{result.background_clean:.1%}, product {result.product_right:.1%}, kept max "
+        f"{result.kept_max} (no overlay {result.kept_max_raw}, mean {result.kept_mean_raw:.1f}) "
+        f"({row.seconds:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
+def measure_img2img(
+    runner: ImageRunner,
+    cases: list[Case],
+    strength: float,
+    defaults: dict[str, Any],
+    prompt: str,
+) -> Img2ImgRow:
+    """Run and score every img2img case at `strength`."""
+    began = time.perf_counter()
+    result = img2img_result(run_img2img(runner, cases, strength, defaults))
+    steps = steps_run(int(defaults["default_num_inference_steps"]), strength)
+    row = Img2ImgRow(runner.name, prompt, strength, steps, result, time.perf_counter() - began)
+    print(
+        f"img2img {runner.name:<26} {prompt:<12} strength {strength:<4}: PSNR "
+        f"{result.psnr:.1f} dB, colour error {result.background_error:.0f}/"
+        f"{result.shape_error:.0f}, photo's colours {result.photo_colours:.1%}, prompt's "
+        f"colours {result.prompt_colours:.1%} ({row.seconds:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
+def measure_image_tables(
+    photos: list[Photo], runners: list[ImageRunner], defaults: dict[str, Any]
+) -> tuple[list[InpaintRow], list[Img2ImgRow]]:
+    """Every inpainting and img2img row: each runner at the main strengths, and on the
+    first runner (Kiln, torch) the rest of the img2img sweep and the photo's-own-prompt
+    control."""
+    inpaint = inpainting_cases(photos)
+    recolour = img2img_cases(photos)
+    control = [Case(c.photo, c.photo.scene, c.seed) for c in recolour]
+    inpaint_rows = [
+        measure_inpainting(runner, inpaint, strength, defaults)
+        for runner in runners
+        for strength in INPAINT_STRENGTHS
+    ]
+    img2img_rows = []
+    for i, runner in enumerate(runners):
+        strengths = IMG2IMG_SWEEP if i == 0 else IMG2IMG_STRENGTHS
+        for strength in strengths:
+            img2img_rows.append(
+                measure_img2img(runner, recolour, strength, defaults, "new colours")
+            )
+    for strength in CONTROL_STRENGTHS:
+        img2img_rows.append(measure_img2img(runners[0], control, strength, defaults, "photo's own"))
+    return inpaint_rows, img2img_rows
+
+
+def inpainting_verdict(rows: list[InpaintRow]) -> str:
+    """Whether every runner meets the inpainting bar, in one sentence."""
+    worst = min(row.result.background_right for row in rows)
+    exact = all(row.result.kept_max == 0 for row in rows)
+    met = worst >= 0.9 and exact
+    return (
+        f"**{'Met' if met else 'Not met'}**: background right in at least {worst:.0%} of "
+        f"cases on every runner and strength; kept pixels "
+        f"{'exact in every served image' if exact else 'NOT exact in every served image'}."
+    )
+
+
+def img2img_summary(rows: list[Img2ImgRow]) -> str:
+    """How the first runner's img2img moves from the photo to the prompt, in one sentence."""
+    first = rows[0].runner
+    sweep = [row for row in rows if row.runner == first and row.prompt == "new colours"]
+    control = [row for row in rows if row.prompt == "photo's own"]
+    parts = ", ".join(
+        f"{row.strength:g}: {row.result.photo_colours:.0%} / {row.result.prompt_colours:.0%}"
+        for row in sweep
+    )
+    text = (
+        f"{first}, new colours, photo's colours kept / prompt's colours shown by strength: {parts}."
+    )
+    if control:
+        low = control[0]
+        text += (
+            f" With the photo's own prompt at {low.strength:g} the photo stays "
+            f"({low.result.psnr:.1f} dB PSNR, colour error {low.result.background_error:.0f} / "
+            f"{low.result.shape_error:.0f})."
+        )
+    return text
+
+
+def _pct(value: float) -> str:
+    return f"{value:.0%}"
+
+
+def render_image_section(
+    inpaint_rows: list[InpaintRow],
+    img2img_rows: list[Img2ImgRow],
+    photos: list[Photo],
+    replaced: int,
+    args: argparse.Namespace,
+    command: str,
+    defaults: dict[str, Any],
+) -> str:
+    """The Markdown section with the inpainting and img2img tables."""
+    model = args.model.resolve()
+    shown = model.relative_to(REPO) if model.is_relative_to(REPO) else model
+    load = os.getloadavg()[0]
+    photo_clean, photo_share = photo_backgrounds(photos)
+    n = len(photos)
+    lines = [
+        IMAGE_SECTION,
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Model `{shown}`. Photos: the model's own text-to-image results for {args.prompts} "
+        f"prompts × {args.seeds} seeds at 64×64 (Kiln, torch, default settings), each one "
+        f"the pixel judge reads as its prompt: {n} photos ({replaced} draw(s) the judge read "
+        "wrong were redrawn with another seed, up to 4 seeds a slot). Every request: the "
+        "model's defaults "
+        f"({defaults['default_num_inference_steps']} steps, guidance "
+        f"{defaults['default_guidance_scale']}, {defaults['default_scheduler']}), the photo "
+        "and mask sent the server's way (PNG bytes → `decode_image` → `frame_inputs` → "
+        "pipeline → `apply_overlay`); Kiln's runners batch all cases into shared UNet calls "
+        f"({args.batch} per call). Measured {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on "
+        f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} torch thread(s), load "
+        f"average {load:.1f} at the end.",
+        "",
+        "### Inpainting: new background, product kept",
+        "",
+        "Each photo's shape (the judge's shape pixels grown by 1 pixel) is kept under a "
+        "binary mask (white = repaint everything else) and the prompt asks for the same "
+        "shape and colour on another background colour, cycling through the six colours "
+        f"that are neither ({n} cases). *Background right*: the judge's background colour is "
+        "the one asked for, as served (keep_unmasked on, the default with a mask) and "
+        f"without the overlay (keep_unmasked off). *Clean background*: at least "
+        f"{CLEAN_SHARE:.0%} of the pixels {RIM}+ pixels away from the product show the "
+        "asked colour (nearest palette colour): no stray shapes or blotches. *Product "
+        "reads the same*: the served image's judged shape and shape colour are the photo's. "
+        "*Kept pixels*: the largest level difference (0-255) of the kept pixels from the "
+        "photo over all cases (and the share of cases where it is 0), served and without "
+        "the overlay, and the mean difference without it.",
+        "",
+        "| runner | strength | steps run | background right | background right, no overlay "
+        "| clean background | product reads the same | kept pixels max diff (exact) "
+        "| kept max diff, no overlay | kept mean diff, no overlay | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in inpaint_rows:
+        r = row.result
+        lines.append(
+            f"| {row.runner} | {row.strength:g} | {row.steps} | {_pct(r.background_right)} "
+            f"| {_pct(r.background_right_raw)} | {_pct(r.background_clean)} "
+            f"| {_pct(r.product_right)} | {r.kept_max} ({_pct(r.kept_exact)}) "
+            f"| {r.kept_max_raw} | {r.kept_mean_raw:.1f} | {row.seconds:.0f} |"
+        )
+    lines += [
+        "",
+        f"The photos themselves (text-to-image) have a clean background by the same measure "
+        f"in {photo_clean:.0%} of cases (mean share of the asked colour {photo_share:.0%}); "
+        "inpainted backgrounds' mean shares: "
+        + ", ".join(
+            f"{row.runner} at {row.strength:g}: {row.result.background_share:.0%}"
+            for row in inpaint_rows
+        )
+        + ".",
+        "",
+        "Bar (issue 11): background colour right in ≥ 90% of inpainting cases; kept "
+        "pixels exactly the photo's with keep_unmasked. " + inpainting_verdict(inpaint_rows),
+        "",
+        "### img2img: strength from keeping the photo to following the prompt",
+        "",
+        f"*New colours*: each photo ({n}) with a prompt asking for the same shape in another "
+        "colour on another background, both different from the photo's. *Photo's own*: the "
+        "photo's own prompt (control). *PSNR to photo* (dB, capped at 99) and *colour error* "
+        "(largest channel difference of the mean colour over the photo's background / shape "
+        "pixels, levels of 255; lower is closer) measure how much of the photo is kept; "
+        "*photo's colours*: the judge still reads the photo's two colours; *prompt's "
+        "colours*: it reads the prompt's two colours (*all*: and its shape).",
+        "",
+        "| runner | prompt | strength | steps run | PSNR to photo | colour error bg / shape "
+        "| photo's colours | prompt's colours | prompt all right | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for line in img2img_rows:
+        g = line.result
+        lines.append(
+            f"| {line.runner} | {line.prompt} | {line.strength:g} | {line.steps} | {g.psnr:.1f} "
+            f"| {g.background_error:.0f} / {g.shape_error:.0f} | {_pct(g.photo_colours)} "
+            f"| {_pct(g.prompt_colours)} | {_pct(g.prompt_all)} | {line.seconds:.0f} |"
+        )
+    lines += ["", img2img_summary(img2img_rows)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Measure every row, print each as it finishes, and write the table (unless --no-write)."""
+    """Measure every row, print each as it finishes, and write the tables (unless --no-write)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "kiln-shapes")
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads value")
     parser.add_argument("--batch", type=int, default=48, help="requests per UNet call")
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        choices=TABLES,
+        default=list(TABLES),
+        help="text: the text-to-image table; image: the inpainting and img2img tables",
+    )
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print the rows only")
     args = parser.parse_args(argv)
@@ -157,33 +452,66 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model / "model_index.json").is_file():
         parser.error(f"--model {args.model} is not a model folder (no model_index.json)")
     torch.set_num_threads(args.threads)
+    command = ".venv/bin/python benchmarks/adherence.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
 
     torch_sampler = KilnSampler(args.model, "torch")
+    defaults = torch_sampler.defaults
+    with tempfile.TemporaryDirectory(prefix="kiln-adherence-") as tmp:
+        engines = build_onnx_engines(args.model, Path(tmp) / "kiln-shapes")
+        onnx_sampler = KilnSampler(args.model, "onnxruntime", engines)
+        if "text" in args.tables:
+            rows = measure_text_table(torch_sampler, onnx_sampler, args)
+            if not args.no_write:
+                write_section(SECTION, render_section(rows, args, command), args.results)
+                print(f"wrote the adherence section of {args.results}")
+        if "image" in args.tables:
+            photos, replaced = source_photos(torch_sampler.generate, args.prompts, args.seeds)
+            diffusers = DiffusersImageSampler(args.model)
+            runners = [
+                ImageRunner("Kiln, torch", torch_sampler.run, args.batch),
+                ImageRunner("Kiln, onnxruntime", onnx_sampler.run, args.batch),
+                ImageRunner("diffusers SDXL inpaint/img2img", diffusers.run, 1),
+            ]
+            inpaint_rows, img2img_rows = measure_image_tables(photos, runners, defaults)
+            if not args.no_write:
+                section = render_image_section(
+                    inpaint_rows, img2img_rows, photos, replaced, args, command, defaults
+                )
+                write_section(IMAGE_SECTION, section, args.results)
+                print(f"wrote the image-conditioned adherence section of {args.results}")
+    return 0
+
+
+def measure_text_table(
+    torch_sampler: KilnSampler, onnx_sampler: KilnSampler, args: argparse.Namespace
+) -> list[Row]:
+    """The text-to-image rows: every backend at the defaults, the guidance sweep, and every
+    scheduler at its usual step count."""
     defaults = torch_sampler.defaults
     scheduler = str(defaults["default_scheduler"])
     steps = int(defaults["default_num_inference_steps"])
     guidance = float(defaults["default_guidance_scale"])
     common = {"prompts": args.prompts, "seeds": args.seeds, "batch": args.batch}
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="kiln-adherence-") as tmp:
-        engines = build_onnx_engines(args.model, Path(tmp) / "kiln-shapes")
-        runners: list[tuple[str, Sampler]] = [
-            ("Kiln, torch", torch_sampler),
-            ("Kiln, onnxruntime", KilnSampler(args.model, "onnxruntime", engines)),
-            ("diffusers SDXL pipeline", DiffusersSampler(args.model)),
-        ]
-        for name, sampler in runners:
-            rows.append(
-                measure(
-                    sampler,
-                    name,
-                    "default settings",
-                    scheduler=scheduler,
-                    steps=steps,
-                    guidance=guidance,
-                    **common,
-                )
+    runners: list[tuple[str, Sampler]] = [
+        ("Kiln, torch", torch_sampler),
+        ("Kiln, onnxruntime", onnx_sampler),
+        ("diffusers SDXL pipeline", DiffusersSampler(args.model)),
+    ]
+    for name, sampler in runners:
+        rows.append(
+            measure(
+                sampler,
+                name,
+                "default settings",
+                scheduler=scheduler,
+                steps=steps,
+                guidance=guidance,
+                **common,
             )
+        )
     for value in GUIDANCE_SWEEP:
         rows.append(
             measure(
@@ -208,13 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                 **common,
             )
         )
-    if not args.no_write:
-        command = ".venv/bin/python benchmarks/adherence.py" + "".join(
-            f" {a}" for a in (argv if argv is not None else sys.argv[1:])
-        )
-        write_section(SECTION, render_section(rows, args, command), args.results)
-        print(f"wrote the adherence section of {args.results}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ def frame_inputs(
     if grey is not None and crop_padding is not None:
         box = mask_box(np.asarray(grey), width, height, crop_padding)
     region = rgb.crop(box) if box else rgb
-    image = np.asarray(region.resize((width, height), RESAMPLE))
+    # A writable copy: the loop hands it to torch.from_numpy.
+    image = np.array(region.resize((width, height), RESAMPLE))
     mask_array = None
     if grey is not None:
         region_mask = grey.crop(box) if box else grey

@@ -122,12 +122,10 @@ def classify_shape(mask: np.ndarray) -> str | None:
     return min(distances, key=lambda shape: distances[shape])
 
 
-def judge(image: object) -> Judgement:
-    """Read background colour, shape colour and shape class from an RGB image's pixels.
-
-    Accepts anything numpy can turn into an (H, W, 3) array in 0..255 (a PIL image, a uint8
-    array). Raises ValueError for other shapes of input.
-    """
+def read_scene(image: object) -> tuple[Judgement, np.ndarray]:
+    """What `judge` reads, and the shape's pixels: a boolean mask [H, W] of the largest
+    region closer to the shape's colour than to the background's (all False when no shape
+    stands out). Inpainting benchmarks keep these pixels as the "product"."""
     pixels = _as_rgb_array(image)
     height, width, _ = pixels.shape
     distances = np.linalg.norm(pixels[:, :, None, :] - _PALETTE[None, None], axis=-1)
@@ -138,6 +136,7 @@ def judge(image: object) -> Judgement:
     ring[2:-2, 2:-2] = False
     background_index = int(np.bincount(nearest[ring], minlength=len(_NAMES)).argmax())
     background = _NAMES[background_index]
+    nothing = np.zeros((height, width), dtype=bool)
 
     counts = np.bincount(nearest[clean], minlength=len(_NAMES))
     counts[background_index] = 0
@@ -145,7 +144,7 @@ def judge(image: object) -> Judgement:
         counts = np.bincount(nearest.ravel(), minlength=len(_NAMES))
         counts[background_index] = 0
         if counts.max() < MIN_SHAPE_FRACTION * height * width:
-            return Judgement(background=background, colour=None, shape=None)
+            return Judgement(background=background, colour=None, shape=None), nothing
     colour_index = int(counts.argmax())
 
     fg_pixels = pixels[(nearest == colour_index) & clean]
@@ -158,9 +157,19 @@ def judge(image: object) -> Judgement:
         pixels - bg_ref, axis=-1
     )
     region = _largest_component(closer_to_fg)
-    return Judgement(
+    seen = Judgement(
         background=background, colour=_NAMES[colour_index], shape=classify_shape(region)
     )
+    return seen, region
+
+
+def judge(image: object) -> Judgement:
+    """Read background colour, shape colour and shape class from an RGB image's pixels.
+
+    Accepts anything numpy can turn into an (H, W, 3) array in 0..255 (a PIL image, a uint8
+    array). Raises ValueError for other shapes of input.
+    """
+    return read_scene(image)[0]
 
 
 def score(image: object, scene: Scene) -> Score:

@@ -47,16 +47,18 @@ class DecoderSettings:
 
     seed: int = 0
     threads: int = 1
-    prompts: int = 64
+    prompts: int = 128
     seeds_per_prompt: int = 2
-    train_steps: int = 2500
+    train_steps: int = 4000
     batch: int = 32
     lr: float = 0.004
     channels: int = 16
-    blocks: tuple[int, int, int, int] = (1, 1, 1, 0)
+    # No blocks at the two highest resolutions: those convolutions cost most of a preview,
+    # and a pooled-colour loss over more generations buys back what they added.
+    blocks: tuple[int, int, int, int] = (1, 1, 0, 0)
     generation_batch: int = 64
     # Weight of the L1 on 8x8-pooled images, beside the pixel L1 (0: pixels alone).
-    colour_weight: float = 0.0
+    colour_weight: float = 0.5
 
 
 @dataclass

@@ -104,8 +104,8 @@ class KilnSampler:
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
         settings = _Settings(self.defaults, steps, guidance_scale, scheduler, size)
-        states = [
-            self.pipeline.prepare(
+        return self.run(
+            [
                 GenerationParams(
                     prompt=prompt,
                     width=settings.size,
@@ -115,10 +115,17 @@ class KilnSampler:
                     scheduler=settings.scheduler,
                     seed=int(seed),
                 )
-            )
-            for prompt, seed in zip(prompts, seeds, strict=True)
-        ]
+                for prompt, seed in zip(prompts, seeds, strict=True)
+            ]
+        )
+
+    def run(self, requests: Sequence[Any]) -> list[np.ndarray]:
+        """The first image of each request (GenerationParams: text-to-image, img2img or
+        inpainting), all advanced together: every step one UNet call for the requests that
+        still have steps, as the server's batcher shares calls between requests that enter
+        at different timesteps. Requests must share one image size."""
         with torch.no_grad():
+            states = [self.pipeline.prepare(params) for params in requests]
             while not all(state.finished for state in states):
                 self.pipeline.denoise_step([s for s in states if not s.finished])
             return [self.pipeline.decode(state)[0].cpu().numpy() for state in states]
@@ -167,6 +174,23 @@ class DiffusersSampler:
             )
         images = np.asarray(result.images)
         return [np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8) for image in images]
+
+
+class DiffusersImageSampler:
+    """diffusers' SDXL img2img and inpaint pipelines over a model folder (the reference
+    for image-conditioned requests), through `kiln_server.pipeline.reference`."""
+
+    def __init__(self, folder: Path) -> None:
+        from kiln_server.models.loader import load_modules, read_model_files
+        from kiln_server.pipeline.reference import DiffusersReference
+
+        files = read_model_files(Path(folder))
+        self.defaults = dict(files.kiln_config)
+        self.reference = DiffusersReference(files, load_modules(Path(folder)))
+
+    def run(self, requests: Sequence[Any]) -> list[np.ndarray]:
+        """The first image of each request (GenerationParams), one request at a time."""
+        return [self.reference.generate(params)[0] for params in requests]
 
 
 def build_onnx_engines(folder: Path, engines_dir: Path, name: str | None = None) -> Path:
