@@ -9,7 +9,8 @@ tasks: lease renewal (every second) and retention (expiry, storage caps, record 
 Stopping it stops the running predictions and releases them for the next start (or
 another replica), then closes everything. Every request first passes
 `kiln_gateway.guard.RequestGuard` (host, token, body size). The OpenAPI description is
-served at /openapi.json (interactive docs at /docs).
+served at /openapi.json (interactive docs at /docs), Prometheus metrics at /metrics
+(kiln_gateway.metrics).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -37,6 +39,7 @@ from kiln_gateway.fetch import AddressCheck, Resolver, UrlFetcher, address_probl
 from kiln_gateway.files import FileStore
 from kiln_gateway.guard import RequestGuard
 from kiln_gateway.inputs import InputResolver
+from kiln_gateway.metrics import GatewayMetrics
 from kiln_gateway.models import ModelCatalog
 from kiln_gateway.predictions import PredictionRunner
 from kiln_gateway.settings import GatewaySettings
@@ -85,6 +88,7 @@ async def _open_state(
     client_factory: ClientFactory,
     resolver: Resolver | None,
     address_check: AddressCheck,
+    metrics: GatewayMetrics,
 ) -> GatewayState:
     secret = settings.webhook_secret
     if secret is None:
@@ -107,7 +111,7 @@ async def _open_state(
         address_check=address_check,
     )
     sender = WebhookSender(settings, secret, resolver=resolver, address_check=address_check)
-    dispatcher = WebhookDispatcher(store, sender, settings)
+    dispatcher = WebhookDispatcher(store, sender, settings, metrics)
     return GatewayState(
         settings=settings,
         kiln=kiln,
@@ -117,7 +121,7 @@ async def _open_state(
         files=file_store,
         webhooks=sender,
         dispatcher=dispatcher,
-        runner=PredictionRunner(kiln, settings, store, file_store, dispatcher),
+        runner=PredictionRunner(kiln, settings, store, file_store, dispatcher, metrics),
         uploads=upload_store,
         inputs=InputResolver(upload_store, file_store, fetcher),
     )
@@ -138,10 +142,11 @@ def create_app(
     webhooks), e.g. to keep a test from reaching any network.
     """
     factory = client_factory or (lambda target: AsyncKilnClient(target))
+    metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await _open_state(settings, factory, resolver, address_check)
+        state = await _open_state(settings, factory, resolver, address_check, metrics)
         app.state.gateway = state
         background: list[asyncio.Task[None]] = []
         try:
@@ -207,6 +212,12 @@ def create_app(
     app.include_router(streaming.router)
     app.include_router(files.router)
     app.include_router(uploads.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus text exposition of the kiln_gateway_* metrics (no token needed)."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     return app
 
 

@@ -5,7 +5,8 @@
   `--public-url`; without one, from the request's Host header, which must then name this
   gateway: loopback, its bind address or one of `--allowed-hosts` (`*` allows any). Any
   other Host is a 400, so a forged header cannot plant foreign links (and a web page
-  rebinding its DNS name to 127.0.0.1 cannot use a loopback gateway).
+  rebinding its DNS name to 127.0.0.1 cannot use a loopback gateway). /metrics, which
+  builds no links and shows counts only, is exempt, so a scraper may use any address.
 - Token: every `/v1` request needs a configured bearer token (when tokens are configured);
   a missing or wrong one is answered 401 at once, without reading the body.
 - Size: a body longer than `request_limit` is answered 413 without being read whole: at
@@ -74,7 +75,9 @@ class RequestGuard:
         await self.app(scope, self._counting(receive), send)
 
     def _problem(self, scope: Scope, headers: Headers) -> ApiError | None:
-        if self.hosts is not None:
+        path: str = scope.get("path", "")
+        # Scrapers address a replica by its pod or node address; /metrics builds no links.
+        if self.hosts is not None and path != "/metrics":
             host = headers.get("host", "")
             if host_name(host) not in self.hosts:
                 return ApiError(
@@ -84,7 +87,6 @@ class RequestGuard:
                     "can set --public-url (the URL clients use) or add the name to "
                     "--allowed-hosts",
                 )
-        path: str = scope.get("path", "")
         if (path == "/v1" or path.startswith("/v1/")) and not token_accepted(
             self.settings, headers.get("authorization", "")
         ):

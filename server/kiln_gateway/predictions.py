@@ -42,6 +42,7 @@ from kiln_client.errors import KilnError
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_gateway.errors import ApiError, input_invalid, shorten
 from kiln_gateway.files import FileStore, data_uri
+from kiln_gateway.metrics import GatewayMetrics
 from kiln_gateway.records import (
     TERMINAL,
     PredictionRecord,
@@ -145,8 +146,10 @@ class PredictionRunner:
         store: PredictionStore,
         files: FileStore,
         dispatcher: WebhookDispatcher,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._client = client
+        self._metrics = metrics or GatewayMetrics()
         self._settings = settings
         self._store = store
         self._files = files
@@ -211,6 +214,7 @@ class PredictionRunner:
                 accepted.set_result(None)
         except KilnError as error:
             self._live.pop(record.id, None)
+            self._metrics.prediction_ended("rejected")
             await self._store.discard(record.id)
             raise _http_error(error, self._settings.upstream) from None
         if record.webhook is not None:
@@ -369,6 +373,7 @@ class PredictionRunner:
             # Kiln again by the next gateway to start (or by another replica).
             await self._save_quietly(record)
         except KilnError as error:
+            self._metrics.upstream_error(error.code)
             if not accepted.done():
                 accepted.set_exception(error)
                 return
@@ -492,6 +497,7 @@ class PredictionRunner:
         record.status = status
         record.error = error
         record.completed_at = time.time()
+        self._metrics.prediction_ended(status)
         if status == "failed":
             self._log(record, f"Prediction failed: {error}")
             self._journal(record, "error", json.dumps({"detail": error}))

@@ -50,6 +50,7 @@ from kiln_gateway.fetch import (
     parse_outbound_url,
     pinned,
 )
+from kiln_gateway.metrics import GatewayMetrics
 from kiln_gateway.records import WEBHOOK_EVENTS, WebhookConfig
 from kiln_gateway.settings import GatewaySettings
 from kiln_gateway.store import Delivery, PredictionStore
@@ -241,9 +242,14 @@ class WebhookDispatcher:
     """Delivers the outbox's messages: one at a time per prediction, many predictions at once."""
 
     def __init__(
-        self, store: PredictionStore, sender: WebhookSender, settings: GatewaySettings
+        self,
+        store: PredictionStore,
+        sender: WebhookSender,
+        settings: GatewaySettings,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or GatewayMetrics()
         self._sender = sender
         self._attempts = settings.webhook_max_attempts
         self._first_delay = settings.webhook_retry_seconds
@@ -282,16 +288,19 @@ class WebhookDispatcher:
         try:
             problem = await self._sender.deliver(delivery.url, delivery.body, delivery.message_id)
             if problem is None:
+                self._metrics.webhook_attempt("delivered")
                 await self._store.delivered(delivery.id)
                 return
             attempts = delivery.attempts + 1
             extra = {"request_id": delivery.prediction_id}
             if attempts >= self._attempts:
+                self._metrics.webhook_attempt("gave_up")
                 log.error(
                     "webhook delivery gave up after %d attempts: %s", attempts, problem, extra=extra
                 )
                 await self._store.delivery_failed(delivery.id, attempts, None, problem)
                 return
+            self._metrics.webhook_attempt("retrying")
             log.warning(
                 "webhook delivery attempt %d/%d failed: %s",
                 attempts,

@@ -147,6 +147,14 @@ class BatcherStats:
         return self.rows / self.steps if self.steps else 0.0
 
 
+@dataclass
+class BatcherLoad:
+    """Jobs waiting and UNet rows in the running batch, per model, at one moment."""
+
+    pending: dict[str, int] = field(default_factory=dict)
+    running_rows: dict[str, int] = field(default_factory=dict)
+
+
 HandOff = Callable[[], list[JobEvent]]
 """Work for the output thread: returns the job's events to emit, in order."""
 
@@ -319,6 +327,18 @@ class Batcher:
                 self.stats.jobs_cancelled += 1
                 self._report_positions()
             self._condition.notify_all()
+
+    def load(self) -> BatcherLoad:
+        """What waits and what runs now, per model (a short look under the lock)."""
+        with self._condition:
+            waiting = [job.params.model for job in self._waiting]
+            running = [(job.params.model, job.rows) for job in self._running]
+        load = BatcherLoad()
+        for model in waiting:
+            load.pending[model] = load.pending.get(model, 0) + 1
+        for model, rows in running:
+            load.running_rows[model] = load.running_rows.get(model, 0) + rows
+        return load
 
     @property
     def in_flight(self) -> int:

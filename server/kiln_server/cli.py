@@ -23,6 +23,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 50051)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics on this port of --host; "
+        "0 picks a free one (logged as metrics_port) (default: off)",
+    )
     parser.add_argument("--config", type=Path, help="TOML file with [server] and [[models]]")
     parser.add_argument(
         "--backend",

@@ -17,6 +17,7 @@ STRUCTURED_FIELDS = (
     "model",
     "backend",
     "port",
+    "metrics_port",
     "seconds",
     "steps",
     "rows",

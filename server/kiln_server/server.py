@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_server.core.client import EngineCoreClient
 from kiln_server.image_inputs import ImageInputLimits
+from kiln_server.metrics import MetricsEndpoint, ServerMetrics
 from kiln_server.models.loader import read_model_files
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.prompts import PromptTokenizer
@@ -52,6 +53,8 @@ class KilnServer:
         self.draining = False
         self.core_lost = asyncio.Event()
         self.health = health.aio.HealthServicer()
+        self.metrics = ServerMetrics()
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.service = GenerationService(
             registry,
             is_draining=lambda: self.draining,
@@ -62,6 +65,7 @@ class KilnServer:
                 ),
                 max_work=settings.max_request_work,
             ),
+            metrics=self.metrics,
         )
         max_bytes = settings.max_message_mb * 1024 * 1024
         self.server = grpc.aio.server(
@@ -88,9 +92,32 @@ class KilnServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}: the address is in use or not local")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.settings.metrics_port is not None:
+            self.metrics.declare_models(self.registry.models)
+            try:
+                self.metrics_endpoint = MetricsEndpoint(
+                    self.metrics, self.settings.host, self.settings.metrics_port
+                )
+            except OSError as error:
+                raise OSError(
+                    f"cannot serve metrics on {self.settings.host}:"
+                    f"{self.settings.metrics_port} ({error.strerror or error}): choose another "
+                    "--metrics-port"
+                ) from error
+            metrics_port = self.metrics_endpoint.port
+            logger.info(
+                f"serving metrics at http://{self.settings.host}:{metrics_port}/metrics",
+                extra={"metrics_port": metrics_port},
+            )
         await self.server.start()
         logger.info(f"listening on {self.settings.host}:{self.port}", extra={"port": self.port})
         return self.port
+
+    def close_metrics(self) -> None:
+        """Stop the metrics endpoint, if one runs."""
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+            self.metrics_endpoint = None
 
     async def load(self) -> None:
         """Start the engine core, wait for its models to be warm, then report SERVING."""
@@ -99,10 +126,13 @@ class KilnServer:
         def on_core_lost(_message: str) -> None:
             loop.call_soon_threadsafe(self.core_lost.set)
 
-        self.core = EngineCoreClient(self.settings, self.registry, on_core_lost)
+        self.core = EngineCoreClient(
+            self.settings, self.registry, on_core_lost, on_stats=self.metrics.core_stats
+        )
         self.core.start()
         tokenizers = await asyncio.to_thread(load_tokenizers, self.registry)
         served = await self.core.ready()
+        self.metrics.models_loaded(served)
         self.service.attach(self.core, {m.name: m for m in served}, tokenizers)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         logger.info("ready: SERVING", extra={"port": self.port})
@@ -126,6 +156,7 @@ class KilnServer:
         await self.server.stop(grace=5.0)
         if self.core is not None:
             await self.core.stop()
+        self.close_metrics()
         logger.info("stopped")
 
 
@@ -150,6 +181,7 @@ async def run_server(
         await server.server.stop(grace=None)
         if server.core is not None:
             await server.core.stop()
+        server.close_metrics()
         return 1
     await asyncio.wait({stopper, lost}, return_when=asyncio.FIRST_COMPLETED)
     if not loader.done():

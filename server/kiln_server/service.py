@@ -11,11 +11,12 @@ text), or the client's own CANCELLED / DEADLINE_EXCEEDED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, NoReturn
 
@@ -42,6 +43,7 @@ from kiln_server.events import (
 )
 from kiln_server.image_inputs import apply_overlay
 from kiln_server.imaging import EncodedImage, encode_image
+from kiln_server.metrics import UNKNOWN_MODEL, ServerMetrics
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.pipeline.prompts import PromptTokenizer
@@ -122,6 +124,24 @@ def final_image(pixels: np.ndarray, params: GenerationParams, seed: int) -> Enco
     )
 
 
+# How an engine-side failure (a grpc.StatusCode name) counts in kiln_requests_total.
+_FAILED_OUTCOMES = {
+    "UNAVAILABLE": "unavailable",
+    "CANCELLED": "cancelled",
+    "DEADLINE_EXCEEDED": "deadline_exceeded",
+    "RESOURCE_EXHAUSTED": "refused",
+    "INVALID_ARGUMENT": "invalid",
+}
+
+
+class _Ending:
+    """How one Generate call ended, for kiln_requests_total; `model` is the label value."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.outcome = "failed"
+
+
 class GenerationService(pb_grpc.GenerationServiceServicer):
     """kiln.v1.GenerationService over a registry, the models' tokenizers and the core."""
 
@@ -130,10 +150,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         registry: ModelRegistry,
         is_draining: Callable[[], bool] = lambda: False,
         budget: RequestBudget | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.is_draining = is_draining
         self.budget = budget or RequestBudget()
+        self.metrics = metrics or ServerMetrics()
         self.core: EngineCoreClient | None = None
         self.served: dict[str, ServedModel] = {}
         self.tokenizers: dict[str, PromptTokenizer] = {}
@@ -235,15 +257,38 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Validate, queue, and stream the request's events until images and completion."""
         if isinstance(request, MalformedRequest):
+            self.metrics.request_ended(UNKNOWN_MODEL, "invalid")
             await self._refuse_malformed(request, context)
         assert isinstance(request, pb.GenerateRequest)
+        model = request.model or self.registry.default_model
+        ending = _Ending(model if model in self.registry.models else UNKNOWN_MODEL)
+        try:
+            # aclosing: the job is dropped from the core as soon as this call ends, not when
+            # the inner generator happens to be collected.
+            async with contextlib.aclosing(self._generate(request, context, ending)) as stream:
+                async for message in stream:
+                    yield message
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            ending.outcome = (
+                "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+            )
+            raise
+        finally:
+            self.metrics.request_ended(ending.model, ending.outcome)
+
+    async def _generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, ending: _Ending
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         arrival = time.monotonic()
         request_id = uuid.uuid4().hex[:16]
         log = {"request_id": request_id}
         if self.is_draining():
+            ending.outcome = "unavailable"
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         core = self.core
         if core is None:
+            ending.outcome = "unavailable"
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "models are still loading; retry when SERVING"
             )
@@ -262,9 +307,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             params = await asyncio.to_thread(validate) if request.image else validate()
         except RequestInvalid as error:
             logger.info("rejected invalid request: %s", error, extra=log)
+            ending.outcome = "invalid"
             await abort_with(context, bad_request_status(error))
         except ModelNotFound as error:
             logger.info("rejected unknown model", extra={**log, "model": error.name})
+            ending.outcome = "not_found"
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
 
         loop = asyncio.get_running_loop()
@@ -278,6 +325,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             job_id = core.submit(request_id, replace(params, overlay=None), on_event)
         except EngineCoreError as error:
             logger.error("engine core unreachable: %s", error, extra=log)
+            ending.outcome = "unavailable"
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine is not running")
         logger.info(
             "request submitted",
@@ -286,7 +334,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self._streams += 1
         self._idle.clear()
         try:
-            async for message in self._stream(request_id, params, events, arrival, context):
+            ending.model = params.model
+            stream = self._stream(request_id, params, events, arrival, context, ending)
+            async for message in stream:
                 yield message
         finally:
             if core.cancel(job_id):
@@ -302,11 +352,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         events: asyncio.Queue[JobEvent],
         arrival: float,
         context: grpc.aio.ServicerContext,
+        ending: _Ending,
     ) -> AsyncIterator[pb.GenerateResponse]:
         encode_seconds = 0.0
         while True:
             event = await events.get()
             if isinstance(event, Refused):
+                ending.outcome = "refused" if event.retry_after is not None else "unavailable"
                 if event.retry_after is not None:
                     logger.warning("queue full; request refused", extra={"request_id": request_id})
                     await abort_with(context, queue_full_status(event.message, event.retry_after))
@@ -363,11 +415,20 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     "request completed",
                     extra={"request_id": request_id, "seconds": round(total, 4)},
                 )
+                inference_seconds = event.inference_seconds + encode_seconds
+                ending.outcome = "completed"
+                self.metrics.request_completed(
+                    params.model,
+                    params.num_outputs,
+                    event.queue_seconds,
+                    inference_seconds,
+                    event.engine_seconds,
+                )
                 yield pb.GenerateResponse(
                     request_id=request_id,
                     completed=pb.CompletedEvent(
                         queue_seconds=event.queue_seconds,
-                        inference_seconds=event.inference_seconds + encode_seconds,
+                        inference_seconds=inference_seconds,
                         engine_seconds=event.engine_seconds,
                         total_seconds=total,
                         num_images=params.num_outputs,
@@ -375,6 +436,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 )
                 return
             elif isinstance(event, Failed):
+                ending.outcome = _FAILED_OUTCOMES.get(event.code, "failed")
                 await context.abort(grpc.StatusCode[event.code], event.message)
 
 

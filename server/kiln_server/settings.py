@@ -24,6 +24,9 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    # Prometheus /metrics on its own port (same host); None: no metrics endpoint, 0: any
+    # free port (logged as `metrics_port`).
+    metrics_port: int | None = None
     config: Path | None = None
     backend: str | None = None  # None picks the fastest available
     engines: Path | None = None
@@ -53,6 +56,7 @@ class ServerSettings:
 
 _CONVERTERS: dict[str, Any] = {
     "port": int,
+    "metrics_port": int,
     "max_queue": int,
     "max_batch_rows": int,
     "intra_op_threads": int,
@@ -124,6 +128,11 @@ def load_settings(
             f"max_message_mb ({settings.max_message_mb}) must fit a request with an image and "
             f"a mask of max_image_mb ({settings.max_image_mb}) each: raise it to at least "
             f"{2 * settings.max_image_mb + 1} or lower max_image_mb"
+        )
+    if settings.metrics_port is not None and not 0 <= settings.metrics_port <= 65535:
+        raise SettingsError(
+            f"metrics_port {settings.metrics_port} is not a port: use 0 to 65535 (0 picks a "
+            "free one)"
         )
     if settings.intra_op_threads < 0:
         raise SettingsError("intra_op_threads must be 0 (every core but one) or more")

@@ -1,7 +1,8 @@
 """The API process's handle on the engine core process.
 
 EngineCoreClient starts the core, waits for it to report its models ready, and routes
-each job's events (read by a reader thread) to the callback given at submit. A job's final
+each job's events (read by a reader thread) to the callback given at submit, and the
+core's periodic load and memory reports (CoreStats) to `on_stats`. A job's final
 images arrive in shared memory: the reader copies them out and unlinks the block before
 the callback sees them, and unlinks the blocks of jobs nobody listens to any more, so no
 block outlives its message. If the core dies, or its messages stop making sense, every job
@@ -30,6 +31,7 @@ from kiln_server.core.messages import (
     Command,
     CoreFailed,
     CoreReady,
+    CoreStats,
     JobImages,
     JobUpdate,
     Report,
@@ -68,10 +70,12 @@ class EngineCoreClient:
         settings: ServerSettings,
         registry: ModelRegistry,
         on_unexpected_exit: Callable[[str], None] = lambda _message: None,
+        on_stats: Callable[[CoreStats], None] = lambda _stats: None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.on_unexpected_exit = on_unexpected_exit
+        self.on_stats = on_stats
         self._jobs: dict[int, EventCallback] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -217,6 +221,11 @@ class EngineCoreClient:
             self._deliver(report)
         elif isinstance(report, JobImages):
             self._deliver_images(report)
+        elif isinstance(report, CoreStats):
+            try:
+                self.on_stats(report)
+            except Exception:  # statistics must never stop the jobs' events
+                logger.exception("handling the engine core's statistics failed")
         elif isinstance(report, CoreReady):
             self._loaded.set()
             self._ready.set_result(report.models)

@@ -96,4 +96,18 @@ class JobImages:
     pixels: SharedArray
 
 
-Report = CoreReady | CoreFailed | JobUpdate | JobImages
+@dataclass(frozen=True)
+class CoreStats:
+    """The core's load and memory, sent periodically when they changed.
+
+    `pending` counts waiting jobs and `running_rows` the UNet rows of the running batch,
+    per model; `memory` is resident bytes per device (the core's RSS for "cpu",
+    torch.cuda.memory_allocated for a GPU).
+    """
+
+    pending: tuple[tuple[str, int], ...]
+    running_rows: tuple[tuple[str, int], ...]
+    memory: tuple[tuple[str, int], ...]
+
+
+Report = CoreReady | CoreFailed | JobUpdate | JobImages | CoreStats

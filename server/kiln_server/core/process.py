@@ -20,12 +20,15 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+import torch
+
 from kiln_server.batcher import Batcher, BatcherSettings, Draining, Job, QueueFull
 from kiln_server.core import shared_arrays
 from kiln_server.core.messages import (
     CancelJob,
     CoreFailed,
     CoreReady,
+    CoreStats,
     JobImages,
     JobUpdate,
     Report,
@@ -43,6 +46,31 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 # The engine core's exit code when its engine failed (EX_SOFTWARE).
 ENGINE_FAILED_EXIT = 70
+# Seconds between looks at the batcher's load and the memory; a CoreStats report goes out
+# only when something changed.
+STATS_INTERVAL = 0.5
+_MIB = 1024 * 1024
+
+
+def _resident_set_bytes() -> int:
+    """This process's resident set size (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory(device: torch.device) -> tuple[tuple[str, int], ...]:
+    """Resident bytes per device, rounded down to whole MiB so that allocator noise does not
+    make every look a change: the process's RSS as "cpu", and what torch has allocated on
+    the GPU the engines run on."""
+    memory = [("cpu", _resident_set_bytes())]
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        memory.append((f"cuda:{index}", torch.cuda.memory_allocated(index)))
+    return tuple((name, size // _MIB * _MIB) for name, size in memory)
 
 
 class ReportSender:
@@ -88,6 +116,28 @@ class EngineCore:
         self.sender = sender
         self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
+        self._stats_stop = threading.Event()
+        self._stats_thread: threading.Thread | None = None
+
+    def start_stats(self) -> None:
+        """Report the batcher's load and the memory from a thread of their own, so the
+        engine thread never pays for it beyond one short hold of the batcher's lock."""
+        self._stats_thread = threading.Thread(
+            target=self._report_stats, name="kiln-core-stats", daemon=True
+        )
+        self._stats_thread.start()
+
+    def _report_stats(self) -> None:
+        last: CoreStats | None = None
+        while not self._stats_stop.wait(STATS_INTERVAL):
+            load = self.batcher.load()
+            stats = CoreStats(
+                pending=tuple(sorted(load.pending.items())),
+                running_rows=tuple(sorted(load.running_rows.items())),
+                memory=device_memory(self.batcher.device),
+            )
+            if stats != last and self.sender.put(stats):
+                last = stats
 
     def _emitter(self, job_id: int) -> Callable[[JobEvent], None]:
         def emit(event: JobEvent) -> None:
@@ -149,6 +199,7 @@ class EngineCore:
 
     def stop(self) -> None:
         """Stop the batcher (failing leftovers with UNAVAILABLE), log its statistics."""
+        self._stats_stop.set()
         self.batcher.stop()
         stats = self.batcher.stats
         logger.info(
@@ -227,6 +278,7 @@ def run_engine_core(connection: Connection) -> None:
         for name, model in models.items()
     )
     sender.put(CoreReady(served))
+    core.start_stats()
     core.serve(connection)
 
 
