@@ -55,12 +55,25 @@ def raw_exchange(gateway: Gateway, head: str, body: bytes = b"") -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head.encode() + b"\r\n" + body)
         answer = b""
-        while b"\r\n\r\n" not in answer:
+        while not _complete(answer):
             chunk = sock.recv(65536)
             if not chunk:
                 break
             answer += chunk
         return answer
+
+
+def _complete(answer: bytes) -> bool:
+    """True once the headers and the Content-Length bytes of body after them have arrived
+    (they may come in separate packets)."""
+    head, separator, body = answer.partition(b"\r\n\r\n")
+    if not separator:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return True
 
 
 def status_of(answer: bytes) -> int:
