@@ -44,6 +44,7 @@ from typing import Any
 import grpc
 import httpx
 import psutil
+from load import percentile
 from results_file import cpu_name, publish, write_section
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
@@ -72,17 +73,6 @@ PROMPTS = [
     "a green square on a white background",
     "a white mug on a wooden table",
 ]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation; 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 # --- what happened to each request ---------------------------------------------------------

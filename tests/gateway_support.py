@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,11 +207,26 @@ class Gateway:
 def in_process(settings: GatewaySettings, **app_options: Any) -> Iterator[Gateway]:
     """The gateway app under uvicorn in a thread of the test process."""
     app = create_app(settings, **app_options)
-    sock = bind_socket("127.0.0.1", 0)
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=5
     )
-    server = uvicorn.Server(config)
+    with serving(uvicorn.Server(config)) as served:
+        yield Gateway(f"http://127.0.0.1:{served.port}", served.stop)
+
+
+@dataclass
+class Served:
+    """A uvicorn server running in a thread: its port, and how to stop it (idempotent)."""
+
+    port: int
+    stop: Callable[[], None]
+
+
+@contextlib.contextmanager
+def serving(server: uvicorn.Server) -> Iterator[Served]:
+    """Run `server` in a thread of the test process on an ephemeral 127.0.0.1 port until
+    the block ends (or `stop` is called)."""
+    sock = bind_socket("127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: server.started or not thread.is_alive(), 20, "the gateway to start")
@@ -220,7 +237,7 @@ def in_process(settings: GatewaySettings, **app_options: Any) -> Iterator[Gatewa
         thread.join(timeout=30)
 
     try:
-        yield Gateway(f"http://127.0.0.1:{sock.getsockname()[1]}", stop)
+        yield Served(sock.getsockname()[1], stop)
     finally:
         stop()
         sock.close()
@@ -326,3 +343,27 @@ def webhook_receiver(accepting: bool = True) -> Iterator[Receiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def self_signed_certificate(folder: Path, host: str) -> tuple[Path, Path]:
+    """A one-day self-signed certificate and key for `host` (an IP address or a DNS name),
+    made with the openssl CLI in `folder`; skips the test where openssl is missing."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    try:
+        ipaddress.ip_address(host)
+        alt_name = f"IP:{host}"
+    except ValueError:
+        alt_name = f"DNS:{host}"
+    cert, key = folder / f"{host}.pem", folder / f"{host}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", f"/CN={host}",
+            "-addext", f"subjectAltName={alt_name}", "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    return cert, key

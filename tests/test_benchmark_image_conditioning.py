@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "image_conditioning.py"
 RESULTS = REPO_ROOT / "benchmarks" / "RESULTS.md"
@@ -23,10 +21,6 @@ HEADING = (
     "## Image conditioning: cost per image against text-to-image (benchmarks/image_conditioning.py)"
 )
 NUMBER = r"\d+(?:\.\d+)?"
-
-needs_shipped_model = pytest.mark.skipif(
-    not (SHIPPED_MODEL / "model_index.json").is_file(), reason="models/kiln-shapes is missing"
-)
 
 
 def table_rows(report: str) -> dict[str, list[str]]:
@@ -39,7 +33,6 @@ def table_rows(report: str) -> dict[str, list[str]]:
     return rows
 
 
-@needs_shipped_model
 def test_cost_script_reports_every_kind_of_request(tmp_path: Path) -> None:
     results_before = RESULTS.read_text() if RESULTS.exists() else ""
     results_file = tmp_path / "results.md"
@@ -84,7 +77,6 @@ def test_cost_script_reports_every_kind_of_request(tmp_path: Path) -> None:
     assert (RESULTS.read_text() if RESULTS.exists() else "") == results_before
 
 
-@needs_shipped_model
 def test_inpainting_cases_keep_the_product_and_change_the_background() -> None:
     from kiln_training import image_tasks
     from kiln_training.sampling import KilnSampler

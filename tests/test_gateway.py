@@ -21,8 +21,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -33,6 +32,7 @@ import httpx
 import numpy as np
 import pytest
 import replicate
+from gateway_support import self_signed_certificate, serving, wait_until
 from PIL import Image
 from replicate.exceptions import ReplicateError
 from replicate.helpers import FileOutput
@@ -109,37 +109,13 @@ def running_gateway(settings: GatewaySettings) -> Iterator[Gateway]:
     own_folder = settings.files_dir is None
     if own_folder:
         settings = replace(settings, files_dir=Path(tempfile.mkdtemp(prefix="kiln-gateway-")))
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = build_server(settings)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive(), "gateway thread died during startup"
-        assert time.monotonic() < deadline, "gateway did not start within 20 s"
-        time.sleep(0.02)
     scheme = "https" if settings.tls_certfile else "http"
     try:
-        yield Gateway(f"{scheme}://127.0.0.1:{port}", settings)
+        with serving(build_server(settings)) as served:
+            yield Gateway(f"{scheme}://127.0.0.1:{served.port}", settings)
     finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
         if own_folder and settings.files_dir is not None:
             shutil.rmtree(settings.files_dir, ignore_errors=True)
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    """Poll `check` every 50 ms until it returns something truthy; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -173,21 +149,7 @@ def gateway(kiln_server: KilnServer) -> Iterator[Gateway]:
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate and key for 127.0.0.1 (made with the openssl CLI)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-            "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"), "127.0.0.1")
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,7 @@ import contextlib
 import gzip
 import io
 import ipaddress
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from gateway_support import self_signed_certificate
 from PIL import Image
 
 from kiln_gateway.fetch import FetchError, IPAddress, UrlFetcher, address_problem
@@ -391,25 +390,8 @@ def test_content_type_parameters_and_case_do_not_matter(web: ImageServer) -> Non
 # --- HTTPS: the certificate is checked against the URL's host name --------------------------
 
 
-def _certificate(folder: Path, name: str) -> tuple[Path, Path]:
-    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", f"/CN={name}",
-            "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
-    return cert, key
-
-
 def test_https_sends_the_host_name_as_sni_and_verifies_the_certificate(tmp_path: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    cert, key = _certificate(tmp_path, "images.example")
+    cert, key = self_signed_certificate(tmp_path, "images.example")
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(cert, key)
     trusted = ssl.create_default_context(cafile=str(cert))

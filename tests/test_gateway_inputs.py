@@ -31,6 +31,7 @@ import httpx
 import pytest
 import replicate
 import uvicorn
+from gateway_support import MODEL, OTHER_TOKEN, TOKEN, serving
 from PIL import Image
 from replicate.exceptions import ReplicateError
 from replicate.helpers import FileOutput
@@ -41,26 +42,8 @@ from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_gateway.app import create_app
 from kiln_gateway.forms import FormError, parse_form
 from kiln_gateway.inputs import InputRejected, abbreviate_input, parse_data_uri
-from kiln_gateway.server import bind_socket
 from kiln_gateway.settings import GatewaySettings
 
-TOKEN = "token-of-app-a"
-OTHER_TOKEN = "token-of-app-b"
-MODEL = pb.ModelInfo(
-    name="fake",
-    default_width=64,
-    default_height=64,
-    default_num_inference_steps=4,
-    default_guidance_scale=5,
-    default_scheduler="K_EULER",
-    min_size=32,
-    max_size=512,
-    max_num_inference_steps=50,
-    max_num_outputs=4,
-    max_guidance_scale=20,
-    schedulers=["K_EULER"],
-    default_strength=0.8,
-)
 UPLOAD_LIMIT = 64 * 1024
 
 
@@ -167,20 +150,11 @@ def running(settings: GatewaySettings) -> Iterator[Gateway]:
         return cast(AsyncKilnClient, RecordingKiln(upstream))
 
     app = create_app(settings, client_factory=stand_in)
-    sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.02)
     try:
-        yield Gateway(f"http://127.0.0.1:{sock.getsockname()[1]}", upstream, settings)
+        with serving(server) as served:
+            yield Gateway(f"http://127.0.0.1:{served.port}", upstream, settings)
     finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
         if own_folder and settings.files_dir is not None:
             shutil.rmtree(settings.files_dir, ignore_errors=True)
 
