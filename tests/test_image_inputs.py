@@ -124,3 +124,19 @@ def test_message_limit_must_fit_an_image_and_a_mask() -> None:
         load_settings({"max_message_mb": 40}, environ={})
     settings, _ = load_settings({"max_message_mb": 21, "max_image_mb": 10}, environ={})
     assert settings.max_image_mb == 10
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"max_image_mb": 0}, "max_image_mb must be at least 1"),
+        ({"max_image_pixels": 100}, "max_image_pixels at least 4096"),
+        ({"max_shape_groups": 0}, "max_shape_groups must be at least 1"),
+        ({"engine_stall_seconds": 0.0}, "engine_stall_seconds above 0"),
+        ({"max_request_work": -1.0}, "max_request_work must be above 0"),
+        ({"metrics_port": 70000}, "metrics_port 70000 is not a port"),
+    ],
+)
+def test_new_server_limits_refuse_bad_values(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(flags, environ={})

@@ -230,13 +230,14 @@ def _decode_photo(
                 "both image and mask",
             )
         )
+    # The fields that only mean something beside an image (and, the last two, a mask).
+    given = {
+        "mask": bool(request.mask),
+        "strength": request.HasField("strength"),
+        "keep_unmasked": request.HasField("keep_unmasked"),
+        "mask_crop_padding": request.HasField("mask_crop_padding"),
+    }
     if not request.image:
-        given = {
-            "mask": bool(request.mask),
-            "strength": request.HasField("strength"),
-            "keep_unmasked": request.HasField("keep_unmasked"),
-            "mask_crop_padding": request.HasField("mask_crop_padding"),
-        }
         for name in (name for name, present in given.items() if present):
             errors.append(FieldViolation(name, "needs an image; send `image` too"))
         return photo
@@ -250,11 +251,8 @@ def _decode_photo(
         )
         return photo
     if not request.mask:
-        for name, present in (
-            ("keep_unmasked", request.HasField("keep_unmasked")),
-            ("mask_crop_padding", request.HasField("mask_crop_padding")),
-        ):
-            if present:
+        for name in ("keep_unmasked", "mask_crop_padding"):
+            if given[name]:
                 errors.append(FieldViolation(name, "needs a mask; send `mask` too"))
     try:
         photo.image = decode_image(request.image, "image", image_limits)

@@ -48,14 +48,11 @@ def _start_at_strength(scheduler: Any, steps: int, strength: float) -> torch.Ten
     return timesteps
 
 
-def _keep_photo(state: DenoiseState) -> torch.Tensor:
-    """After a step of an inpainting request on a plain UNet: where the mask keeps, the
-    photo's latents re-noised to the next timestep (clean after the last), as diffusers'
-    SDXL inpaint pipeline blends them; an img2img request is left as it is."""
-    photo = state.photo
-    assert photo is not None
-    if photo.mask is None or photo.image is None:
-        return state.latents
+def _keep_photo(state: DenoiseState, photo: PhotoLatents) -> torch.Tensor:
+    """After a step of an inpainting request on a plain UNet (`photo.blends`): where the
+    mask keeps, the photo's latents re-noised to the next timestep (clean after the last),
+    as diffusers' SDXL inpaint pipeline blends them."""
+    assert photo.image is not None and photo.mask is not None
     proper = photo.image
     following = state.step_index + 1
     if following < len(state.timesteps):
@@ -88,6 +85,11 @@ class PhotoLatents:
     noise: torch.Tensor
     mask: torch.Tensor | None = None
     unet_extra: torch.Tensor | None = None
+
+    @property
+    def blends(self) -> bool:
+        """True for inpainting on a plain UNet: the photo is blended in after each step."""
+        return self.mask is not None and self.unet_extra is None
 
 
 @dataclass
@@ -258,11 +260,11 @@ class SDXLPipeline:
         # As diffusers' VaeImageProcessor: levels / 255 in float32, then to [-1, 1].
         levels = torch.from_numpy(conditioning.image).permute(2, 0, 1)[None].float() / 255.0
         pixels = 2.0 * levels - 1.0
-        from_noise = conditioning.mask is not None and conditioning.strength == 1.0
+        inpaint = conditioning.mask is not None
+        from_noise = inpaint and conditioning.strength == 1.0
         # diffusers' img2img samples the photo's latents once per output, each from its
         # own generator; its inpaint pipeline samples them once, from the first generator,
         # for every output.
-        inpaint = conditioning.mask is not None
         samplers = generators[:1] if inpaint else generators
         image = None
         if not (self.dims.inpainting and from_noise):
@@ -281,8 +283,8 @@ class SDXLPipeline:
             photo.mask = mask
             if self.dims.inpainting:
                 masked = self._encode(pixels * (repaint < 0.5), samplers)
-                extra = [mask, masked]
-                photo.unet_extra = torch.cat(extra, dim=1).expand(params.num_outputs, -1, -1, -1)
+                extra = torch.cat([mask, masked], dim=1)
+                photo.unet_extra = extra.expand(params.num_outputs, -1, -1, -1)
             else:
                 # diffusers samples the masked photo's latents for a plain UNet too and
                 # never uses them; the draw still advances the first generator, and the
@@ -342,8 +344,8 @@ class SDXLPipeline:
             )
             state.latents = output.prev_sample
             state.denoised = getattr(output, "pred_original_sample", None)
-            if state.photo is not None and state.photo.unet_extra is None:
-                state.latents = _keep_photo(state)
+            if state.photo is not None and state.photo.blends:
+                state.latents = _keep_photo(state, state.photo)
             state.step_index += 1
         self._pace()
         return StepResult(time.perf_counter() - started, int(inputs["sample"].shape[0]))
