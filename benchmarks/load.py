@@ -9,7 +9,8 @@ against the same generation called in-process.
     .venv/bin/python benchmarks/load.py --concurrency 1 4 8 16 --duration 30
 
 Results go to stdout as a Markdown table; `--write-results` replaces this benchmark's
-section of benchmarks/RESULTS.md.
+section of benchmarks/RESULTS.md, and `--json FILE` also writes them as JSON (what
+`kiln cost --results FILE` reads: engine seconds and images of each level).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from results_file import publish
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_server.atomic_files import write_atomic
 from kiln_server.local import LocalServer, start_local_server
 from kiln_server.models.registry import default_builtin_name
 
@@ -57,6 +59,9 @@ class RunResult:
     queue_seconds: list[float]
     mean_batch_rows: float
     errors: int
+    # From the `completed` events: the requests' engine seconds and their images.
+    engine_seconds: float = 0.0
+    completed_images: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -105,7 +110,8 @@ async def closed_loop(address: str, concurrency: int, args: argparse.Namespace) 
     """Keep `concurrency` requests in flight until the duration or request budget ends."""
     latencies: list[float] = []
     queue_times: list[float] = []
-    counter = {"next": 0, "images": 0, "errors": 0}
+    counter = {"next": 0, "images": 0, "errors": 0, "completed_images": 0}
+    engine_seconds: list[float] = []
     deadline = time.monotonic() + args.duration
     options = [("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
@@ -122,6 +128,8 @@ async def closed_loop(address: str, concurrency: int, args: argparse.Namespace) 
                             counter["images"] += 1
                         elif event.HasField("completed"):
                             queue_times.append(event.completed.queue_seconds)
+                            engine_seconds.append(event.completed.engine_seconds)
+                            counter["completed_images"] += event.completed.num_images
                     latencies.append(time.perf_counter() - started)
                 except grpc.aio.AioRpcError:
                     counter["errors"] += 1
@@ -138,6 +146,8 @@ async def closed_loop(address: str, concurrency: int, args: argparse.Namespace) 
         queue_times,
         0.0,
         counter["errors"],
+        sum(engine_seconds),
+        counter["completed_images"],
     )
 
 
@@ -275,7 +285,48 @@ def run(args: argparse.Namespace) -> str:
                 )
             finally:
                 server.terminate(timeout=120)
+    if args.json:
+        write_atomic(args.json, json.dumps(results_document(results, args), indent=2) + "\n")
     return report(results, overhead, args)
+
+
+def machine() -> str:
+    """The machine a run measured, for the report and the JSON results."""
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def results_document(results: list[RunResult], args: argparse.Namespace) -> dict[str, object]:
+    """The `--json` results: the workload and every level's figures, engine seconds included."""
+    return {
+        "benchmark": "benchmarks/load.py",
+        "measured": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "command": f"benchmarks/load.py {' '.join(sys.argv[1:])}",
+        "model": args.model,
+        "backend": args.backend or "auto",
+        "steps": args.steps or None,
+        "num_outputs": args.num_outputs,
+        "max_batch_rows": args.max_batch_rows,
+        "intra_op_threads": args.intra_op_threads,
+        "levels": [
+            {
+                "concurrency": r.concurrency,
+                "requests": r.requests,
+                "images": r.images,
+                "errors": r.errors,
+                "seconds": r.seconds,
+                "images_per_second": r.images_per_second,
+                "p50_seconds": percentile(r.latencies, 50),
+                "p95_seconds": percentile(r.latencies, 95),
+                "p99_seconds": percentile(r.latencies, 99),
+                "mean_queue_seconds": statistics.mean(r.queue_seconds) if r.queue_seconds else 0.0,
+                "mean_batch_rows": r.mean_batch_rows,
+                "engine_seconds": r.engine_seconds,
+                "completed_images": r.completed_images,
+            }
+            for r in results
+        ],
+    }
 
 
 def overhead_report(overhead: list[OverheadRound], repeats: int) -> list[str]:
@@ -305,8 +356,7 @@ def report(
     lines = [
         SECTION,
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; measured {time.strftime('%Y-%m-%d')}.",
+        f"Machine: {machine()}; measured {time.strftime('%Y-%m-%d')}.",
         f"Command: `.venv/bin/python benchmarks/load.py {' '.join(sys.argv[1:])}`",
         f"Workload: model `{args.model}` at its default size, "
         f"{args.steps or 'default'} steps, {args.num_outputs} image(s) per request, distinct "
@@ -366,6 +416,13 @@ def main() -> int:
         "but one)",
     )
     parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE",
+        help="also write the results as JSON, per level with engine seconds and images "
+        "(what `kiln cost --results FILE` reads)",
+    )
     args = parser.parse_args()
     section = run(args)
     publish(SECTION, section, args.write_results)

@@ -345,9 +345,15 @@ def webhook_receiver(accepting: bool = True) -> Iterator[Receiver]:
         server.server_close()
 
 
-def self_signed_certificate(folder: Path, host: str) -> tuple[Path, Path]:
-    """A one-day self-signed certificate and key for `host` (an IP address or a DNS name),
-    made with the openssl CLI in `folder`; skips the test where openssl is missing."""
+def self_signed_certificate(
+    folder: Path, host: str, *, issuer: tuple[Path, Path] | None = None, client: bool = False
+) -> tuple[Path, Path]:
+    """A one-day certificate and key for `host` (an IP address or a DNS name), made with the
+    openssl CLI in `folder`; skips the test where openssl is missing.
+
+    Self-signed, or signed by `issuer` (a `certificate_authority()`); `client` makes it a
+    client certificate (for mutual TLS) rather than a server one.
+    """
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make a test certificate")
     try:
@@ -356,14 +362,32 @@ def self_signed_certificate(folder: Path, host: str) -> tuple[Path, Path]:
     except ValueError:
         alt_name = f"DNS:{host}"
     cert, key = folder / f"{host}.pem", folder / f"{host}.key"
+    signing = [] if issuer is None else [
+        "-CA", str(issuer[0]), "-CAkey", str(issuer[1]),
+        "-addext", "basicConstraints=critical,CA:FALSE",
+        "-addext", f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}",
+    ]  # fmt: skip
+    _openssl_certificate(cert, key, host, "-addext", f"subjectAltName={alt_name}", *signing)
+    return cert, key
+
+
+def certificate_authority(folder: Path, name: str = "Kiln test CA") -> tuple[Path, Path]:
+    """A one-day CA certificate and key in `folder`, to sign `self_signed_certificate`s."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = folder / "ca.pem", folder / "ca.key"
+    _openssl_certificate(cert, key, name, "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return cert, key
+
+
+def _openssl_certificate(cert: Path, key: Path, name: str, *options: str) -> None:
     subprocess.run(
         [
             "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", f"/CN={host}",
-            "-addext", f"subjectAltName={alt_name}", "-keyout", str(key), "-out", str(cert),
+            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+            *options, "-keyout", str(key), "-out", str(cert),
         ],
         check=True,
         capture_output=True,
         timeout=30,
     )  # fmt: skip
-    return cert, key

@@ -32,8 +32,11 @@ from kiln_client.errors import (
     InvalidArgument,
     KilnError,
     ModelNotFound,
+    PermissionDenied,
     QueueFull,
+    ResourceExhausted,
     ServerUnreachable,
+    Unauthenticated,
     Unavailable,
     from_rpc_error,
 )
@@ -193,6 +196,9 @@ def test_queue_full_carries_retry_after(kiln: FakeKiln) -> None:
         (grpc.StatusCode.NOT_FOUND, ModelNotFound),
         (grpc.StatusCode.UNAVAILABLE, Unavailable),
         (grpc.StatusCode.INTERNAL, KilnError),
+        (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted),
     ],
 )
 def test_status_codes_map_to_error_classes(

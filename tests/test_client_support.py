@@ -2,8 +2,10 @@
 
 `running_fake_server()` starts a real gRPC server on 127.0.0.1 (ephemeral port) with a
 scripted `GenerationService` and the standard health service. Each Generate call plays
+the next of `service.scripts` (one per call, for calls that must differ), then
 `service.script`: response messages are sent, `Abort` ends the call with a rich status
-(google.rpc details), `Hang` blocks until the client goes away.
+(google.rpc details), `Hang` blocks until the client goes away. Every call's metadata is
+recorded.
 """
 
 from __future__ import annotations
@@ -59,7 +61,10 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
     """Plays `script` for every Generate call and records what it saw."""
 
     script: list[Step] = field(default_factory=list)
+    scripts: list[list[Step]] = field(default_factory=list)
     requests: list[pb.GenerateRequest] = field(default_factory=list)
+    # The invocation metadata of every call (Generate and ListModels), in arrival order.
+    metadata: list[dict[str, str]] = field(default_factory=list)
     models: pb.ListModelsResponse = field(default_factory=pb.ListModelsResponse)
     list_models_abort: Abort | None = None
     # Set when a call ended before the script did: the client cancelled or its deadline passed.
@@ -67,6 +72,8 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: Any) -> Iterator[pb.GenerateResponse]:
         self.requests.append(request)
+        self.metadata.append(dict(context.invocation_metadata()))
+        script = self.scripts.pop(0) if self.scripts else self.script
         ended = threading.Event()
         server_finished = False  # the script ran to its end or aborted: not the client's doing
 
@@ -78,7 +85,7 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
         # Runs when the RPC ends for any reason, even if the server never pulls another
         # response from this generator after the client cancelled.
         context.add_callback(on_termination)
-        for step in self.script:
+        for step in script:
             if isinstance(step, Abort):
                 server_finished = True
                 context.abort_with_status(step.status())
@@ -90,6 +97,7 @@ class FakeGenerationService(pb_grpc.GenerationServiceServicer):
         server_finished = True
 
     def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        self.metadata.append(dict(context.invocation_metadata()))
         if self.list_models_abort is not None:
             context.abort_with_status(self.list_models_abort.status())
         return self.models
@@ -105,14 +113,20 @@ class FakeKiln:
 
 
 @contextlib.contextmanager
-def running_fake_server() -> Iterator[FakeKiln]:
-    """Start the fake server on an ephemeral 127.0.0.1 port; stop it on exit."""
+def running_fake_server(
+    credentials: grpc.ServerCredentials | None = None,
+) -> Iterator[FakeKiln]:
+    """Start the fake server on an ephemeral 127.0.0.1 port (TLS with `credentials`); stop
+    it on exit."""
     service = FakeGenerationService()
     health_servicer = health.HealthServicer()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_GenerationServiceServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     try:
         yield FakeKiln(f"127.0.0.1:{port}", service, health_servicer)

@@ -91,7 +91,8 @@ def test_default_output_name_uses_the_seed_and_format(
     assert run_cli("generate", "a teapot", "--format", "webp") == 0
     assert (tmp_path / "kiln-42.webp").read_bytes() == b"webp-bytes"
     assert kiln.service.requests[0].output_format == pb.OUTPUT_FORMAT_WEBP
-    assert not kiln.service.requests[0].HasField("seed")
+    # No --seed: the client picks one, so that a resubmitted request draws the same images.
+    assert kiln.service.requests[0].HasField("seed")
 
 
 @pytest.mark.parametrize(
@@ -456,3 +457,129 @@ def test_models_shows_the_image_limits(kiln: FakeKiln, capsys: pytest.CaptureFix
         "  images:   --image/--mask up to 20 MiB and 16,777,216 pixels each, strength 0.8 by "
         "default; an inpainting model: needs --image and --mask"
     ]
+
+
+# Connection: --token, TLS, --allow-plaintext-token, --no-retry, several servers
+
+
+def test_token_comes_from_the_flag_or_kiln_api_token(
+    kiln: FakeKiln, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    kiln.service.script = [image(0, 7, b"png"), completed()]
+    monkeypatch.setenv("KILN_API_TOKEN", "from-env")
+    assert run_cli("models", "--server", kiln.address) == 0
+    assert run_cli("models", "--server", kiln.address, "--token", "from-flag") == 0
+    monkeypatch.delenv("KILN_API_TOKEN")
+    out = str(tmp_path / "x.png")
+    assert run_cli("generate", "x", "--server", kiln.address, "--token", "t", "--out", out) == 0
+    assert [m.get("authorization") for m in kiln.service.metadata] == [
+        "Bearer from-env",
+        "Bearer from-flag",
+        "Bearer t",
+    ]
+
+
+def test_help_prefers_the_environment_for_the_token(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli("generate", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--token", "--tls-ca", "--tls-cert", "--tls-key", "--allow-plaintext-token"):
+        assert flag in text
+    assert "KILN_API_TOKEN, which is preferred: a command line is visible to other users" in text
+    assert "--no-retry" in text
+
+
+@pytest.mark.parametrize("command", [("models",), ("generate", "a teapot")])
+def test_a_plaintext_token_to_another_host_is_refused_naming_the_flags(
+    capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    code = run_cli(*command, "--server", "10.1.2.3:50051", "--token", "s3cret")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "plain text" in err and "--tls-ca" in err and "--allow-plaintext-token" in err
+    assert "s3cret" not in err
+
+
+def test_tls_flags_are_checked_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert = tmp_path / "client.pem"
+    cert.write_text("not used")
+    assert run_cli("models", "--tls-cert", str(cert)) == 2
+    assert "--tls-cert needs --tls-key" in capsys.readouterr().err
+    assert run_cli("models", "--tls-ca", str(tmp_path / "absent.pem")) == 2
+    assert f"--tls-ca {tmp_path / 'absent.pem'}: cannot read it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("abort", "token", "expected"),
+    [
+        (
+            Abort(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token"),
+            None,
+            "requires an API token and none was sent: set $KILN_API_TOKEN (or --token)",
+        ),
+        (
+            Abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token"),
+            "wrong",
+            "does not accept the API token (unknown token)",
+        ),
+        (
+            Abort(grpc.StatusCode.PERMISSION_DENIED, "the token lacks the generate scope"),
+            "read-only",
+            "not allowed to do this",
+        ),
+        (
+            queue_full(1.5),
+            "busy-token",
+            "is busy: queue is full (64 waiting); retry in 1.5 s",
+        ),
+    ],
+)
+def test_auth_and_limit_errors_say_what_to_do(
+    kiln: FakeKiln,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    abort: Abort,
+    token: str | None,
+    expected: str,
+) -> None:
+    monkeypatch.delenv("KILN_API_TOKEN", raising=False)
+    kiln.service.script = [abort]
+    kiln.service.list_models_abort = abort
+    flags = ["--token", token] if token else []
+    assert run_cli("generate", "a teapot", "--server", kiln.address, *flags) == 1
+    assert expected in capsys.readouterr().err
+    assert run_cli("models", "--server", kiln.address, *flags) == 1
+    assert expected in capsys.readouterr().err
+
+
+def test_no_retry_fails_when_the_stream_breaks(
+    kiln: FakeKiln, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = [queued(0), Abort(grpc.StatusCode.UNAVAILABLE, "Stream removed")]
+    kiln.service.scripts = [list(broken)]
+    kiln.service.script = [image(0, 7, b"png"), completed()]
+    out = str(tmp_path / "x.png")
+    assert run_cli("generate", "x", "--server", kiln.address, "--no-retry", "--out", out) == 1
+    assert "unavailable: Stream removed" in capsys.readouterr().err
+    # With retries (the default) the same break is resubmitted and the image written once.
+    kiln.service.scripts = [list(broken)]
+    assert run_cli("generate", "x", "--server", kiln.address, "--out", out) == 0
+    assert capsys.readouterr().out == f"wrote {out} (seed 7)\n"
+    assert len(kiln.service.requests) == 3
+
+
+def test_server_takes_a_list_of_addresses(capsys: pytest.CaptureFixture[str]) -> None:
+    with running_fake_server() as first, running_fake_server() as second:
+        for fake in (first, second):
+            fake.service.models = pb.ListModelsResponse(
+                default_model="tiny", models=[pb.ModelInfo(name="tiny")]
+            )
+        servers = f"{first.address},{second.address}"
+        for _ in range(40):
+            assert run_cli("models", "--server", servers) == 0
+            if first.service.metadata and second.service.metadata:
+                break
+        assert first.service.metadata and second.service.metadata
+    assert "tiny (default)" in capsys.readouterr().out

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from kiln_client.aio import AsyncKilnClient
+from kiln_client.connection import ConnectionSettings
 from kiln_gateway import api, files, models, streaming, uploads
 from kiln_gateway.database import Database, DatabaseError
 from kiln_gateway.errors import ApiError, ProblemDetail, install_error_handlers
@@ -48,7 +49,7 @@ from kiln_gateway.store import PredictionStore
 from kiln_gateway.uploads import UploadStore
 from kiln_gateway.webhooks import WebhookDispatcher, WebhookSender, new_secret
 
-__all__ = ["create_app", "new_instance_id"]
+__all__ = ["UPSTREAM_FLAGS", "create_app", "new_instance_id", "upstream_connection"]
 
 log = logging.getLogger("kiln_gateway")
 
@@ -60,6 +61,35 @@ _TITLES = {
     405: "Method not allowed",
     413: "Request body too large",
 }
+
+
+UPSTREAM_FLAGS = {
+    "target": "--upstream",
+    "token": "KILN_API_TOKEN",
+    "tls_ca": "--upstream-tls-ca",
+    "tls_cert": "--upstream-tls-cert",
+    "tls_key": "--upstream-tls-key",
+    "allow_plaintext_token": "--upstream-allow-plaintext-token",
+}
+"""The `kiln gateway` flag behind each connection argument, for its error messages."""
+
+
+def upstream_connection(settings: GatewaySettings) -> ConnectionSettings:
+    """How the gateway reaches `settings.upstream`: its TLS files, and the bearer token from
+    `KILN_API_TOKEN` (retries and round_robin as every Kiln client has them).
+
+    Raises:
+        ConnectionSettingsError: an unreadable file, a certificate without its key, or a
+            token that would go to a non-loopback upstream in plain text.
+    """
+    return ConnectionSettings.resolve(
+        settings.upstream,
+        tls_ca=settings.upstream_tls_ca,
+        tls_cert=settings.upstream_tls_cert,
+        tls_key=settings.upstream_tls_key,
+        tls_server_name=settings.upstream_tls_server_name,
+        allow_plaintext_token=settings.upstream_allow_plaintext_token,
+    )
 
 
 def new_instance_id() -> str:
@@ -136,12 +166,13 @@ def create_app(
 ) -> FastAPI:
     """The ASGI app serving Replicate's API for the Kiln server at `settings.upstream`.
 
-    `client_factory(target)` makes the Kiln client (default: `AsyncKilnClient(target)`);
-    it is called once, when the app starts. `resolver` and `address_check` replace the
-    system resolver and the public-address rule for every outbound URL (input fetches and
-    webhooks), e.g. to keep a test from reaching any network.
+    `client_factory(target)` makes the Kiln client (default: an `AsyncKilnClient` over
+    `upstream_connection(settings)`); it is called once, when the app starts. `resolver`
+    and `address_check` replace the system resolver and the public-address rule for every
+    outbound URL (input fetches and webhooks), e.g. to keep a test from reaching any
+    network.
     """
-    factory = client_factory or (lambda target: AsyncKilnClient(target))
+    factory = client_factory or (lambda target: AsyncKilnClient(upstream_connection(settings)))
     metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager

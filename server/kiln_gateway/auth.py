@@ -1,9 +1,10 @@
 """Bearer-token authentication as Replicate does it: `Authorization: Bearer <token>`.
 
-Tokens come from `KILN_API_TOKENS`, comma-separated; an entry `TOKEN:admin` gives that
-token the admin scope. When none are configured the gateway only listens on loopback (see
-`kiln gateway`) and every request is allowed. Replicate's older `Authorization: Token
-<token>` scheme is accepted too.
+Tokens come from `KILN_API_TOKENS`, comma-separated entries in the syntax of
+`kiln_server.tokens` (shared with `kiln serve`); every accepted token may use the API, and
+the `admin` scope (`TOKEN:admin`) also sees every prediction. When none are configured the
+gateway only listens on loopback (see `kiln gateway`) and every request is allowed.
+Replicate's older `Authorization: Token <token>` scheme is accepted too.
 
 The token is checked by `kiln_gateway.guard` before a request's body is read; the
 dependencies here say who the request acts for. `caller_owner` is a one-way hash of the
@@ -15,7 +16,6 @@ lists and cancels every prediction (its uploaded files stay its own).
 from __future__ import annotations
 
 import hashlib
-import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -25,6 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kiln_gateway.errors import ApiError
 from kiln_gateway.settings import GatewaySettings
 from kiln_gateway.state import GatewayState, gateway_state
+from kiln_server.tokens import ADMIN, bearer_token, matching_token
 
 __all__ = [
     "ANONYMOUS",
@@ -61,17 +62,7 @@ class Caller:
 
 def presented_token(authorization: str) -> str | None:
     """The token of an `Authorization` header value (`Bearer` or `Token` scheme), or None."""
-    scheme, _, value = authorization.strip().partition(" ")
-    if scheme.lower() in ("bearer", "token") and value.strip():
-        return value.strip()
-    return None
-
-
-def _matches(presented: str, tokens: tuple[str, ...]) -> bool:
-    matched = False
-    for token in tokens:  # compare with every token so timing does not reveal which matched
-        matched |= hmac.compare_digest(presented.encode(), token.encode())
-    return matched
+    return bearer_token(authorization, ("bearer", "token"))
 
 
 def token_accepted(settings: GatewaySettings, authorization: str) -> bool:
@@ -79,7 +70,7 @@ def token_accepted(settings: GatewaySettings, authorization: str) -> bool:
     if not settings.tokens:
         return True
     presented = presented_token(authorization)
-    return presented is not None and _matches(presented, settings.tokens)
+    return presented is not None and matching_token(presented, settings.api_tokens) is not None
 
 
 def unauthenticated() -> ApiError:
@@ -117,7 +108,8 @@ async def caller(
     presented = presented_token(request.headers.get("authorization", ""))
     if not settings.tokens or presented is None:
         return Caller(ANONYMOUS, admin=True)
-    return Caller(owner_of(presented), admin=_matches(presented, settings.admin_tokens))
+    token = matching_token(presented, settings.api_tokens)
+    return Caller(owner_of(presented), admin=token is not None and token.allows(ADMIN))
 
 
 async def caller_owner(who: Annotated[Caller, Depends(caller)]) -> str:

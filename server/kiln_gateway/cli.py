@@ -25,7 +25,41 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument(
-        "--upstream", metavar="H:P", help="Kiln gRPC server (default 127.0.0.1:50051)"
+        "--upstream",
+        metavar="H:P[,H:P]",
+        help="Kiln gRPC server (default 127.0.0.1:50051); several comma-separated IP:PORT, "
+        "or dns:///NAME:PORT for every address of a name, share the predictions round-robin",
+    )
+    upstream = parser.add_argument_group(
+        "reaching the Kiln server (the bearer token sent to it comes from KILN_API_TOKEN)"
+    )
+    upstream.add_argument(
+        "--upstream-tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA bundle (PEM) that signed the Kiln server's certificate: connect over TLS",
+    )
+    upstream.add_argument(
+        "--upstream-tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="client certificate (PEM) for a Kiln server that requires mutual TLS; needs "
+        "--upstream-tls-key",
+    )
+    upstream.add_argument(
+        "--upstream-tls-key", type=Path, metavar="FILE", help="private key of --upstream-tls-cert"
+    )
+    upstream.add_argument(
+        "--upstream-tls-server-name",
+        metavar="NAME",
+        help="name the Kiln server's certificate carries, when it is not the --upstream host",
+    )
+    upstream.add_argument(
+        "--upstream-allow-plaintext-token",
+        action="store_true",
+        default=None,
+        help="send KILN_API_TOKEN to a non-loopback --upstream without TLS (only over a "
+        "private path, e.g. a TLS-terminating proxy on the same host)",
     )
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 8080)")
@@ -169,6 +203,14 @@ def run_gateway(args: argparse.Namespace) -> int:
         if path is not None and not path.is_file():
             print(f"kiln gateway: TLS file {path} does not exist", file=sys.stderr)
             return 2
+    from kiln_client.connection import ConnectionSettingsError
+    from kiln_gateway.app import UPSTREAM_FLAGS, upstream_connection
+
+    try:
+        upstream_connection(settings)
+    except ConnectionSettingsError as error:
+        print(f"kiln gateway: {error.message_for(UPSTREAM_FLAGS)}", file=sys.stderr)
+        return 2
 
     import asyncio
     import logging

@@ -3,9 +3,10 @@
 Precedence: command-line flag, then environment variable, then the config file, then the
 default here. Environment variables are `KILN_GATEWAY_<NAME>` (so they never collide with
 `kiln serve`'s `KILN_<NAME>`), except the two secrets: accepted bearer tokens come only from
-`KILN_API_TOKENS` (comma-separated; `TOKEN:admin` marks a token that sees every prediction)
-and the webhook signing secret from `KILN_WEBHOOK_SECRET` (or `webhook_secret` in the
-config file), never from a flag. `database` may hold a password: it is never shown in logs
+`KILN_API_TOKENS` (comma-separated entries in `kiln_server.tokens`' syntax; every accepted
+token may create predictions, and one with the `admin` scope, `TOKEN:admin`, sees every
+prediction) and the webhook signing secret from `KILN_WEBHOOK_SECRET` (or `webhook_secret` in
+the config file), never from a flag. `database` may hold a password: it is never shown in logs
 or errors.
 
 Example config (the same file `kiln serve --config` reads; `kiln serve` ignores the table):
@@ -23,15 +24,16 @@ Example config (the same file `kiln serve --config` reads; `kiln serve` ignores 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from kiln_server.config_file import SettingsError, convert_setting, read_config_file, to_bool
+from kiln_server.tokens import ADMIN, GENERATE, ApiToken, is_loopback, parse_token_entries
 
 __all__ = [
     "Alias",
@@ -75,7 +77,7 @@ MIB = 1024 * 1024
 GIB = 1024 * MIB
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 """Host names every gateway answers to, whatever --allowed-hosts says."""
-ADMIN_SCOPE = "admin"
+ADMIN_SCOPE = ADMIN
 """The scope of a `TOKEN:admin` entry in KILN_API_TOKENS: sees every prediction."""
 
 
@@ -158,6 +160,17 @@ class GatewaySettings:
     """Owner shown for Kiln models reached by version id or listed by GET /v1/models."""
     upstream_timeout_seconds: float = 600.0
     """Deadline of one generation on the Kiln server."""
+    upstream_tls_ca: Path | None = None
+    """CA bundle (PEM) that signed the Kiln server's certificate: reach `upstream` over TLS.
+    The token sent upstream comes from `KILN_API_TOKEN`."""
+    upstream_tls_cert: Path | None = None
+    """Client certificate (PEM) for a Kiln server that requires mutual TLS."""
+    upstream_tls_key: Path | None = None
+    """Private key (PEM) of `upstream_tls_cert`."""
+    upstream_tls_server_name: str | None = None
+    """Name the Kiln server's certificate carries, when it is not `upstream`'s host."""
+    upstream_allow_plaintext_token: bool = False
+    """Send `KILN_API_TOKEN` to a non-loopback `upstream` without TLS (a private path only)."""
     log_format: str = "auto"
     log_level: str = "INFO"
 
@@ -165,6 +178,15 @@ class GatewaySettings:
     def auth_enabled(self) -> bool:
         """True when bearer tokens are configured and therefore required."""
         return bool(self.tokens)
+
+    @cached_property
+    def api_tokens(self) -> tuple[ApiToken, ...]:
+        """The accepted tokens with their gateway scopes (`admin` for `admin_tokens`)."""
+        admins = set(self.admin_tokens)
+        return tuple(
+            ApiToken(token, frozenset({ADMIN_SCOPE if token in admins else GENERATE}))
+            for token in self.tokens
+        )
 
     @property
     def files_root(self) -> Path:
@@ -184,16 +206,6 @@ class GatewaySettings:
         if self.max_request_bytes is not None:
             return self.max_request_bytes
         return -(-2 * self.max_input_bytes * 4 // 3) + 64 + MIB
-
-
-def is_loopback(host: str) -> bool:
-    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_alias(text: str, source: str = "--alias") -> Alias:
@@ -227,6 +239,10 @@ _CONVERTERS: dict[str, Any] = {
     "max_wait_seconds": float,
     "max_predictions": int,
     "upstream_timeout_seconds": float,
+    "upstream_tls_ca": Path,
+    "upstream_tls_cert": Path,
+    "upstream_tls_key": Path,
+    "upstream_allow_plaintext_token": to_bool,
     "max_input_bytes": int,
     "upload_expiry_seconds": float,
     "fetch_timeout_seconds": float,
@@ -261,29 +277,15 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def parse_tokens(raw: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """KILN_API_TOKENS (`TOKEN[:SCOPE],...`) as (every token, the admin-scoped ones).
-
-    A scope follows the token's last `:`; the only scope is `admin`.
+    """KILN_API_TOKENS (entries as `kiln_server.tokens` reads them) as (every token, the ones
+    with the admin scope).
 
     Raises:
-        SettingsError: an entry's scope is not `admin` (the message never shows the token).
+        SettingsError: an entry is not `TOKEN[:SCOPE[+SCOPE]]` (the message never shows it).
     """
-    tokens: list[str] = []
-    admins: list[str] = []
-    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
-    for position, entry in enumerate(entries, start=1):
-        token, colon, scope = entry.rpartition(":")
-        if not colon:
-            token, scope = entry, ""
-        if scope not in ("", ADMIN_SCOPE) or (colon and not token):
-            raise SettingsError(
-                f"KILN_API_TOKENS entry {position}: write TOKEN or TOKEN:{ADMIN_SCOPE} (the "
-                f"only scope is {ADMIN_SCOPE}, after the token's last ':')"
-            )
-        tokens.append(token)
-        if scope == ADMIN_SCOPE:
-            admins.append(token)
-    return tuple(dict.fromkeys(tokens)), tuple(dict.fromkeys(admins))
+    parsed = parse_token_entries(raw, "KILN_API_TOKENS")
+    admins = tuple(token.secret for token in parsed if token.allows(ADMIN_SCOPE))
+    return tuple(token.secret for token in parsed), admins
 
 
 def load_settings(

@@ -18,7 +18,11 @@ def register(subparsers: Any) -> None:
         description=(
             "Start Kiln's gRPC server. Models are loaded and warmed up before health "
             "reports SERVING. Every flag can also be set as KILN_<NAME> in the environment "
-            "(e.g. KILN_PORT) or in the [server] table of the config file; flags win."
+            "(e.g. KILN_PORT) or in the [server] table of the config file; flags win. "
+            "Accepted bearer tokens come from KILN_API_TOKENS (comma-separated entries "
+            "TOKEN, TOKEN:admin or TOKEN:generate+admin; a bare TOKEN has the generate "
+            "scope) and --api-tokens-file, never from a flag; callers send "
+            "`authorization: Bearer TOKEN`. Without tokens the server binds loopback only."
         ),
     )
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
@@ -111,6 +115,57 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--max-message-mb", type=int, help="largest gRPC message in MiB (default 64)"
     )
+    parser.add_argument(
+        "--api-tokens-file",
+        type=Path,
+        metavar="FILE",
+        help="accept the bearer tokens in FILE too: one entry per line as in KILN_API_TOKENS "
+        "(TOKEN, TOKEN:admin, TOKEN:generate+admin), blank lines and # comments skipped",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="serve TLS with this PEM certificate (chain)"
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="unencrypted PEM private key of --tls-cert"
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="FILE",
+        help="mutual TLS: require and verify a client certificate signed by a CA in this PEM "
+        "file (needs --tls-cert and --tls-key); a client certificate then authenticates the "
+        "caller, so a non-loopback --host needs no tokens",
+    )
+    parser.add_argument(
+        "--allow-plaintext-tokens",
+        action="store_true",
+        default=None,
+        help="accept tokens over plain text on a non-loopback --host, e.g. when a "
+        "TLS-terminating proxy sits in front (refused otherwise)",
+    )
+    parser.add_argument(
+        "--max-inflight-per-token",
+        type=int,
+        metavar="N",
+        help="Generate calls one token may have in flight; one more is RESOURCE_EXHAUSTED "
+        "with RetryInfo (default 32; 0: no limit)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        metavar="P",
+        help="also answer grpc.health.v1 (and nothing else) in plain text on this port of "
+        "--host, for probes that cannot speak TLS such as Kubernetes' gRPC probes; 0 picks a "
+        "free one (the log says which) (default: off)",
+    )
+    parser.add_argument(
+        "--max-connection-age",
+        type=float,
+        metavar="S",
+        help="close each client connection after S seconds (its calls finish first), so "
+        "round_robin clients re-resolve DNS and reach replicas added since; 0: never "
+        "(default 300)",
+    )
     parser.add_argument("--log-format", choices=("auto", "json", "text"), help="log style")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument("--port-file", type=Path, help="write the bound port to this file")
@@ -119,6 +174,7 @@ def register(subparsers: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Resolve settings and models, then run the server until it is told to stop."""
+    from kiln_server.auth import read_tls
     from kiln_server.logs import configure_logging
     from kiln_server.models.loader import ModelFolderError
     from kiln_server.models.registry import ModelRegistry, RegistryError
@@ -128,6 +184,7 @@ def run_serve(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
     try:
         settings, config = load_settings(flags)
+        tls = read_tls(settings)
     except SettingsError as error:
         print(f"kiln serve: {error}", file=sys.stderr)
         return 2
@@ -137,7 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         registry = ModelRegistry.from_config(config, settings.cache_dir)
         log.info("starting with models: %s", ", ".join(registry.models))
-        return asyncio.run(run_server(settings, registry, args.port_file))
+        return asyncio.run(run_server(settings, registry, args.port_file, tls))
     except (RegistryError, ModelFolderError, OSError) as error:
         log.error("cannot start: %s", error)
         print(f"kiln serve: {error}", file=sys.stderr)

@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +28,8 @@ class LocalServer:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    credentials: grpc.ChannelCredentials | None = None
+    """TLS credentials for its port (a server started with --tls-cert); None: plain text."""
 
     @property
     def address(self) -> str:
@@ -36,9 +40,15 @@ class LocalServer:
         """Everything the server (and its engine core) wrote so far."""
         return self.log_path.read_text(errors="replace")
 
+    def channel(self, options: Sequence[tuple[str, Any]] | None = None) -> grpc.Channel:
+        """A new channel to the server, over TLS when it has `credentials`."""
+        if self.credentials is not None:
+            return grpc.secure_channel(self.address, self.credentials, options=options)
+        return grpc.insecure_channel(self.address, options=options)
+
     def health(self, service: str = "") -> int:
         """Current grpc.health.v1 status of `service`."""
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             return int(reply.status)
@@ -69,10 +79,12 @@ def start_local_server(
     env: dict[str, str] | None = None,
     wait_serving: bool = True,
     timeout: float = 180,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> LocalServer:
     """Start `kiln serve --port 0 ARGS` logging JSON to workdir/server.log.
 
-    Returns once the port is bound, or once health is SERVING with `wait_serving`.
+    Returns once the port is bound, or once health is SERVING with `wait_serving` (asked
+    over TLS with `credentials`, for a server given --tls-cert).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / "port"
@@ -100,7 +112,7 @@ def start_local_server(
             process.kill()
             raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
         time.sleep(0.05)
-    server = LocalServer(process, int(port_file.read_text()), log_path)
+    server = LocalServer(process, int(port_file.read_text()), log_path, credentials)
     if wait_serving:
         server.wait_for_health(
             health_pb2.HealthCheckResponse.SERVING, max(deadline - time.monotonic(), 1.0)

@@ -18,6 +18,7 @@ STRUCTURED_FIELDS = (
     "backend",
     "port",
     "metrics_port",
+    "health_port",
     "seconds",
     "steps",
     "rows",

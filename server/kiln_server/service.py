@@ -88,7 +88,8 @@ def bad_request_status(error: RequestInvalid) -> grpc.Status:
 
 
 def queue_full_status(message: str, retry_after: float) -> grpc.Status:
-    """RESOURCE_EXHAUSTED carrying google.rpc.RetryInfo."""
+    """RESOURCE_EXHAUSTED carrying google.rpc.RetryInfo: the queue is full, or a token has
+    its most calls in flight (`kiln_server.auth`)."""
     seconds = int(retry_after)
     delay = duration_pb2.Duration(seconds=seconds, nanos=int((retry_after - seconds) * 1e9))
     return _status_details(
@@ -191,6 +192,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.served = served
         self.core = core
 
+    def model_label(self, request: pb.GenerateRequest) -> str:
+        """The `model` label a request counts under in kiln_requests_total."""
+        model = request.model or self.registry.default_model
+        return model if model in self.registry.models else UNKNOWN_MODEL
+
     def _count_tokens(self, model: str, text: str) -> int:
         return self.tokenizers[model].count_tokens(text)
 
@@ -260,8 +266,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             self.metrics.request_ended(UNKNOWN_MODEL, "invalid")
             await self._refuse_malformed(request, context)
         assert isinstance(request, pb.GenerateRequest)
-        model = request.model or self.registry.default_model
-        ending = _Ending(model if model in self.registry.models else UNKNOWN_MODEL)
+        ending = _Ending(self.model_label(request))
         try:
             # aclosing: the job is dropped from the core as soon as this call ends, not when
             # the inner generator happens to be collected.

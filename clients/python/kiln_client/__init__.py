@@ -12,6 +12,7 @@ with KilnClient("127.0.0.1:50051") as kiln:
 
 from kiln_client.aio import AsyncKilnClient
 from kiln_client.client import KilnClient
+from kiln_client.connection import ConnectionSettings, ConnectionSettingsError, RetryPolicy
 from kiln_client.errors import KilnError
 from kiln_client.image_input import MAX_IMAGE_BYTES, ImageInput, ImageInputError
 from kiln_client.requests import build_request
@@ -20,12 +21,15 @@ from kiln_client.results import GeneratedImage, GenerationResult, Timings
 __all__ = [
     "MAX_IMAGE_BYTES",
     "AsyncKilnClient",
+    "ConnectionSettings",
+    "ConnectionSettingsError",
     "GeneratedImage",
     "GenerationResult",
     "ImageInput",
     "ImageInputError",
     "KilnClient",
     "KilnError",
+    "RetryPolicy",
     "Timings",
     "build_request",
 ]

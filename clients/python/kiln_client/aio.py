@@ -14,13 +14,19 @@ import asyncio
 import inspect
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from kiln_client.client import DEFAULT_TARGET, ReadinessProbe, channel_options
+from kiln_client.client import DEFAULT_TARGET, ReadinessProbe
 from kiln_client.client import resolve_request as _resolve_request
+from kiln_client.connection import (
+    ConnectionOptions,
+    ConnectionSettings,
+    StreamAttempts,
+    open_aio_channel,
+)
 from kiln_client.errors import from_rpc_error
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
@@ -35,27 +41,26 @@ EventCallback = Callable[[pb.GenerateResponse], Awaitable[object] | object]
 class AsyncKilnClient:
     """An asyncio client for `kiln.v1.GenerationService` over one `grpc.aio` channel.
 
-    Arguments mean what they do for `KilnClient`. Use it as an async context manager, or
-    `await close()`. Cancelling a task that is awaiting any of its calls cancels the RPC on
-    the server. All failures raise `KilnError` (see `kiln_client.errors`).
+    Arguments mean what they do for `KilnClient` (addresses, token, TLS, retries), or pass
+    `target` as a `ConnectionSettings` already resolved (then leave the other connection
+    keywords out). Use it as an async context manager, or `await close()`. Cancelling a
+    task that is awaiting any of its calls cancels the RPC on the server. All failures
+    raise `KilnError` (see `kiln_client.errors`); bad connection arguments raise
+    `ConnectionSettingsError`.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | ConnectionSettings = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
-        max_message_mb: int = 64,
-        secure: bool = False,
+        **connection: Unpack[ConnectionOptions],
     ) -> None:
-        self.target = target
+        self.connection = ConnectionSettings.resolve(target, **connection)
+        self.target = self.connection.target
         self.timeout = timeout
-        options = channel_options(max_message_mb)
-        if secure:
-            credentials = grpc.ssl_channel_credentials()
-            self._channel: grpc.aio.Channel = grpc.aio.secure_channel(target, credentials, options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options)
+        self._metadata = self.connection.call_metadata()
+        self._channel = open_aio_channel(self.connection)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -84,18 +89,30 @@ class AsyncKilnClient:
 
         Use with `async for`. Cancelling the consuming task, or closing the generator
         (`aclose()`, e.g. via `contextlib.aclosing` after a `break`), cancels the RPC.
+        Broken streams are submitted again as `KilnClient.generate_events` describes.
 
         Raises:
             KilnError: when the RPC fails, raised from the iteration.
         """
-        call = self._stub.Generate(request, timeout=self._deadline(timeout))
-        try:
-            async for response in call:
-                yield response
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-        finally:
-            call.cancel()  # no-op when the stream already ended
+        attempts = StreamAttempts.start(
+            request, self.connection.retry, self._deadline(timeout), self.target
+        )
+        while True:
+            call = self._stub.Generate(
+                attempts.request, timeout=attempts.timeout(), metadata=self._metadata
+            )
+            try:
+                async for response in call:
+                    if attempts.passes(response):
+                        yield response
+                return
+            except grpc.RpcError as err:
+                pause = attempts.retry_after(err)
+                if pause is None:
+                    raise from_rpc_error(err) from None
+            finally:
+                call.cancel()  # no-op when the stream already ended
+            await asyncio.sleep(pause)
 
     async def generate(
         self,
@@ -126,6 +143,8 @@ class AsyncKilnClient:
                     if inspect.isawaitable(outcome):
                         await outcome
                 collector.add(event)
+                # A resubmitted request has a new id: report the one that completed.
+                collector.request_id = event.request_id or collector.request_id
         finally:
             await events.aclose()
         return collector.result()
@@ -138,7 +157,7 @@ class AsyncKilnClient:
         """
         try:
             response: pb.ListModelsResponse = await self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=self._deadline(timeout)
+                pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

@@ -1,8 +1,11 @@
-"""The `kiln` command: one console script whose subcommands live with the code they drive.
+"""The `kiln` command: one console script whose subcommands come from every installed distribution.
 
-Each subcommand module exposes `register(subparsers)`, which adds its parser and sets
-`handler` to a function taking the parsed arguments and returning an exit code. Modules
-import their heavy dependencies (torch, grpc servers) only when run, so `kiln --help` is fast.
+This distribution (kiln-client) brings `generate` and `models`; the server distribution adds
+`serve`, `build-engines`, `gateway` and `cost`. Each registers itself in the `kiln.commands`
+entry-point group as a function `register(subparsers)`, which adds its parsers and sets
+`handler` to a function taking the parsed arguments and returning an exit code. The client
+therefore never imports the server, and modules import their heavy dependencies (torch,
+grpc servers) only when run, so `kiln --help` is fast.
 """
 
 from __future__ import annotations
@@ -10,24 +13,44 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.metadata import EntryPoint, entry_points
+
+ENTRY_POINT_GROUP = "kiln.commands"
+"""The entry-point group whose members add subcommands to `kiln`."""
+
+
+def _command_entry_points() -> list[EntryPoint]:
+    # The client's own commands first, then the rest by name, so --help reads the same
+    # whichever distributions are installed.
+    found = {entry.name: entry for entry in entry_points(group=ENTRY_POINT_GROUP)}
+    return sorted(found.values(), key=lambda entry: (entry.name != "client", entry.name))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full `kiln` argument parser with every subcommand registered."""
-    from kiln_build import cli as build_cli
-    from kiln_client import generate_cli
-    from kiln_gateway import cli as gateway_cli
-    from kiln_server import cli as server_cli
+    """The full `kiln` argument parser with every installed subcommand registered.
 
+    A command whose distribution is broken is left out with a warning on stderr; the others
+    still work.
+    """
     parser = argparse.ArgumentParser(
         prog="kiln",
-        description="Kiln: self-hosted SDXL image generation over gRPC.",
+        description="Kiln: self-hosted image generation over gRPC.",
+        epilog="`pip install kiln-client` gives generate and models; the server "
+        "distribution (kiln) adds serve, build-engines, gateway and cost.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    server_cli.register(subparsers)
-    generate_cli.register(subparsers)
-    build_cli.register(subparsers)
-    gateway_cli.register(subparsers)
+    for entry in _command_entry_points():
+        try:
+            register = entry.load()
+        except Exception as error:  # a broken plug-in must not take `kiln generate` down
+            print(
+                f"kiln: commands {entry.name!r} ({entry.value}) failed to load and are left "
+                f"out: {type(error).__name__}: {error}. Reinstall the distribution providing "
+                "them.",
+                file=sys.stderr,
+            )
+            continue
+        register(subparsers)
     return parser
 
 

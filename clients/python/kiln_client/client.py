@@ -14,11 +14,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kiln_client.connection import (
+    ConnectionOptions,
+    ConnectionSettings,
+    StreamAttempts,
+    open_channel,
+)
 from kiln_client.errors import DeadlineExceeded, from_rpc_error
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
@@ -30,7 +36,6 @@ __all__ = [
     "HEALTH_SERVICE_NAME",
     "KilnClient",
     "ReadinessProbe",
-    "channel_options",
     "resolve_request",
 ]
 
@@ -42,15 +47,6 @@ HEALTH_SERVICE_NAME = "kiln.v1.GenerationService"
 
 _HEALTH_POLL_SECONDS = 0.1
 _HEALTH_POLL_MAX_SECONDS = 1.0
-
-
-def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
-    """gRPC channel options raising the send/receive size limits to `max_message_mb` MiB."""
-    size = int(max_message_mb * 1024 * 1024)
-    return [
-        ("grpc.max_send_message_length", size),
-        ("grpc.max_receive_message_length", size),
-    ]
 
 
 def resolve_request(
@@ -133,29 +129,45 @@ class ReadinessProbe:
 class KilnClient:
     """A synchronous client for `kiln.v1.GenerationService` over one gRPC channel.
 
-    `timeout` is the default deadline in seconds for each call (None: no deadline); every
-    method also takes its own `timeout`, which wins. `max_message_mb` raises gRPC's 4 MiB
-    default message limit both ways so that large images fit. `secure` uses TLS with the
-    system's root certificates. Use it as a context manager, or call `close()`.
-    All failures raise `KilnError` (see `kiln_client.errors`).
+    `target` is `host:port`, a comma-separated list of them (IP addresses or localhost),
+    or any gRPC target such as `dns:///kiln-headless:50051`; calls are spread over every
+    address with round_robin. It may also be a `ConnectionSettings` already resolved (then
+    leave the other connection keywords out). `timeout` is the default deadline in seconds
+    for each call (None: no deadline); every method also takes its own `timeout`, which
+    wins. `max_message_mb` raises gRPC's 4 MiB default message limit both ways so that
+    large images fit.
+
+    Security: `token` is the bearer token sent on Generate and ListModels (default: the
+    `KILN_API_TOKEN` environment variable; "" sends none). `tls_ca` (a CA bundle) turns on
+    TLS, as does `secure` (TLS with the system's root certificates); `tls_cert` and
+    `tls_key` add a client certificate for mutual TLS. Each file is a path or its PEM
+    bytes. `tls_server_name` is the name the server certificates carry when it is not the
+    target's host (for a list of addresses the first one's host is checked by default).
+    A token is never sent in plain text to a non-loopback address unless
+    `allow_plaintext_token` (e.g. behind a TLS-terminating proxy on the same host).
+
+    Retries (on by default; `retry=False` turns them off, a `RetryPolicy` tunes them): a
+    call the server could not take (UNAVAILABLE) is retried by gRPC with backoff, and a
+    Generate stream that broke mid-way because its server or proxy went away is submitted
+    again with the same seed (see `StreamAttempts`): the images come back once each, but
+    `on_event` sees the new attempt's queued/started/progress events (progress restarts).
+
+    Use it as a context manager, or call `close()`. All failures raise `KilnError` (see
+    `kiln_client.errors`); bad connection arguments raise `ConnectionSettingsError`.
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | ConnectionSettings = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
-        max_message_mb: int = 64,
-        secure: bool = False,
+        **connection: Unpack[ConnectionOptions],
     ) -> None:
-        self.target = target
+        self.connection = ConnectionSettings.resolve(target, **connection)
+        self.target = self.connection.target
         self.timeout = timeout
-        options = channel_options(max_message_mb)
-        if secure:
-            credentials = grpc.ssl_channel_credentials()
-            self._channel: grpc.Channel = grpc.secure_channel(target, credentials, options)
-        else:
-            self._channel = grpc.insecure_channel(target, options)
+        self._metadata = self.connection.call_metadata()
+        self._channel = open_channel(self.connection)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -184,17 +196,32 @@ class KilnClient:
 
         The RPC starts at the first `next()`. Closing the iterator (breaking out of a `for`
         loop, `close()`, garbage collection) cancels the RPC, and the server stops the work.
+        With retries on, a stream that broke mid-way is submitted again (`StreamAttempts`):
+        the new attempt's events follow, without the images already yielded; `timeout`
+        bounds all attempts together.
 
         Raises:
             KilnError: when the RPC fails, raised from the iteration.
         """
-        call = self._stub.Generate(request, timeout=self._deadline(timeout))
-        try:
-            yield from call
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
-        finally:
-            call.cancel()  # no-op when the stream already ended
+        attempts = StreamAttempts.start(
+            request, self.connection.retry, self._deadline(timeout), self.target
+        )
+        while True:
+            call = self._stub.Generate(
+                attempts.request, timeout=attempts.timeout(), metadata=self._metadata
+            )
+            try:
+                for event in call:
+                    if attempts.passes(event):
+                        yield event
+                return
+            except grpc.RpcError as err:
+                pause = attempts.retry_after(err)
+                if pause is None:
+                    raise from_rpc_error(err) from None
+            finally:
+                call.cancel()  # no-op when the stream already ended
+            time.sleep(pause)
 
     def generate(
         self,
@@ -230,6 +257,8 @@ class KilnClient:
                 if on_event is not None:
                     on_event(event)
                 collector.add(event)
+                # A resubmitted request has a new id: report the one that completed.
+                collector.request_id = event.request_id or collector.request_id
         finally:
             events.close()
         return collector.result()
@@ -242,7 +271,7 @@ class KilnClient:
         """
         try:
             response: pb.ListModelsResponse = self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=self._deadline(timeout)
+                pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

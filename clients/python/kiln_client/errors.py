@@ -18,8 +18,11 @@ __all__ = [
     "InvalidArgument",
     "KilnError",
     "ModelNotFound",
+    "PermissionDenied",
     "QueueFull",
+    "ResourceExhausted",
     "ServerUnreachable",
+    "Unauthenticated",
     "Unavailable",
     "error_class_for",
     "from_rpc_error",
@@ -28,7 +31,8 @@ __all__ = [
 # Substrings of the status details gRPC's core library (not a server) writes when it could
 # not open a connection at all: refused, unresolvable host, TLS handshake failure.
 _CONNECT_FAILURE_MARKERS = (
-    "failed to connect to all addresses",
+    "failed to connect to all addresses",  # pick_first
+    "connections to all backends failing",  # round_robin
     "errors resolving",
     "dns resolution failed",
     "connection refused",
@@ -87,8 +91,22 @@ class ModelNotFound(KilnError):
     """NOT_FOUND: the requested model is not served (see `list_models`)."""
 
 
-class QueueFull(KilnError):
-    """RESOURCE_EXHAUSTED: the server's queue is full; wait `retry_after` seconds if set."""
+class ResourceExhausted(KilnError):
+    """RESOURCE_EXHAUSTED: the server's queue is full, or the token has as many requests in
+    flight as the server allows it; wait `retry_after` seconds (the server's
+    `google.rpc.RetryInfo`) before trying again, when set."""
+
+
+QueueFull = ResourceExhausted
+"""The former name of `ResourceExhausted`."""
+
+
+class Unauthenticated(KilnError):
+    """UNAUTHENTICATED: the call carried no bearer token, or one the server does not accept."""
+
+
+class PermissionDenied(KilnError):
+    """PERMISSION_DENIED: the server knows the token but it lacks the scope for this call."""
 
 
 class Unavailable(KilnError):
@@ -110,7 +128,9 @@ class Cancelled(KilnError):
 _CLASS_BY_CODE: dict[grpc.StatusCode, type[KilnError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFull,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,

@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kiln_client.client import DEFAULT_TARGET, KilnClient
+from kiln_client.connection import TOKEN_ENV, ConnectionSettingsError
 from kiln_client.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidArgument,
     KilnError,
     ModelNotFound,
-    QueueFull,
+    PermissionDenied,
+    ResourceExhausted,
     ServerUnreachable,
+    Unauthenticated,
     Unavailable,
 )
 from kiln_client.image_input import MAX_IMAGE_BYTES, ImageInputError
@@ -81,6 +84,16 @@ _FLAG_BY_FIELD = {
     "mask_crop_padding": "--mask-crop-padding",
 }
 
+# KilnClient connection keyword → the flag that sets it.
+_FLAG_BY_ARGUMENT = {
+    "target": "--server",
+    "token": "--token",
+    "tls_ca": "--tls-ca",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "allow_plaintext_token": "--allow-plaintext-token",
+}
+
 _MAX_IMAGE_MIB = MAX_IMAGE_BYTES // 2**20
 
 _EPILOG = f"""\
@@ -105,7 +118,8 @@ image conditioning:
   from the photo: low keeps it, 1 starts from noise.
 
 environment:
-  KILN_SERVER   default for --server (otherwise 127.0.0.1:50051)
+  KILN_SERVER      default for --server (otherwise 127.0.0.1:50051)
+  KILN_API_TOKEN   bearer token sent to the server (see --token)
 """
 
 
@@ -145,9 +159,11 @@ def _strength(text: str) -> float:
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
-        metavar="H:P",
+        metavar="H:P[,H:P]",
         default=None,
-        help=f"Kiln server address (default: ${SERVER_ENV} or {DEFAULT_TARGET})",
+        help=f"Kiln server address (default: ${SERVER_ENV} or {DEFAULT_TARGET}); several "
+        "comma-separated IP:PORT (or localhost:PORT) share the requests round-robin, as do "
+        "the addresses of a DNS name given as dns:///NAME:PORT",
     )
     parser.add_argument(
         "--timeout",
@@ -155,6 +171,65 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=None,
         help="give up after this many seconds (default: no limit)",
+    )
+    connection = parser.add_argument_group("connection security and retries")
+    connection.add_argument(
+        "--token",
+        metavar="TOKEN",
+        default=None,
+        help=f"bearer token sent to the server (default: ${TOKEN_ENV}, which is preferred: "
+        "a command line is visible to other users in ps)",
+    )
+    connection.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=None,
+        help="connect with TLS, trusting server certificates signed by this CA bundle (PEM)",
+    )
+    connection.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=None,
+        help="client certificate (PEM) for mutual TLS; needs --tls-key",
+    )
+    connection.add_argument(
+        "--tls-key", metavar="FILE", default=None, help="private key (PEM) of --tls-cert"
+    )
+    connection.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        default=None,
+        help="name the server's certificate carries, when it is not the --server host (for "
+        "a list of addresses: the first one's)",
+    )
+    connection.add_argument(
+        "--allow-plaintext-token",
+        action="store_true",
+        help="send the token without TLS to a server that is not on this host (only where "
+        "that path is private, e.g. a TLS-terminating proxy on the same host)",
+    )
+    connection.add_argument(
+        "--no-retry",
+        dest="retry",
+        action="store_false",
+        help="fail at once when the server is unavailable (by default a call is tried up to "
+        "4 times with backoff, and a generation whose server went away mid-way is sent "
+        "again with the same seed)",
+    )
+
+
+def _open_client(args: argparse.Namespace, server: str) -> KilnClient:
+    """The client the connection flags describe (ConnectionSettingsError when invalid)."""
+    return KilnClient(
+        server,
+        timeout=args.timeout,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        allow_plaintext_token=args.allow_plaintext_token,
+        retry=args.retry,
     )
 
 
@@ -439,13 +514,40 @@ def _flag_for(field_path: str) -> str | None:
     return _FLAG_BY_FIELD.get(field_path) or _FLAG_BY_FIELD.get(field_path.rsplit(".", 1)[-1])
 
 
-def describe_error(err: KilnError, server: str, timeout: float | None = None) -> str:
-    """A message for a failed call that names the field(s), flag(s) or address involved."""
+def describe_error(
+    err: KilnError, server: str, timeout: float | None = None, *, token_sent: bool = True
+) -> str:
+    """A message for a failed call that names the field(s), flag(s) or address involved.
+
+    `token_sent` says whether the call carried a bearer token (for UNAUTHENTICATED).
+    """
     if isinstance(err, ServerUnreachable):
+        if any(word in err.message.lower() for word in ("handshake", "verification")):
+            return (
+                f"the TLS handshake with {server} failed ({err.message}).\n"
+                "Check that --tls-ca is the CA bundle that signed the server's certificate, "
+                "that the certificate names the address in --server, and for mutual TLS "
+                "that --tls-cert/--tls-key are a client certificate the server trusts."
+            )
         return (
             f"cannot reach a Kiln server at {server} ({err.message}).\n"
             "Start one with `make serve` (or `kiln serve`), or point --server / "
             f"${SERVER_ENV} at a running server."
+        )
+    if isinstance(err, Unauthenticated):
+        if not token_sent:
+            return (
+                f"the server at {server} requires an API token and none was sent: set "
+                f"${TOKEN_ENV} (or --token) to one of the tokens it accepts ({err.message})"
+            )
+        return (
+            f"the server at {server} does not accept the API token ({err.message}): check "
+            f"${TOKEN_ENV} / --token against the tokens the server accepts"
+        )
+    if isinstance(err, PermissionDenied):
+        return (
+            f"the API token is not allowed to do this on the server at {server} "
+            f"({err.message}): use a token that has the needed scope"
         )
     if isinstance(err, InvalidArgument):
         if not err.field_violations:
@@ -458,7 +560,7 @@ def describe_error(err: KilnError, server: str, timeout: float | None = None) ->
         return "\n".join(lines)
     if isinstance(err, ModelNotFound):
         return f"{err.message}; `kiln models --server {server}` lists the served models"
-    if isinstance(err, QueueFull):
+    if isinstance(err, ResourceExhausted):
         wait = f"; retry in {err.retry_after:g} s" if err.retry_after is not None else ""
         return f"the server at {server} is busy: {err.message}{wait}"
     if isinstance(err, DeadlineExceeded):
@@ -545,12 +647,16 @@ def run_generate(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot create --previews directory {previews}: {exc}", EXIT_FAILURE)
 
+    try:
+        client = _open_client(args, server)
+    except ConnectionSettingsError as exc:
+        return _fail(exc.message_for(_FLAG_BY_ARGUMENT), EXIT_INVALID)
     progress = ProgressReporter(sys.stderr)
     run = _GenerateRun(args.out, format_name, previews, progress)
     code = EXIT_OK
     summary = ""
     try:
-        with KilnClient(server, timeout=args.timeout) as client:
+        with client:
             result = client.generate(request=request, on_event=run.on_event)
         timings = result.timings
         summary = (
@@ -566,7 +672,10 @@ def run_generate(args: argparse.Namespace) -> int:
             )
     except KilnError as err:
         code = EXIT_INVALID if isinstance(err, InvalidArgument) else EXIT_FAILURE
-        summary = f"kiln: error: {describe_error(err, server, args.timeout)}"
+        message = describe_error(
+            err, server, args.timeout, token_sent=client.connection.token is not None
+        )
+        summary = f"kiln: error: {message}"
     except OSError as exc:
         code = EXIT_FAILURE
         name = exc.filename if exc.filename is not None else ""
@@ -625,10 +734,15 @@ def run_models(args: argparse.Namespace) -> int:
     """Handler of `kiln models`: print the served models; return the exit code."""
     server = resolve_server(args.server)
     try:
-        with KilnClient(server, timeout=args.timeout) as client:
+        client = _open_client(args, server)
+    except ConnectionSettingsError as exc:
+        return _fail(exc.message_for(_FLAG_BY_ARGUMENT), EXIT_INVALID)
+    try:
+        with client:
             response = client.list_models()
     except KilnError as err:
         code = EXIT_INVALID if isinstance(err, InvalidArgument) else EXIT_FAILURE
-        return _fail(describe_error(err, server, args.timeout), code)
+        token_sent = client.connection.token is not None
+        return _fail(describe_error(err, server, args.timeout, token_sent=token_sent), code)
     print(format_models(response))
     return EXIT_OK

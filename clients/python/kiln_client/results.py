@@ -6,15 +6,20 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from kiln_client.errors import KilnError
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+
+if TYPE_CHECKING:  # Pillow is an optional extra
+    from PIL.Image import Image as PILImage
 
 __all__ = [
     "GeneratedImage",
@@ -85,6 +90,23 @@ class GeneratedImage:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(self.data)
         return target
+
+    def to_pil(self) -> PILImage:
+        """The image decoded with Pillow, which the `pillow` extra installs.
+
+        Raises:
+            ImportError: Pillow is missing; the message names the install command.
+        """
+        try:
+            from PIL import Image
+        except ImportError as error:
+            raise ImportError(
+                "GeneratedImage.to_pil() needs Pillow: pip install 'kiln-client[pillow]' "
+                "(or use .data, the encoded bytes, or .save(path))"
+            ) from error
+        image = Image.open(io.BytesIO(self.data))
+        image.load()
+        return image
 
 
 @dataclass(frozen=True)
