@@ -4,12 +4,13 @@
 #   docker build -t kiln --build-arg WITH_TENSORRT=1 .        # + TensorRT 10
 #
 # Engines are built for the exact GPU they run on, so build them in the container on the
-# serving GPU, into the engines volume, then serve them (tokens are required off loopback):
+# serving GPU, into the engines volume, then serve them (tokens are required off loopback,
+# and over plain text only with --allow-plaintext-tokens; or add --tls-cert/--tls-key):
 #   docker run --gpus all --shm-size 2g -v $PWD/engines:/engines kiln \
 #       kiln build-engines --format tensorrt --out /engines
 #   docker run --gpus all --shm-size 2g -v $PWD/engines:/engines:ro \
 #       -e KILN_API_TOKENS=... -p 50051:50051 -p 8002:8002 kiln \
-#       kiln serve --backend tensorrt --engines /engines
+#       kiln serve --backend tensorrt --engines /engines --allow-plaintext-tokens
 # --shm-size: the API and engine processes pass images through /dev/shm, and Docker's 64 MB
 # default is too small for SDXL batches.
 #
