@@ -93,8 +93,7 @@ def start_local_server(
     command = [
         sys.executable,
         "-m",
-        "kiln_client.cli",
-        "serve",
+        "kiln_server",
         "--port",
         "0",
         "--port-file",
