@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from kiln_gateway.errors import ApiError, ProblemDetail
 from kiln_gateway.state import GatewayState, gateway_state
@@ -71,6 +71,19 @@ class FileStore:
         path = self.root / token / name
         return path if path.is_file() else None
 
+    async def read(self, token: str, name: str) -> bytes | None:
+        """The bytes of `/files/<token>/<name>`, or None when unknown, invalid or expired.
+
+        Read whole, so expiry deleting the file mid-answer cannot cut a response short.
+        """
+        path = self.path_of(token, name)
+        if path is None:
+            return None
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+
     async def delete(self, token: str) -> None:
         """Delete every file of one prediction (idempotent)."""
         if _TOKEN.match(token):
@@ -95,7 +108,7 @@ router = APIRouter(tags=["files"])
 
 @router.get(
     "/files/{token}/{name}",
-    response_class=FileResponse,
+    response_class=Response,
     responses={
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
         404: {"model": ProblemDetail},
@@ -103,18 +116,18 @@ router = APIRouter(tags=["files"])
 )
 async def get_file(
     token: str, name: str, state: Annotated[GatewayState, Depends(gateway_state)]
-) -> FileResponse:
+) -> Response:
     """One output image; 404 once the retention time has passed."""
-    path = state.files.path_of(token, name)
-    if path is None:
+    data = await state.files.read(token, name)
+    if data is None:
         raise ApiError(
             404,
             "File not found",
             "this output file does not exist or has expired (outputs are kept for "
             f"{state.settings.retention_seconds:g} s)",
         )
-    return FileResponse(
-        path,
-        media_type=_MIME_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"),
+    return Response(
+        data,
+        media_type=_MIME_TYPES.get(Path(name).suffix.lstrip("."), "application/octet-stream"),
         headers={"Cache-Control": f"private, max-age={int(state.settings.retention_seconds)}"},
     )
