@@ -19,6 +19,13 @@ server's way (PNG bytes, decode_image, frame_inputs, the pipeline batched over a
 apply_overlay) on Kiln's torch and onnxruntime backends, and through diffusers' SDXL
 inpaint and img2img pipelines as the reference. Both tables go into the "Image-conditioned
 adherence" section. Other sections of RESULTS.md are kept as they are.
+
+Style LoRA (`--lora NAME`, e.g. `--lora closeup`): runs the same prompts and seeds through
+diffusers' StableDiffusionXLPipeline with `<model>/loras/NAME.safetensors` loaded
+(`load_lora_weights`, `set_adapters`) at scale 1 and 0, and without the LoRA (the base),
+and prints a table: the style present (`kiln_training.evaluate.style_present`), both
+colours right and shape right, and how far scale 0 is from the base. Only prints; the
+other tables are not run.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from results_file import write_section
 
 from kiln_server.pipeline.schedulers import SCHEDULERS
 from kiln_training.dataset import caption, prompt_set
-from kiln_training.evaluate import Adherence, adherence, score
+from kiln_training.evaluate import Adherence, adherence, score, style_present
 from kiln_training.image_tasks import (
     CLEAN_SHARE,
     RIM,
@@ -446,12 +453,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     parser.add_argument("--no-write", action="store_true", help="print the rows only")
+    parser.add_argument(
+        "--lora",
+        default=None,
+        help="measure the style LoRA <model>/loras/NAME.safetensors with diffusers instead",
+    )
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.seeds < 1 or args.threads < 1 or args.batch < 1:
         parser.error("--prompts, --seeds, --threads and --batch must be at least 1")
     if not (args.model / "model_index.json").is_file():
         parser.error(f"--model {args.model} is not a model folder (no model_index.json)")
     torch.set_num_threads(args.threads)
+    if args.lora is not None:
+        print(lora_table(args.model, args.lora, args.prompts, args.seeds, args.batch))
+        return 0
     command = ".venv/bin/python benchmarks/adherence.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -537,6 +552,84 @@ def measure_text_table(
             )
         )
     return rows
+
+
+@dataclass
+class LoraRow:
+    """One style-LoRA configuration: style present, adherence, and the largest pixel
+    difference from the base model's image of the same prompt and seed."""
+
+    name: str
+    style: float
+    result: Adherence
+    max_diff_from_base: int
+
+
+def lora_rows(
+    model: Path, name: str, prompts: int, seeds: int, batch: int
+) -> tuple[list[LoraRow], str]:
+    """The base model, then the LoRA at scale 1 and 0, through diffusers at the model's
+    default settings on the fixed prompt set; returns the rows and the style judged."""
+    import numpy as np
+
+    from kiln_training.dataset import STYLES
+
+    style = name if name in STYLES else STYLES[0]
+    sampler = DiffusersSampler(model)
+    scenes = prompt_set(prompts)
+    jobs = [(scene, 1000 * (k + 1) + i) for k in range(seeds) for i, scene in enumerate(scenes)]
+
+    def run() -> list[Any]:
+        images: list[Any] = []
+        for start in range(0, len(jobs), batch):
+            chunk = jobs[start : start + batch]
+            images += sampler.generate([caption(s) for s, _ in chunk], [seed for _, seed in chunk])
+        return images
+
+    runs = {"base model (no LoRA)": run()}
+    sampler.pipe.load_lora_weights(
+        str(model / "loras"), weight_name=f"{name}.safetensors", adapter_name=name
+    )
+    for scale in (1.0, 0.0):
+        sampler.pipe.set_adapters([name], adapter_weights=[scale])
+        runs[f"LoRA {name}, scale {scale:g}"] = run()
+    base = runs["base model (no LoRA)"]
+    rows = []
+    for label, images in runs.items():
+        diff = max(
+            int(np.abs(a.astype(int) - b.astype(int)).max())
+            for a, b in zip(images, base, strict=True)
+        )
+        rows.append(
+            LoraRow(
+                label,
+                sum(style_present(image, style) for image in images) / len(images),
+                adherence(
+                    score(image, scene) for image, (scene, _) in zip(images, jobs, strict=True)
+                ),
+                diff,
+            )
+        )
+    return rows, style
+
+
+def lora_table(model: Path, name: str, prompts: int, seeds: int, batch: int) -> str:
+    """The style LoRA's table as Markdown."""
+    rows, style = lora_rows(model, name, prompts, seeds, batch)
+    lines = [
+        f"Style LoRA `{name}` (style check: `style_present(image, {style!r})`), diffusers "
+        f"StableDiffusionXLPipeline, {prompts} prompts × {seeds} seeds = {prompts * seeds} "
+        "images per row at the model's defaults.",
+        "",
+        "| row | style present | both colours right | shape right | all right "
+        "| max pixel diff from base |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.name} | {row.style:.0%} | {row.result.row()} | {row.max_diff_from_base} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

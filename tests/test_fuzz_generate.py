@@ -369,15 +369,22 @@ ANYTHING: dict[str, st.SearchStrategy[Any]] = {
     "strength": st.floats(width=32),
     "keep_unmasked": st.booleans(),
     "mask_crop_padding": st.integers(0, U32),
+    # The served model has no LoRA folders, so any `loras` is refused naming `loras`.
+    "loras.name": st.one_of(
+        st.sampled_from(["ink", "../x", "a/b", "/etc/passwd", "..", ""]), st.text(max_size=40)
+    ),
+    "loras.scale": st.floats(width=32),
 }
 
 
 def set_field(message: pb.GenerateRequest, path: str, value: Any) -> None:
-    """Set `path` (a field or `preview.field`) of `message` to `value`."""
+    """Set `path` (a field, `preview.field` or `loras.field` of one entry) to `value`."""
     *parents, name = path.split(".")
-    target = message
+    target: Any = message
     for parent in parents:
         target = getattr(target, parent)
+        if parent == "loras":
+            target = target[0] if len(target) else target.add()
     setattr(target, name, value)
 
 
@@ -504,6 +511,8 @@ def fields_known_bad(message: pb.GenerateRequest) -> set[str]:
         bad.add("preview.quality")
     if preview.max_size and not 16 <= preview.max_size <= 1024:
         bad.add("preview.max_size")
+    if message.loras:  # the served model has no LoRA folders
+        bad.add("loras")
     outputs = max(message.num_outputs, 1)
     if message.HasField("seed") and outputs <= MAX_OUTPUTS and message.seed + outputs > 2**64:
         bad.add("seed")

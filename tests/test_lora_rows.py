@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from lora_support import CONV_MODULE, Made, make_peft_lora, tiny_unet, write_kohya_lora
 from safetensors.torch import save_file
 
 from kiln_server.lora.errors import LoraNotFound, LoraRefused, StackFull
@@ -31,85 +31,6 @@ from kiln_server.lora.weights import LoraWeights
 
 TOLERANCE = 1e-5
 MAX_RANK = 8
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-CONV_MODULE = "down_blocks.0.resnets.0.conv1"
-TIME_MODULE = "down_blocks.0.resnets.0.time_emb_proj"
-
-
-@dataclass
-class Made:
-    """A LoRA file written by a test helper, with the weights it holds (diffusers names)."""
-
-    path: Path
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    alpha: float
-
-
-def _unet(model: Path) -> Any:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(model / "unet").eval()
-
-
-def make_peft_lora(model: Path, path: Path, *, rank: int, alpha: int, seed: int) -> Made:
-    """A diffusers/PEFT LoRA file on the attention projections, with random non-zero B."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = _unet(model)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ATTENTION, init_lora_weights=True)
-    unet.add_adapter(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    peft_state = get_peft_model_state_dict(unet)
-    modules = {
-        key.removesuffix(".lora_A.weight"): (
-            value.clone(),
-            peft_state[key.replace("lora_A", "lora_B")].clone(),
-        )
-        for key, value in peft_state.items()
-        if key.endswith(".lora_A.weight")
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionXLPipeline.save_lora_weights(
-        str(path.parent),
-        unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
-        unet_lora_adapter_metadata=config.to_dict(),
-        weight_name=path.name,
-        safe_serialization=True,
-    )
-    return Made(path, modules, alpha)
-
-
-def write_kohya_lora(source: Made, path: Path, *, alpha: float, seed: int) -> Made:
-    """A kohya-format file of `source`'s weights plus a 3x3 conv and a time-embedding linear."""
-    generator = torch.Generator().manual_seed(seed)
-    modules = dict(source.modules)
-    rank = next(iter(modules.values()))[0].shape[0]
-    unet = _unet(source.path.parents[1] / "model")
-    conv = unet.get_submodule(CONV_MODULE)
-    modules[CONV_MODULE] = (
-        torch.randn(rank, conv.in_channels, 3, 3, generator=generator) * 0.2,
-        torch.randn(conv.out_channels, rank, 1, 1, generator=generator) * 0.2,
-    )
-    linear = unet.get_submodule(TIME_MODULE)
-    modules[TIME_MODULE] = (
-        torch.randn(rank, linear.in_features, generator=generator) * 0.2,
-        torch.randn(linear.out_features, rank, generator=generator) * 0.2,
-    )
-    tensors: dict[str, torch.Tensor] = {}
-    for module, (down, up) in modules.items():
-        key = "lora_unet_" + module.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = down.contiguous()
-        tensors[f"{key}.lora_up.weight"] = up.contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path))
-    return Made(path, modules, alpha)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +76,7 @@ def _run(unet: Any, inputs: dict[str, Any]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def kiln(tiny_model_path: Path, folders: LoraFolders, unet_inputs: dict[str, Any]) -> Iterator[Any]:
     """The tiny UNet with per-row layers, its base output, and a 3-slot adapter stack."""
-    unet = _unet(tiny_model_path)
+    unet = tiny_unet(tiny_model_path)
     base = _run(unet, unet_inputs)
     layers = install_row_lora(unet)
     stack = AdapterStack(layers, capacity=3, max_rank=MAX_RANK)
@@ -377,7 +298,7 @@ def test_resolve_finds_names_with_or_without_suffix(folders: LoraFolders) -> Non
 def _fresh_output(
     model: Path, weights: LoraWeights, inputs: dict[str, Any], scale: float
 ) -> torch.Tensor:
-    unet = _unet(model)
+    unet = tiny_unet(model)
     stack = AdapterStack(install_row_lora(unet), capacity=1, max_rank=MAX_RANK)
     stack.load(weights)
     stack.assign([[LoraUse(weights.name, scale)]] * 5)
@@ -391,7 +312,7 @@ def test_lru_evicts_least_recently_used_not_in_use_and_leaves_no_residue(
         name: read_lora_file(folders.resolve(name), max_rank=MAX_RANK, name=name)
         for name in ("one", "two", "kohya")
     }
-    unet = _unet(tiny_model_path)
+    unet = tiny_unet(tiny_model_path)
     stack = AdapterStack(install_row_lora(unet), capacity=2, max_rank=MAX_RANK)
     kohya_slot = stack.load(read["kohya"])
     stack.load(read["two"])

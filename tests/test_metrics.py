@@ -153,7 +153,7 @@ def test_server_metrics_count_requests_time_images_and_load(server_factory: Any)
         )
         # A deadline that passes mid-generation counts as deadline_exceeded.
         with pytest.raises(grpc.RpcError) as raised:
-            generate(stub, long_job, timeout=1.0)
+            generate(stub, long_job, timeout=3.0)
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(
         lambda: (

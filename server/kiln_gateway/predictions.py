@@ -100,11 +100,18 @@ def _clock(seconds: float) -> str:
     return f"{minutes:02d}:{secs:02d}"
 
 
+_INPUT_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+
+
 def _http_error(error: KilnError, upstream: str) -> ApiError:
     """The HTTP answer for a request Kiln refused before accepting it."""
     code = error.code
     message = shorten(error.message, 300)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return input_invalid(violations_to_fields(error.field_violations))
+    if code in _INPUT_CODES and error.field_violations:
+        # A LoRA no folder holds (NOT_FOUND) or one the backend cannot apply
+        # (FAILED_PRECONDITION): the input names it, so it is the input's problem.
         return input_invalid(violations_to_fields(error.field_violations))
     if code == grpc.StatusCode.NOT_FOUND:
         return ApiError(404, "Model not found", message)
@@ -127,7 +134,8 @@ def _http_error(error: KilnError, upstream: str) -> ApiError:
 
 
 def _failure_message(error: KilnError) -> str:
-    if error.code == grpc.StatusCode.INVALID_ARGUMENT and error.field_violations:
+    input_codes = (grpc.StatusCode.INVALID_ARGUMENT, *_INPUT_CODES)
+    if error.code in input_codes and error.field_violations:
         return "; ".join(
             f"{replicate_field(name)}: {shorten(why, 200)}" for name, why in error.field_violations
         )

@@ -5,18 +5,22 @@ One table (`input_fields`) declares every input: it drives validation, the OpenA
 limits and defaults come from the Kiln model itself (`ModelInfo` from ListModels), so a
 script sees the same numbers the server enforces.
 
-Fields fall in four groups:
+Fields fall in five groups:
 - generation: `prompt`, `negative_prompt`, `width`, `height`, `num_outputs`, `scheduler`
   (Replicate's names), `num_inference_steps`, `guidance_scale`, `seed`; and image
   conditioning: `image` (img2img; with `mask`, inpainting), `mask` (white repaints, black
   keeps) and `prompt_strength` (Kiln's `strength`, only sent with an image);
+- LoRAs: `replicate_weights`, the name of a LoRA the model lists (ModelInfo.loras), applied
+  at `lora_scale` (Replicate's default 0.6); a URL there is refused for now (fetching LoRAs
+  comes later);
 - not available yet, answered with a validation error naming the field: `refine` other
-  than `no_refiner`, `replicate_weights` (LoRA);
+  than `no_refiner`;
 - accepted and documented as no-ops: `high_noise_frac`, `refine_steps` (they only act with
-  a refiner), `lora_scale` (only with LoRA weights), `apply_watermark` (Kiln never
-  watermarks), `disable_safety_checker` (Kiln runs no safety checker);
-- Kiln's own: `output_format` (png, jpg, webp), `output_quality`, `priority` (low, normal,
-  high), `output_as_data_uri` (return data URIs instead of file URLs), and for inpainting
+  a refiner), `apply_watermark` (Kiln never watermarks), `disable_safety_checker` (Kiln
+  runs no safety checker); `lora_scale` without `replicate_weights` is noted as no effect;
+- Kiln's own: `loras` (a list of `{"name", "scale"}`, Kiln's `GenerateRequest.loras`),
+  `output_format` (png, jpg, webp), `output_quality`, `priority` (low, normal, high),
+  `output_as_data_uri` (return data URIs instead of file URLs), and for inpainting
   `keep_unmasked` (black mask pixels keep the photo's exact pixels; default true) and
   `mask_crop_padding` (generate only around the mask, for small products in large photos).
 
@@ -54,7 +58,7 @@ __all__ = [
     "violations_to_fields",
 ]
 
-Kind = Literal["string", "integer", "number", "boolean"]
+Kind = Literal["string", "integer", "number", "boolean", "array"]
 Role = Literal["generate", "unsupported", "noop", "kiln"]
 
 DEFAULT_PROMPT = "An astronaut riding a rainbow unicorn"
@@ -68,6 +72,21 @@ IMAGE_INPUTS = ("image", "mask")
 OUTPUT_FORMATS = ("png", "jpg", "webp")
 PRIORITIES = ("low", "normal", "high")
 REFINERS = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
+REPLICATE_LORA_SCALE = 0.6
+"""Replicate's SDXL `lora_scale` default, applied to `replicate_weights`."""
+MAX_LORA_SCALE = 4.0
+"""The largest |scale| Kiln takes for a LoRA (GenerateRequest.loras)."""
+_NULLABLE_LORA_INPUTS = ("replicate_weights", "loras")
+_MAX_LORAS_GIVEN = 64
+"""Most `loras` entries parsed here; the server's own limit is lower."""
+
+
+def _lora_names(info: pb.ModelInfo) -> str:
+    names = [lora.name for lora in info.loras]
+    if not names:
+        return "; this model has no LoRAs"
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    return f"; this model's LoRAs: {shown}"
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,7 @@ class InputField:
     format: str | None = None
     nullable: bool = False
     unsupported_reason: str = ""
+    items: dict[str, Any] | None = None
 
     def schema(self, order: int) -> dict[str, Any]:
         """This field as a JSON-schema property (with Cog's `x-order`)."""
@@ -104,6 +124,8 @@ class InputField:
             prop["enum"] = list(self.choices)
         if self.format is not None:
             prop["format"] = self.format
+        if self.items is not None:
+            prop["items"] = self.items
         return prop
 
 
@@ -260,18 +282,16 @@ def input_fields(info: pb.ModelInfo) -> list[InputField]:
         InputField(
             "lora_scale",
             "number",
-            "LoRA additive scale (no effect: Kiln does not load Replicate LoRA weights)",
-            role="noop",
-            default=0.6,
+            "LoRA additive scale. Only applicable with replicate_weights",
+            default=REPLICATE_LORA_SCALE,
             minimum=0,
             maximum=1,
         ),
         InputField(
             "replicate_weights",
             "string",
-            "Replicate LoRA weights (not available in Kiln)",
-            role="unsupported",
-            unsupported_reason="LoRA weights are not available in Kiln; remove it",
+            "The name of a LoRA this model lists (URLs of LoRA weights are not supported yet)"
+            + _lora_names(info),
         ),
         InputField(
             "disable_safety_checker",
@@ -319,6 +339,27 @@ def input_fields(info: pb.ModelInfo) -> list[InputField]:
             "mask values blend in proportion)",
             role="kiln",
             default=True,
+        ),
+        InputField(
+            "loras",
+            "array",
+            'Kiln: LoRAs to apply, each {"name": a LoRA this model lists, "scale": '
+            f"-{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, default 1, 0 = off}}; at most "
+            f"{info.max_loras_per_request or 'a few'}" + _lora_names(info),
+            role="kiln",
+            items={
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "scale": {
+                        "type": "number",
+                        "default": 1.0,
+                        "minimum": -MAX_LORA_SCALE,
+                        "maximum": MAX_LORA_SCALE,
+                    },
+                },
+                "required": ["name"],
+            },
         ),
         InputField(
             "mask_crop_padding",
@@ -392,6 +433,7 @@ def _typed(spec: InputField, value: Any) -> tuple[Any, InvalidField | None]:
         or (spec.kind == "boolean" and given == "boolean")
         or (spec.kind == "integer" and given == "integer")
         or (spec.kind == "number" and given in ("integer", "number"))
+        or (spec.kind == "array" and given == "array")
     )
     if ok and spec.kind in ("integer", "number") and not math.isfinite(float(value)):
         ok = False
@@ -405,6 +447,8 @@ def _typed(spec: InputField, value: Any) -> tuple[Any, InvalidField | None]:
         return int(value), None
     if spec.kind == "number":
         return float(value), None
+    if spec.kind == "array":
+        return list(value), None
     return value, None
 
 
@@ -469,7 +513,7 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
         spec = specs.get(name)
         if spec is None:
             continue
-        if value is None and spec.role == "unsupported":
+        if value is None and (spec.role == "unsupported" or name in _NULLABLE_LORA_INPUTS):
             continue
         if name in IMAGE_INPUTS and value in (None, ""):
             continue
@@ -485,6 +529,11 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
     if unknown:
         notes.append(_unknown_note(unknown))
     problems += _conditioning_problems(values, info)
+    loras, lora_problems = _lora_inputs(values, info)
+    problems += lora_problems
+    scale_alone = "lora_scale" in values and "replicate_weights" not in values
+    if scale_alone and values["lora_scale"] != REPLICATE_LORA_SCALE:
+        notes.append("lora_scale is accepted but has no effect without replicate_weights")
     if problems:
         raise InputInvalid(problems)
     notes += _conditioning_notes(values, specs)
@@ -504,6 +553,7 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
             output_format="jpeg" if output_format == "jpg" else output_format,
             output_quality=values.get("output_quality", 0),
             priority=values.get("priority", "normal"),
+            loras=loras,
         )
     except ValueError as error:  # the schema's ranges make this unreachable; never a 500
         name = str(error).split(" ", 1)[0]
@@ -568,6 +618,88 @@ def _conditioning_problems(values: dict[str, Any], info: pb.ModelInfo) -> list[I
             )
         )
     return problems
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text or text.startswith("data:")
+
+
+def _lora_inputs(
+    values: dict[str, Any], info: pb.ModelInfo
+) -> tuple[list[tuple[str, float]], list[InvalidField]]:
+    """The (name, scale) pairs of `loras` and `replicate_weights`, and their problems.
+
+    Names, duplicates and the most per request are the Kiln server's to check (its
+    violations come back as `input.loras[i].name`); here only the shapes, the scale range,
+    and `replicate_weights` (a name the model lists; URLs are refused for now).
+    """
+    pairs: list[tuple[str, float]] = []
+    problems: list[InvalidField] = []
+    entries = values.get("loras", [])
+    if len(entries) > _MAX_LORAS_GIVEN:
+        problems.append(
+            InvalidField(
+                type="too_long",
+                field="input.loras",
+                description=f"holds {len(entries)} entries; Kiln applies at most "
+                f"{info.max_loras_per_request or _MAX_LORAS_GIVEN}",
+            )
+        )
+        entries = []
+    for index, entry in enumerate(entries):
+        where = f"input.loras[{index}]"
+        name = entry.get("name") if isinstance(entry, Mapping) else None
+        if not isinstance(name, str) or not name:
+            problems.append(
+                InvalidField(
+                    type="invalid_type",
+                    field=f"{where}.name" if isinstance(entry, Mapping) else where,
+                    description='each LoRA is an object {"name": string, "scale": number}',
+                )
+            )
+            continue
+        scale = entry.get("scale", 1.0)
+        if scale is None:
+            scale = 1.0
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, int | float)
+            or not math.isfinite(float(scale))
+            or not -MAX_LORA_SCALE <= float(scale) <= MAX_LORA_SCALE
+        ):
+            problems.append(
+                InvalidField(
+                    type="invalid_value",
+                    field=f"{where}.scale",
+                    description=f"Must be a number from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}",
+                )
+            )
+            continue
+        pairs.append((name, float(scale)))
+    weights = values.get("replicate_weights")
+    if weights:
+        known = {lora.name for lora in info.loras}
+        if _is_url(weights):
+            problems.append(
+                InvalidField(
+                    type="unsupported",
+                    field="input.replicate_weights",
+                    description="URL LoRAs are not supported yet: give the name of a LoRA "
+                    f"this model lists{_lora_names(info)}",
+                )
+            )
+        elif weights.removesuffix(".safetensors") not in known:
+            problems.append(
+                InvalidField(
+                    type="invalid_value",
+                    field="input.replicate_weights",
+                    description=f"{shorten(weights, 60)!r} is not a LoRA of this model"
+                    f"{_lora_names(info)}",
+                )
+            )
+        else:
+            pairs.append((weights, float(values.get("lora_scale", REPLICATE_LORA_SCALE))))
+    return pairs, problems
 
 
 def _conditioning_notes(values: dict[str, Any], specs: dict[str, InputField]) -> list[str]:

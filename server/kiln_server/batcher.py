@@ -20,6 +20,16 @@ short request of another shape thus gets its share of the engine at once instead
 waiting for a long batch to drain; the price is that the long batch's steps are spread
 out (benchmarks/timesharing.py measures both).
 
+LoRAs: the batch key does not include them; rows of one UNet call each apply their own
+request's LoRAs. A job's LoRAs are made resident before it is admitted: between steps the
+engine thread installs adapters the model's loader thread has read and queues reads for
+what the waiting jobs need (kiln_server.lora.library), so the first use of a LoRA reads
+its file off the engine thread while the batch goes on; the job waits in the queue
+meanwhile (with `queued` events, never an error), and later jobs of its shape may overtake
+it. A LoRA that cannot be used fails the waiting jobs that asked for it with
+INVALID_ARGUMENT naming `loras`, the file and why; a request with LoRAs for a model whose
+backend applies none fails with FAILED_PRECONDITION at submit.
+
 Failure: the engine thread is watched. An exception that escapes a step (an engine or
 device error) or a step that makes no progress for `stall_seconds` ends every job with
 INTERNAL naming the cause, refuses new jobs, and calls `on_fatal` so the process can exit
@@ -56,7 +66,9 @@ from kiln_server.events import (
     Queued,
     Started,
 )
-from kiln_server.pipeline.params import GenerationParams
+from kiln_server.lora.errors import LoraError
+from kiln_server.lora.policy import refusal_for_backend
+from kiln_server.pipeline.params import GenerationParams, LoraUse
 from kiln_server.pipeline.sdxl import DenoiseState, SDXLPipeline
 
 logger = logging.getLogger(__name__)
@@ -94,6 +106,13 @@ class Job:
     engine_seconds: float = 0.0
     last_position: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # The LoRAs its rows apply, as the model's LoRA library names them (set at submit).
+    loras: tuple[LoraUse, ...] = ()
+
+    @property
+    def lora_names(self) -> frozenset[str]:
+        """The adapters that must be resident before the job runs."""
+        return frozenset(use.name for use in self.loras)
 
     @property
     def shape_key(self) -> ShapeKey:
@@ -299,11 +318,22 @@ class Batcher:
         devices = [p.device for p in pipelines.values() if p.device.type == "cuda"]
         self.device = devices[0] if devices else torch.device("cpu")
         self._output = OutputThread(self.device)
+        # Set when a LoRA file was read (or failed) since the engine thread last looked.
+        self._lora_news = False
+        for pipeline in pipelines.values():
+            if pipeline.loras is not None:
+                pipeline.loras.on_read = self._lora_read
 
     # ----- API side (any thread) -----
 
     def submit(self, job: Job) -> None:
-        """Queue a job or raise QueueFull / Draining at once."""
+        """Queue a job or raise QueueFull / Draining at once. A job whose LoRAs the model
+        cannot apply is not queued: it gets its Failed event now."""
+        refusal = self._lora_refusal(job)
+        if refusal is not None:
+            self.stats.jobs_failed += 1
+            self._output.emit(job, refusal)
+            return
         with self._condition:
             if self.failure is not None:
                 raise Draining(f"the engine has failed ({self.failure})")
@@ -316,6 +346,39 @@ class Batcher:
             job.arrival = self.clock()
             self._waiting.append(job)
             self._report_positions()
+            self._condition.notify_all()
+
+    def _lora_refusal(self, job: Job) -> Failed | None:
+        """Set `job.loras` from its request, or say why the model cannot apply them."""
+        if all(use.scale == 0.0 for use in job.params.loras):
+            return None  # scale 0 is off: the base model, on any backend
+        pipeline = self.pipelines.get(job.params.model)
+        if pipeline is None:
+            return None  # an unknown model fails at admission, as without LoRAs
+        library = pipeline.loras
+        if library is None:
+            refusal = refusal_for_backend(pipeline.backend)
+            if refusal is not None:
+                return Failed("FAILED_PRECONDITION", refusal)
+            return Failed(
+                "INVALID_ARGUMENT", "loras: this model has no LoRA folders, so it serves no LoRAs"
+            )
+        try:
+            job.loras = library.uses(job.params.loras)
+        except LoraError as error:
+            return Failed("INVALID_ARGUMENT", str(error))
+        if len(job.lora_names) > library.capacity:
+            return Failed(
+                "INVALID_ARGUMENT",
+                f"loras: the request applies {len(job.lora_names)} different LoRAs, but this "
+                f"server keeps at most {library.capacity} resident (lora_slots)",
+            )
+        return None
+
+    def _lora_read(self) -> None:
+        """A LoRA file was read or failed (loader thread): wake the engine thread."""
+        with self._condition:
+            self._lora_news = True
             self._condition.notify_all()
 
     def cancel(self, job: Job) -> None:
@@ -381,6 +444,9 @@ class Batcher:
             self._output.emit(
                 job, Failed("UNAVAILABLE", "the server stopped before this request finished")
             )
+        for pipeline in self.pipelines.values():
+            if pipeline.loras is not None:
+                pipeline.loras.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._watchdog_stop.set()
@@ -394,6 +460,7 @@ class Batcher:
         bind_thread(self.device)
         try:
             while True:
+                self._refresh_loras()
                 with self._condition:
                     while not (self._waiting or self._running or self._stopping):
                         self._condition.wait()
@@ -401,6 +468,12 @@ class Batcher:
                         return
                     self._drop_cancelled()
                     admitted = self._select_admissions()
+                    if not (admitted or self._running):
+                        # Every waiting job waits for a LoRA file: sleep until one is read
+                        # (the timeout only guards against a missed wake-up).
+                        if not self._lora_news:
+                            self._condition.wait(timeout=1.0)
+                        continue
                     self._busy_since = self.clock()
                 for job in admitted:
                     self._admit(job)
@@ -410,6 +483,40 @@ class Batcher:
         except BaseException as exc:  # whatever it is, the engine is done
             logger.exception("the engine thread failed")
             self._fail_all(f"the engine failed: {_name(exc)}: {exc}"[:300])
+
+    def _refresh_loras(self) -> None:
+        """Between steps (engine thread): install the LoRAs read since the last look, queue
+        reads for the waiting jobs' LoRAs, and fail the waiting jobs whose LoRA failed."""
+        libraries = {name: p.loras for name, p in self.pipelines.items() if p.loras is not None}
+        if not libraries:
+            return
+        with self._condition:
+            self._lora_news = False
+            running = [job for job in self._running if job.loras]
+            waiting = [job for job in self._priority_order() if job.loras]
+        failed: dict[str, dict[str, LoraError]] = {}
+        for model, library in libraries.items():
+            in_use = set().union(*(j.lora_names for j in running if j.params.model == model))
+            wanted = [j.lora_names for j in waiting if j.params.model == model]
+            if in_use or wanted:
+                failed[model] = library.refresh(in_use, wanted)
+        failures: list[tuple[Job, LoraError]] = []
+        with self._condition:
+            for job in [j for j in self._waiting if j.loras]:
+                errors = failed.get(job.params.model, {})
+                error = next((errors[n] for n in sorted(job.lora_names) if n in errors), None)
+                if error is not None:
+                    self._waiting.remove(job)
+                    failures.append((job, error))
+            if failures:
+                self._report_positions()
+        for job, error in failures:
+            logger.info(
+                "request failed: a LoRA cannot be used",
+                extra={"request_id": job.request_id, "why": str(error)},
+            )
+            self.stats.jobs_failed += 1
+            self._output.emit(job, Failed("INVALID_ARGUMENT", str(error)))
 
     def _watch(self) -> None:
         """Watchdog: fail everything when a step makes no progress for `stall_seconds`."""
@@ -468,6 +575,8 @@ class Batcher:
             key = job.shape_key
             if key in blocked:
                 continue
+            if job.loras and not self._loras_resident(job):
+                continue  # its LoRA files are being read; it waits without blocking others
             if key not in rows and len(rows) >= self.settings.max_shape_groups:
                 break  # every group slot is taken: let them drain rather than overtake
             taken = rows.get(key, 0)
@@ -482,6 +591,10 @@ class Batcher:
         if chosen:
             self._report_positions()
         return chosen
+
+    def _loras_resident(self, job: Job) -> bool:
+        library = self.pipelines[job.params.model].loras
+        return library is not None and library.is_resident(job.lora_names)
 
     def _next_group(self, runnable: list[Job]) -> ShapeKey:
         """The shape group to step next: the lowest virtual time (lock held).

@@ -166,6 +166,24 @@ def register(subparsers: Any) -> None:
         "round_robin clients re-resolve DNS and reach replicas added since; 0: never "
         "(default 300)",
     )
+    parser.add_argument(
+        "--lora-slots",
+        type=int,
+        metavar="N",
+        help="LoRAs kept resident per model, least recently used evicted first (default 8)",
+    )
+    parser.add_argument(
+        "--max-lora-rank",
+        type=int,
+        metavar="R",
+        help="highest LoRA rank accepted; files above it are refused (default 128)",
+    )
+    parser.add_argument(
+        "--max-loras-per-request",
+        type=int,
+        metavar="N",
+        help="LoRAs one request may apply at once (default 4)",
+    )
     parser.add_argument("--log-format", choices=("auto", "json", "text"), help="log style")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument("--port-file", type=Path, help="write the bound port to this file")

@@ -154,6 +154,33 @@ def default_engine_threads() -> int:
     return max(1, available_cores() - 1)
 
 
+def serve_loras(model: LoadedModel, settings: ServerSettings) -> None:
+    """Let `model` apply per-request LoRAs from its LoRA folders, when it has any and its
+    backend applies them (torch): per-row layers on the UNet, `settings.lora_slots`
+    adapters of rank up to `settings.max_lora_rank`. Comes before warm-up, which then
+    runs (and compiles) the UNet with its LoRA layers in place."""
+    from kiln_server.lora.policy import refusal_for_backend
+
+    if not model.spec.lora_dirs:
+        return
+    refusal = refusal_for_backend(model.pipeline.backend)
+    if refusal is not None:
+        logger.warning(
+            "the model has LoRA folders but its backend applies no LoRAs",
+            extra={"model": model.spec.name, "backend": model.pipeline.backend},
+        )
+        return
+    from kiln_server.engines.torch_engine import torch_lora_library
+    from kiln_server.lora.folders import LoraFolders
+
+    model.pipeline.loras = torch_lora_library(
+        model.pipeline.engines,
+        LoraFolders.of(model.spec.lora_dirs),
+        slots=settings.lora_slots,
+        max_rank=settings.max_lora_rank,
+    )
+
+
 def load_registry_models(
     registry: ModelRegistry, settings: ServerSettings
 ) -> dict[str, LoadedModel]:
@@ -183,6 +210,7 @@ def load_registry_models(
             spec, settings.backend, settings.engines, settings.config, threads, placement
         )
         loaded[spec.name] = model
+        serve_loras(model, settings)
         logger.info("warming up model", extra={"model": spec.name})
         rows: Sequence[int] = ()
         if placement.compile or placement.cuda_graphs:

@@ -75,8 +75,10 @@ class KilnServer:
                     max_pixels=settings.max_image_pixels,
                 ),
                 max_work=settings.max_request_work,
+                max_loras=settings.max_loras_per_request,
             ),
             metrics=self.metrics,
+            max_lora_rank=settings.max_lora_rank,
         )
         max_bytes = settings.max_message_mb * 1024 * 1024
         interceptors = []

@@ -43,6 +43,7 @@ from kiln_server.events import (
 )
 from kiln_server.image_inputs import apply_overlay
 from kiln_server.imaging import EncodedImage, encode_image
+from kiln_server.lora.listing import LoraCatalog
 from kiln_server.metrics import UNKNOWN_MODEL, ServerMetrics
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
@@ -50,6 +51,8 @@ from kiln_server.pipeline.prompts import PromptTokenizer
 from kiln_server.pipeline.schedulers import scheduler_names
 from kiln_server.validation import (
     FieldViolation,
+    LoraMissing,
+    LorasUnsupported,
     ModelNotFound,
     RequestBudget,
     RequestInvalid,
@@ -77,14 +80,26 @@ async def abort_with(context: grpc.aio.ServicerContext, status: grpc.Status) -> 
 
 
 def bad_request_status(error: RequestInvalid) -> grpc.Status:
-    """INVALID_ARGUMENT carrying one google.rpc.BadRequest violation per field."""
+    """INVALID_ARGUMENT carrying one google.rpc.BadRequest violation per field (NOT_FOUND,
+    with the same details, when the only problem is LoRAs no folder holds)."""
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in error.violations
         ]
     )
-    return _status_details(code_pb2.INVALID_ARGUMENT, str(error), bad_request)
+    code = code_pb2.NOT_FOUND if isinstance(error, LoraMissing) else code_pb2.INVALID_ARGUMENT
+    return _status_details(code, str(error), bad_request)
+
+
+def loras_unsupported_status(error: LorasUnsupported) -> grpc.Status:
+    """FAILED_PRECONDITION: the model's backend applies no LoRAs; BadRequest names `loras`."""
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field="loras", description=error.message)
+        ]
+    )
+    return _status_details(code_pb2.FAILED_PRECONDITION, str(error), bad_request)
 
 
 def queue_full_status(message: str, retry_after: float) -> grpc.Status:
@@ -152,8 +167,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         is_draining: Callable[[], bool] = lambda: False,
         budget: RequestBudget | None = None,
         metrics: ServerMetrics | None = None,
+        max_lora_rank: int = 128,
     ) -> None:
         self.registry = registry
+        self.loras = LoraCatalog(max_lora_rank)
         self.is_draining = is_draining
         self.budget = budget or RequestBudget()
         self.metrics = metrics or ServerMetrics()
@@ -207,6 +224,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         served = self.served.get(model)
         return served.limits if served else None
 
+    def _backend(self, model: str) -> str | None:
+        served = self.served.get(model)
+        return served.backend if served else None
+
     async def ListModels(
         self,
         request: pb.ListModelsRequest | MalformedRequest,
@@ -219,6 +240,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         for spec in self.registry.models.values():
             served = self.served.get(spec.name)
             limits = ServedLimits.of(spec, served.limits if served else None)
+            # Header reads, cached per file version; a thread keeps the loop free.
+            loras = await asyncio.to_thread(self.loras.list, spec.lora_dirs)
             infos.append(
                 pb.ModelInfo(
                     name=spec.name,
@@ -247,6 +270,11 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     max_image_bytes=self.budget.images.max_bytes,
                     max_image_pixels=self.budget.images.max_pixels,
                     inpainting=limits.inpainting,
+                    loras=[
+                        pb.LoraInfo(name=lora.name, rank=lora.rank, format=lora.format)
+                        for lora in loras
+                    ],
+                    max_loras_per_request=self.budget.max_loras,
                 )
             )
         return pb.ListModelsResponse(models=infos, default_model=self.registry.default_model)
@@ -306,14 +334,19 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             self._max_tokens,
             self._engine_limits,
             self.budget,
+            self._backend,
         )
         try:
             # Decoding a photo takes long enough to stall every other stream on the loop.
             params = await asyncio.to_thread(validate) if request.image else validate()
         except RequestInvalid as error:
             logger.info("rejected invalid request: %s", error, extra=log)
-            ending.outcome = "invalid"
+            ending.outcome = "not_found" if isinstance(error, LoraMissing) else "invalid"
             await abort_with(context, bad_request_status(error))
+        except LorasUnsupported as error:
+            logger.info("rejected LoRAs on this backend: %s", error, extra=log)
+            ending.outcome = "invalid"
+            await abort_with(context, loras_unsupported_status(error))
         except ModelNotFound as error:
             logger.info("rejected unknown model", extra={**log, "model": error.name})
             ending.outcome = "not_found"

@@ -81,6 +81,11 @@ class ServerSettings:
     # Clients re-resolve DNS only when a connection closes, so closing each one after this
     # many seconds (GOAWAY; its calls may finish) lets round_robin clients reach new pods.
     max_connection_age: float = 300.0
+    # LoRAs: resident adapters per model (an LRU), the highest rank a file may have, and
+    # how many one request may apply.
+    lora_slots: int = 8
+    max_lora_rank: int = 128
+    max_loras_per_request: int = 4
 
     @property
     def auth_enabled(self) -> bool:
@@ -125,6 +130,9 @@ _CONVERTERS: dict[str, Any] = {
     "max_inflight_per_token": int,
     "health_port": int,
     "max_connection_age": float,
+    "lora_slots": int,
+    "max_lora_rank": int,
+    "max_loras_per_request": int,
 }
 # Paths a config file gives relative to its own folder.
 _FILE_RELATIVE = ("engines", "api_tokens_file", "tls_cert", "tls_key", "tls_client_ca")
@@ -217,6 +225,10 @@ def _check_access(settings: ServerSettings) -> None:
         raise SettingsError(
             f"max_inflight_per_token {settings.max_inflight_per_token} is negative: use 1 or "
             "more, or 0 for no per-token limit"
+        )
+    if settings.lora_slots < 1 or settings.max_lora_rank < 1 or settings.max_loras_per_request < 1:
+        raise SettingsError(
+            "lora_slots, max_lora_rank and max_loras_per_request must each be at least 1"
         )
     if settings.max_connection_age < 0:
         raise SettingsError(

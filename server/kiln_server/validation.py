@@ -25,8 +25,11 @@ from kiln_server.image_inputs import (
     frame_inputs,
     round_down,
 )
+from kiln_server.lora import policy as lora_policy
+from kiln_server.lora.errors import LoraNotFound
+from kiln_server.lora.folders import LORA_SUFFIX, LoraFolders
 from kiln_server.models.registry import ModelRegistry, ModelSpec
-from kiln_server.pipeline.params import GenerationParams, PreviewParams
+from kiln_server.pipeline.params import GenerationParams, LoraUse, PreviewParams
 from kiln_server.pipeline.schedulers import scheduler_names
 from kiln_server.user_text import quoted, shorten
 
@@ -61,6 +64,9 @@ DEFAULT_PREVIEW_QUALITY = 75
 MIN_PREVIEW_SIZE = 16
 MAX_PREVIEW_SIZE = 1024
 MAX_CROP_PADDING = 4096
+# LoraWeight.scale must be finite and within +-MAX_LORA_SCALE.
+MAX_LORA_SCALE = 4.0
+DEFAULT_MAX_LORAS = 4
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,19 @@ class RequestInvalid(ValueError):
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
         super().__init__(f"invalid request: {summary}")
         self.violations = violations
+
+
+class LoraMissing(RequestInvalid):
+    """Every violation is a requested LoRA that no LoRA folder of the model holds: the API
+    answers NOT_FOUND (still with google.rpc.BadRequest naming `loras[i].name`)."""
+
+
+class LorasUnsupported(ValueError):
+    """The model's backend cannot apply LoRAs; the API answers FAILED_PRECONDITION."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"loras: {message}")
+        self.message = message
 
 
 class ModelNotFound(LookupError):
@@ -101,6 +120,8 @@ class RequestBudget:
 
     images: ImageInputLimits = field(default_factory=ImageInputLimits)
     max_work: float = 1000.0
+    # Most entries one request's `loras` may hold (the `max_loras_per_request` setting).
+    max_loras: int = DEFAULT_MAX_LORAS
 
 
 @dataclass(frozen=True)
@@ -348,6 +369,90 @@ def _output_size(
     return request.width or spec.default_width, request.height or spec.default_height
 
 
+def lora_name(name: str) -> str:
+    """The name a LoRA is listed and applied under: its file name without the suffix."""
+    return name[: -len(LORA_SUFFIX)] if name.endswith(LORA_SUFFIX) else name
+
+
+def _check_loras(
+    request: pb.GenerateRequest,
+    spec: ModelSpec,
+    max_loras: int,
+    errors: list[FieldViolation],
+    missing: list[FieldViolation],
+) -> tuple[LoraUse, ...]:
+    """The request's LoRAs resolved against the model's LoRA folders.
+
+    Bad names, scales, duplicates and a list over `max_loras` go to `errors`; names that
+    are plain file names but no file of the folders go to `missing` (NOT_FOUND when alone).
+    Names are checked as names before any file system call, and resolving never leaves the
+    folders (`LoraFolders`).
+    """
+    loras = request.loras
+    if not loras:
+        return ()
+    if len(loras) > max_loras:
+        errors.append(
+            FieldViolation(
+                "loras", f"holds {len(loras)} LoRAs; this server applies at most {max_loras}"
+            )
+        )
+        return ()
+    if not spec.lora_dirs:
+        errors.append(
+            FieldViolation(
+                "loras",
+                f"model {spec.name!r} has no LoRA folders (`lora_dirs` in its configuration, "
+                "or a `loras/` folder in the model folder), so it applies no LoRA",
+            )
+        )
+        return ()
+    folders = LoraFolders.of(spec.lora_dirs)
+    uses: list[LoraUse] = []
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(loras):
+        where = f"loras[{index}]"
+        scale = entry.scale if entry.HasField("scale") else 1.0
+        if not (math.isfinite(scale) and -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE):
+            errors.append(
+                FieldViolation(
+                    f"{where}.scale",
+                    f"must be between {-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale}",
+                )
+            )
+        try:
+            file_name = folders.file_name(entry.name)
+        except LoraNotFound as error:
+            errors.append(
+                FieldViolation(f"{where}.name", f"LoRA {quoted(entry.name)}: {error.reason}")
+            )
+            continue
+        name = lora_name(file_name)
+        if name in seen:
+            errors.append(
+                FieldViolation(
+                    f"{where}.name",
+                    f"LoRA {quoted(name)} is already loras[{seen[name]}]; name each LoRA once "
+                    "(give one entry the combined scale)",
+                )
+            )
+            continue
+        seen[name] = index
+        try:
+            folders.resolve(file_name)
+        except LoraNotFound as error:
+            missing.append(
+                FieldViolation(
+                    f"{where}.name",
+                    f"LoRA {quoted(entry.name)}: {error.reason} (ListModels lists the "
+                    "model's LoRAs)",
+                )
+            )
+            continue
+        uses.append(LoraUse(name=name, scale=float(scale)))
+    return tuple(uses)
+
+
 def validate_request(
     request: pb.GenerateRequest,
     registry: ModelRegistry,
@@ -355,8 +460,14 @@ def validate_request(
     max_tokens: Callable[[str], int],
     engine_limits: Callable[[str], EngineLimits | None] = lambda _model: None,
     budget: RequestBudget | None = None,
+    backend: Callable[[str], str | None] = lambda _model: None,
 ) -> GenerationParams:
     """Resolve defaults and check every field; raise RequestInvalid or ModelNotFound.
+
+    `loras` are refused with LorasUnsupported when `backend(model)` (None: not known yet)
+    cannot apply them, and with LoraMissing when the only problem is LoRA names that are
+    no file of the model's LoRA folders. Entries at scale 0 are kept: the engine applies
+    them as off, which gives the base model's bytes.
 
     Sizes and output counts are checked against the model's limits narrowed by
     `engine_limits(model)`, what its loaded engines declare they can run. Request images
@@ -368,6 +479,12 @@ def validate_request(
         raise ModelNotFound(request.model, sorted(registry.models))
     errors: list[FieldViolation] = []
     token_limit = max_tokens(spec.name)
+    budget = budget or RequestBudget()
+    if request.loras:
+        served_by = backend(spec.name)
+        refusal = lora_policy.refusal_for_backend(served_by) if served_by else None
+        if refusal is not None:
+            raise LorasUnsupported(refusal)
 
     if not request.prompt.strip():
         errors.append(FieldViolation("prompt", "must not be empty"))
@@ -383,7 +500,6 @@ def validate_request(
             errors.append(problem)
 
     limits = ServedLimits.of(spec, engine_limits(spec.name))
-    budget = budget or RequestBudget()
     photo = _decode_photo(request, spec, limits, budget.images, errors)
     size_errors = len(errors)
     width, height = _output_size(request, spec, limits, photo, errors)
@@ -511,8 +627,12 @@ def validate_request(
         for name in ("num_inference_steps", "num_outputs", "width", "height"):
             errors.append(FieldViolation(name, message))
 
+    missing: list[FieldViolation] = []
+    loras = _check_loras(request, spec, budget.max_loras, errors, missing)
     if errors:
-        raise RequestInvalid(errors)
+        raise RequestInvalid(errors + missing)
+    if missing:
+        raise LoraMissing(missing)
     return GenerationParams(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt or None,
@@ -536,4 +656,5 @@ def validate_request(
         priority=PRIORITIES[request.priority],
         image=framed.conditioning if framed else None,
         overlay=framed.overlay if framed else None,
+        loras=loras,
     )

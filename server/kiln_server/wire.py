@@ -45,8 +45,10 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def invalid_string_field(data: bytes, descriptor: Descriptor, prefix: str = "") -> str | None:
     """The dotted path of the first string field in `data` whose bytes are not UTF-8, or
-    None (none found, or the bytes are not walkable wire format)."""
+    None (none found, or the bytes are not walkable wire format). An entry of a repeated
+    message field is named with its index, e.g. `loras[1].name`."""
     pos = 0
+    seen: dict[int, int] = {}
     try:
         while pos < len(data):
             key, pos = _varint(data, pos)
@@ -69,7 +71,12 @@ def invalid_string_field(data: bytes, descriptor: Descriptor, prefix: str = "") 
                     except UnicodeDecodeError:
                         return prefix + field.name
                 elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type:
-                    found = invalid_string_field(chunk, field.message_type, f"{field.name}.")
+                    name = field.name
+                    if field.is_repeated:
+                        index = seen.get(number, 0)
+                        seen[number] = index + 1
+                        name = f"{name}[{index}]"
+                    found = invalid_string_field(chunk, field.message_type, f"{name}.")
                     if found is not None:
                         return prefix + found
             else:

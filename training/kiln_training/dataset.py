@@ -10,7 +10,7 @@ real CLIP BPE tokenizer.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,6 +35,18 @@ MAX_SHAPE_FRACTION = 0.72
 # Pixels kept free between the shape and the image border.
 MARGIN_FRACTION = 0.03
 SUPERSAMPLING = 4
+
+# Styles the generator can add to a scene (None: the plain scenes the base model learns).
+# "closeup": the shape fills the frame, its box CLOSEUP_MIN..CLOSEUP_MAX of the image side
+# (plain scenes: MIN_SHAPE_FRACTION..MAX_SHAPE_FRACTION), centred to within
+# CLOSEUP_JITTER. Kiln-shapes' VAE decodes every latent to one palette colour or another
+# (shades, thin outlines, stripes and dots come back as flat colour or smears), so a style
+# it can show has to be geometry of the same two colours; a closeup keeps the colours and
+# the shape class the pixel judge reads.
+STYLES: tuple[str, ...] = ("closeup",)
+CLOSEUP_MIN = 0.86
+CLOSEUP_MAX = 0.92
+CLOSEUP_JITTER = 0.01
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,26 @@ def shape_mask(
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
+def styled(scene: Scene, style: str | None, rng: np.random.Generator) -> Scene:
+    """`scene` with `style` applied to its geometry (None: unchanged).
+
+    "closeup" redraws the size and position from `rng`: a shape filling the frame. Raises
+    ValueError for an unknown style.
+    """
+    if style is None:
+        return scene
+    if style == "closeup":
+        extent = float(rng.uniform(CLOSEUP_MIN, CLOSEUP_MAX))
+        room = min(CLOSEUP_JITTER, 0.5 - MARGIN_FRACTION - extent / 2)
+        return replace(
+            scene,
+            center_x=0.5 + float(rng.uniform(-room, room)),
+            center_y=0.5 + float(rng.uniform(-room, room)),
+            extent=extent,
+        )
+    raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+
+
 def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     """Render `scene` as a uint8 RGB array (size, size, 3) with anti-aliased edges."""
     fine = size * SUPERSAMPLING
@@ -128,10 +160,16 @@ def render_batch(scenes: list[Scene], size: int = IMAGE_SIZE) -> np.ndarray:
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2) / 127.5 - 1.0)
 
 
-def sample_scenes(count: int, seed: int) -> list[Scene]:
-    """`count` scenes from a generator seeded with `seed` (same seed, same scenes)."""
+def sample_scenes(count: int, seed: int, style: str | None = None) -> list[Scene]:
+    """`count` scenes from a generator seeded with `seed` (same seed, same scenes).
+
+    With `style` (one of STYLES) every scene is drawn with that style (`styled`); the
+    captions are the plain scenes' captions of the same seed.
+    """
     rng = np.random.default_rng(seed)
-    return [sample_scene(rng) for _ in range(count)]
+    # The style's draws come from their own generator: same seed, same captions as plain.
+    style_rng = np.random.default_rng([seed, 1])
+    return [styled(sample_scene(rng), style, style_rng) for _ in range(count)]
 
 
 def prompt_set(count: int, seed: int = 0) -> list[Scene]:

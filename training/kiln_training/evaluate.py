@@ -208,3 +208,33 @@ def adherence(scores: Iterable[Score]) -> Adherence:
         shape=sum(s.shape_right for s in items) / n,
         all_right=sum(s.colours_right and s.shape_right for s in items) / n,
     )
+
+
+# --------------------------------------------------------------------------- styles
+
+# The "closeup" style (dataset.STYLES): the shape's box spans at least this fraction of the
+# image side. Plain scenes span at most dataset.MAX_SHAPE_FRACTION (0.72), closeups
+# dataset.CLOSEUP_MIN (0.86) or more; the threshold sits between.
+CLOSEUP_THRESHOLD = 0.8
+
+
+def shape_span(image: object) -> float:
+    """The larger side of the shape's bounding box (`read_scene`'s shape region) as a
+    fraction of the image side; 0 when no shape stands out."""
+    pixels = _as_rgb_array(image)
+    _, region = read_scene(pixels)
+    if not region.any():
+        return 0.0
+    rows = np.nonzero(region.any(axis=1))[0]
+    cols = np.nonzero(region.any(axis=0))[0]
+    height = (rows[-1] - rows[0] + 1) / region.shape[0]
+    width = (cols[-1] - cols[0] + 1) / region.shape[1]
+    return float(max(height, width))
+
+
+def style_present(image: object, style: str = "closeup") -> bool:
+    """Whether an RGB image shows `style` (one of dataset.STYLES), from its pixels alone.
+    Raises ValueError for an unknown style."""
+    if style == "closeup":
+        return shape_span(image) >= CLOSEUP_THRESHOLD
+    raise ValueError(f"unknown style {style!r}")

@@ -285,9 +285,12 @@ def all_captions() -> list[str]:
 
 
 @torch.no_grad()
-def encode_pool(vae: Any, settings: TrainSettings) -> LatentPool:
-    """Render and encode `latent_pool` scenes with the trained VAE (deterministic)."""
-    scenes = sample_scenes(settings.latent_pool, seed=settings.seed + POOL_SEED_OFFSET)
+def encode_pool(vae: Any, settings: TrainSettings, style: str | None = None) -> LatentPool:
+    """Render and encode `latent_pool` scenes with the trained VAE (deterministic).
+
+    `style` (one of dataset.STYLES) draws every scene in that style, captions unchanged.
+    """
+    scenes = sample_scenes(settings.latent_pool, seed=settings.seed + POOL_SEED_OFFSET, style=style)
     index = {text: i for i, text in enumerate(all_captions())}
     means, stds, smalls = [], [], []
     chunk = 256

@@ -244,6 +244,9 @@ class KilnClient:
         `MAX_IMAGE_BYTES`) before anything is sent. `result.mode` and `result.strength`
         report what the server ran.
 
+        LoRAs: `loras=[("ink", 0.8), "paper"]` (a name alone is scale 1.0) or a mapping
+        name -> scale, naming LoRAs `list_models()` reports for the model.
+
         Raises:
             KilnError: the RPC failed, or the stream ended without a completed event.
             TypeError / ValueError: bad arguments (see `build_request`), including

@@ -11,6 +11,7 @@ file, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ _FLAG_BY_FIELD = {
     "strength": "--strength",
     "keep_unmasked": "--keep-unmasked",
     "mask_crop_padding": "--mask-crop-padding",
+    "loras": "--lora",
 }
 
 # KilnClient connection keyword → the flag that sets it.
@@ -154,6 +156,26 @@ def _strength(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"must be a number greater than 0 and at most 1, got {text!r}"
         ) from None
+
+
+def lora_flag(text: str) -> tuple[str, float]:
+    """`--lora NAME[:SCALE]` as (name, scale); the scale defaults to 1.0."""
+    name, sep, scale_text = text.rpartition(":")
+    if not sep:
+        name, scale_text = text, ""
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:SCALE, got {text!r}")
+    if not sep:
+        return name, 1.0
+    try:
+        scale = float(scale_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME:SCALE with a number after the colon, got {text!r}"
+        ) from None
+    if not math.isfinite(scale):
+        raise argparse.ArgumentTypeError(f"the scale must be a finite number, got {text!r}")
+    return name, scale
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -323,6 +345,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     gen.add_argument(
         "--priority", choices=["low", "normal", "high"], default="normal", help="queue priority"
+    )
+    gen.add_argument(
+        "--lora",
+        metavar="NAME[:SCALE]",
+        dest="loras",
+        action="append",
+        type=lora_flag,
+        default=[],
+        help="apply a LoRA of the model (see kiln models) at SCALE (default 1; 0 = off; "
+        "-4 to 4); repeat for several",
     )
     images = gen.add_argument_group("image conditioning (see 'image conditioning' below)")
     images.add_argument(
@@ -511,6 +543,8 @@ class _GenerateRun:
 
 
 def _flag_for(field_path: str) -> str | None:
+    if field_path == "loras" or field_path.startswith("loras["):
+        return "--lora"
     return _FLAG_BY_FIELD.get(field_path) or _FLAG_BY_FIELD.get(field_path.rsplit(".", 1)[-1])
 
 
@@ -557,6 +591,14 @@ def describe_error(
             flag = _flag_for(field_path)
             where = f"{field_path} ({flag})" if flag else field_path
             lines.append(f"  {where}: {description}")
+        return "\n".join(lines)
+    if isinstance(err, ModelNotFound) and err.field_violations:
+        lines = ["the server has no such LoRA:"]
+        for field_path, description in err.field_violations:
+            flag = _flag_for(field_path)
+            where = f"{field_path} ({flag})" if flag else field_path
+            lines.append(f"  {where}: {description}")
+        lines.append(f"`kiln models --server {server}` lists each model's LoRAs")
         return "\n".join(lines)
     if isinstance(err, ModelNotFound):
         return f"{err.message}; `kiln models --server {server}` lists the served models"
@@ -634,6 +676,7 @@ def run_generate(args: argparse.Namespace) -> int:
             strength=args.strength,
             keep_unmasked=args.keep_unmasked,
             mask_crop_padding=args.mask_crop_padding,
+            loras=args.loras,
         )
     except ImageInputError as exc:
         return _fail(exc.message_for(_FLAG_BY_FIELD[exc.argument]), EXIT_INVALID)
@@ -727,6 +770,12 @@ def format_models(response: pb.ListModelsResponse) -> str:
                 for m in model.preview_methods
             ]
             lines.append(f"  previews: {', '.join(methods)}")
+        if model.loras:
+            lines.append(
+                f"  loras:    --lora NAME[:SCALE], up to {model.max_loras_per_request} per request"
+            )
+            for lora in model.loras:
+                lines.append(f"    {lora.name}  (rank {lora.rank}, {lora.format})")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable, Mapping
 
 from kiln_client.image_input import MAX_IMAGE_BYTES, ImageInput, read_image_input
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
@@ -22,7 +23,9 @@ __all__ = [
     "PREVIEW_FORMATS",
     "PREVIEW_METHODS",
     "PRIORITIES",
+    "LoraSpec",
     "build_request",
+    "lora_weights",
     "output_format_value",
     "preview_format_value",
     "preview_method_value",
@@ -65,6 +68,9 @@ PRIORITIES: dict[str, pb.Priority.ValueType] = {
 _ALIASES = frozenset({"jpg", "latent-rgb"})
 _UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
+
+LoraSpec = str | tuple[str, float]
+"""One LoRA for `build_request`: a name (scale 1.0) or a (name, scale) pair."""
 
 
 def _enum_value(
@@ -137,6 +143,48 @@ def strength_value(value: float) -> float:
     return number
 
 
+def _lora_scale(name: str, scale: object) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"loras: the scale of {name!r} must be a number; got {scale!r}")
+    number = float(scale)
+    if not math.isfinite(number):
+        raise ValueError(f"loras: the scale of {name!r} must be finite; got {scale!r}")
+    return number
+
+
+def lora_weights(
+    loras: Mapping[str, float] | Iterable[LoraSpec],
+) -> list[pb.LoraWeight]:
+    """`LoraWeight` messages for a mapping name -> scale, or a list of names (scale 1.0)
+    and (name, scale) pairs; ValueError naming `loras` for anything else.
+
+    Only the shape is checked here; the server checks names, duplicates, the scale range
+    and the most LoRAs per request (ModelInfo.max_loras_per_request).
+    """
+    if isinstance(loras, str | bytes):
+        raise ValueError("loras must be a list of names or (name, scale) pairs, not a string")
+    pairs: list[tuple[object, object]]
+    if isinstance(loras, Mapping):
+        pairs = list(loras.items())
+    else:
+        pairs = []
+        for entry in loras:
+            if isinstance(entry, str):
+                pairs.append((entry, 1.0))
+            elif isinstance(entry, tuple) and len(entry) == 2:
+                pairs.append((entry[0], entry[1]))
+            else:
+                raise ValueError(
+                    f"loras entries must be a name or a (name, scale) pair; got {entry!r}"
+                )
+    weights = []
+    for name, scale in pairs:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"loras: a LoRA name must be a non-empty string; got {name!r}")
+        weights.append(pb.LoraWeight(name=name, scale=_lora_scale(name, scale)))
+    return weights
+
+
 def _needs(argument: str, value: object, required: str, given: object, why: str) -> None:
     if value is not None and given is None:
         raise ValueError(f"{argument} needs {required}: {why}")
@@ -168,6 +216,7 @@ def build_request(
     keep_unmasked: bool | None = None,
     mask_crop_padding: int | None = None,
     max_image_bytes: int = MAX_IMAGE_BYTES,
+    loras: Mapping[str, float] | Iterable[LoraSpec] | None = None,
 ) -> pb.GenerateRequest:
     """Build a `GenerateRequest`; zero / empty / None arguments mean "the model's default".
 
@@ -189,6 +238,10 @@ def build_request(
     by that many pixels. The three are set in the message only when given. Inputs larger
     than `max_image_bytes` (default `MAX_IMAGE_BYTES`, 20 MiB) are refused before sending;
     raise it only for a server whose `ModelInfo.max_image_bytes` is higher.
+
+    `loras` applies LoRAs of the model's folders (`ModelInfo.loras`) to this request only:
+    a list of names (scale 1.0) and (name, scale) pairs, e.g. `[("ink", 0.8), "paper"]`, or
+    a mapping name -> scale. Scale 0 turns a LoRA off; the server takes -4 to 4.
 
     Raises:
         ValueError: an argument the message cannot carry (unknown format or priority name,
@@ -212,6 +265,7 @@ def build_request(
         raise ValueError(f"keep_unmasked must be True or False; got {keep_unmasked!r}")
     if mask_crop_padding is not None:
         mask_crop_padding = _unsigned("mask_crop_padding", mask_crop_padding)
+    lora_list = lora_weights(loras) if loras is not None else []
     request = pb.GenerateRequest(
         model=model,
         prompt=prompt,
@@ -224,6 +278,7 @@ def build_request(
         output_format=output_format_value(output_format),
         output_quality=_unsigned("output_quality", output_quality),
         priority=priority_value(priority),
+        loras=lora_list,
     )
     if guidance_scale is not None:
         try:

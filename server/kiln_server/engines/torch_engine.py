@@ -6,6 +6,11 @@ overflows in fp16, so it decodes in fp32 when its config asks for that (`force_u
 diffusers does) unless the model ships an fp16-safe VAE. Optionally the UNet is compiled
 (torch.compile) and each UNet call shape is replayed from a captured CUDA graph; both are
 paid for during warm-up.
+
+Per-request LoRAs (kiln_server.lora) are installed on the UNet as per-row layers. A UNet
+call where some row applies a LoRA runs the uncompiled module eagerly: a captured CUDA
+graph holds the base layers only, and a compiled module would recompile for every
+assignment. Calls without a LoRA row keep the fast path.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from kiln_server.engines.base import EngineError, EngineSet
 from kiln_server.engines.components import ComponentSpec, ModelDims, sdxl_component_specs
 from kiln_server.engines.device import Placement
 from kiln_server.engines.torch_modules import component_module
+from kiln_server.lora.folders import LoraFolders
+from kiln_server.lora.layers import RowLoraLayers, install_row_lora
+from kiln_server.lora.library import LoraLibrary
+from kiln_server.lora.stack import AdapterStack
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +69,14 @@ class TorchEngine:
         graph_pool: Any = None,
         max_batch: int | None = None,
         channels_last: bool = False,
+        eager_module: torch.nn.Module | None = None,
     ) -> None:
         self.spec = spec
         self.module = module
+        # The module before torch.compile: what runs a call with LoRA rows.
+        self.eager_module = eager_module if eager_module is not None else module
+        # The per-row LoRA layers installed inside the module, if any.
+        self.row_lora: RowLoraLayers | None = None
         self.device = device or torch.device("cpu")
         self.dtype = dtype
         # Eager torch takes any batch; a limit here is what the pipeline chunks calls by.
@@ -136,6 +150,9 @@ class TorchEngine:
         self.spec.check_inputs(inputs)
         with torch.inference_mode():
             args = self._prepare(inputs)
+            assignment = self.row_lora.assignment if self.row_lora is not None else None
+            if assignment is not None and assignment.any_active:
+                return self._outputs(self.eager_module(*args), copy=False)
             if not self.cuda_graphs:
                 return self._outputs(self.module(*args), copy=False)
             key = tuple(tuple(a.shape) for a in args)
@@ -189,7 +206,7 @@ def load_torch_engines(
     pool = torch.cuda.graph_pool_handle() if placement.cuda_graphs else None
     engines: dict[str, TorchEngine] = {}
     for name, spec in specs.items():
-        module = component_module(spec, modules)
+        module = eager = component_module(spec, modules)
         is_unet = name == "unet"
         if is_unet and placement.compile:
             module = torch.compile(module)
@@ -211,6 +228,7 @@ def load_torch_engines(
                 else None
             ),
             channels_last=channels_last,
+            eager_module=eager,
         )
     description = placement.describe()
     if vae_precision != dtype:
@@ -226,3 +244,20 @@ def load_torch_engines(
         device=device,
         placement=description,
     )
+
+
+def torch_lora_library(
+    engines: EngineSet, folders: LoraFolders, *, slots: int, max_rank: int
+) -> LoraLibrary:
+    """Install per-row LoRA layers on the torch UNet of `engines` (weights already loaded)
+    and return the library serving LoRAs from `folders` with `slots` adapters of rank up
+    to `max_rank`. Installing changes the UNet's modules, so it comes before warm-up."""
+    engine = engines.unet
+    if not isinstance(engine, TorchEngine) or engine.row_lora is not None:
+        raise EngineError("per-row LoRAs install once, on a torch UNet engine")
+    unet = getattr(engine.eager_module, "unet", None)
+    if unet is None:
+        raise EngineError("the torch UNet engine does not wrap a diffusers UNet")
+    engine.row_lora = install_row_lora(unet)
+    stack = AdapterStack(engine.row_lora, capacity=slots, max_rank=max_rank)
+    return LoraLibrary(folders, stack, unet_config=unet.config)

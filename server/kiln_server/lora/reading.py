@@ -36,6 +36,14 @@ from kiln_server.lora.weights import LoraModule, LoraWeights
 UNET_PREFIX = "unet"
 TEXT_ENCODER_PREFIXES = ("text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# Keys of text-encoder weights, in the diffusers and the kohya layouts.
+TEXT_ENCODER_KEY_PREFIXES = ("text_encoder", "lora_te_", "lora_te1_", "lora_te2_")
+TEXT_ENCODER_REFUSAL = (
+    "it has text-encoder weights, which Kiln does not apply yet (only UNet weights are); "
+    "use a UNet-only LoRA"
+)
+"""Why a LoRA with text-encoder weights is refused: serving only its UNet part would give
+images that differ from diffusers' without saying so."""
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 # Key fragments of adapter kinds Kiln does not apply, with the name given in the refusal.

@@ -18,21 +18,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from kiln_server.lora.errors import LoraRefused, StackFull
 from kiln_server.lora.layers import RowAssignment, RowLoraConv2d, RowLoraLayers
 from kiln_server.lora.weights import LoraModule, LoraWeights
-
-
-@dataclass(frozen=True)
-class LoraUse:
-    """One LoRA a request applies: its name and scale (0 means off)."""
-
-    name: str
-    scale: float = 1.0
+from kiln_server.pipeline.params import LoraUse
 
 
 class AdapterStack:

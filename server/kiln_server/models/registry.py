@@ -52,6 +52,9 @@ class ModelSpec:
     # A local AutoencoderTiny folder (e.g. madebyollin/taesdxl) to preview with instead of
     # the model folder's own `preview_decoder/`; None: the folder's own, if any.
     preview_decoder: Path | None = None
+    # Folders whose .safetensors files requests may name in `loras`: the config's
+    # `lora_dirs` (relative to the config file), then the model folder's own `loras/`.
+    lora_dirs: tuple[Path, ...] = ()
 
     def default_request(self, prompt: str, **overrides: Any) -> GenerationParams:
         """This model's default request for `prompt`: its default size, steps, guidance and
@@ -117,8 +120,12 @@ def _folder_defaults(path: Path) -> dict[str, Any]:
     if not kiln_file.is_file():
         return {}
     data = json.loads(kiln_file.read_text())
-    # A preview decoder outside the folder is the server config's to name, not the folder's.
-    return {k: v for k, v in data.items() if k in SPEC_KEYS and k != "preview_decoder"}
+    # Folders outside the model folder are the server config's to name, not the folder's.
+    return {
+        k: v
+        for k, v in data.items()
+        if k in SPEC_KEYS and k not in ("preview_decoder", "lora_dirs")
+    }
 
 
 def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
@@ -129,7 +136,11 @@ def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
             f"model {name!r}: unknown setting(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}"
         )
     values = {**_folder_defaults(path), **overrides}
-    spec = ModelSpec(name=name, path=path, **values)
+    own_loras = path / "loras"
+    lora_dirs = tuple(values.pop("lora_dirs", ()))
+    if own_loras.is_dir() and own_loras not in lora_dirs:
+        lora_dirs += (own_loras,)
+    spec = ModelSpec(name=name, path=path, lora_dirs=lora_dirs, **values)
     for size_field in ("default_width", "default_height", "min_size", "max_size"):
         if getattr(spec, size_field) % 8:
             raise RegistryError(f"model {name!r}: {size_field} must be a multiple of 8")
@@ -153,7 +164,7 @@ class ModelRegistry:
 
         Each entry has `name` and either `path` (a diffusers SDXL folder, relative paths
         resolved against the config's directory via `_config_dir`) or `builtin`, and may
-        name a `preview_decoder` folder (resolved like `path`).
+        name a `preview_decoder` folder and `lora_dirs` (resolved like `path`).
         """
         entries = config.get("models") or []
         if not isinstance(entries, list):
@@ -178,6 +189,14 @@ class ModelRegistry:
                 decoder = Path(str(entry.pop("preview_decoder"))).expanduser()
                 entry["preview_decoder"] = (
                     decoder if decoder.is_absolute() else ((base / decoder).resolve())
+                )
+            if "lora_dirs" in entry:
+                folders = entry.pop("lora_dirs")
+                if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+                    raise RegistryError(f"model {name!r}: lora_dirs must be a list of folders")
+                resolved = [Path(folder).expanduser() for folder in folders]
+                entry["lora_dirs"] = tuple(
+                    f if f.is_absolute() else (base / f).resolve() for f in resolved
                 )
             models[name] = make_spec(name, path, entry)
         if not models:

@@ -60,6 +60,14 @@ class Overlay:
 
 
 @dataclass(frozen=True)
+class LoraUse:
+    """One LoRA a request applies: its name in the model's LoRA folders and its scale (0: off)."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """One request with every default filled in. Image i uses seed + i.
 
@@ -86,6 +94,8 @@ class GenerationParams:
     # Only in the API process: what to paste over the decoded images (the engine core
     # never receives it).
     overlay: Overlay | None = None
+    # LoRAs applied to this request's rows of the shared UNet call (empty: the base model).
+    loras: tuple[LoraUse, ...] = ()
 
     @property
     def mode(self) -> str:

@@ -3,7 +3,9 @@
 `prepare` turns a request into a DenoiseState (prompt embeddings, seeded latents, its own
 scheduler); `denoise_step` advances any number of states that share a latent shape with a
 single UNet call, each row carrying its own timestep; `decode` runs the VAE;
-`preview_pixels` draws a preview (latent-to-RGB map or the learned preview decoder). The result for
+`preview_pixels` draws a preview (latent-to-RGB map or the learned preview decoder). Requests
+with different LoRAs (or none) share the UNet call: before it, each row is given its
+request's LoRAs (`loras`, a LoraLibrary, on backends that apply them). The result for
 one request equals diffusers' StableDiffusionXLPipeline on the same components, seeds and
 scheduler (tests compare them). The pipeline never knows which runtime runs its engines.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,10 +29,18 @@ import torch
 from kiln_server.engines.base import Engine, EngineSet
 from kiln_server.engines.limits import PREVIEW_LATENT_RGB, declared_limits
 from kiln_server.models.loader import SDXLModelFiles
-from kiln_server.pipeline.params import GenerationParams, ImageConditioning, PreviewParams
+from kiln_server.pipeline.params import (
+    GenerationParams,
+    ImageConditioning,
+    LoraUse,
+    PreviewParams,
+)
 from kiln_server.pipeline.previews import EncodedPreview, LatentPreviewer
 from kiln_server.pipeline.prompts import EncodedPrompts, PromptEncoder, PromptTokenizer
 from kiln_server.pipeline.schedulers import make_scheduler
+
+if TYPE_CHECKING:
+    from kiln_server.lora.library import LoraLibrary
 
 
 def to_uint8_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -112,6 +122,8 @@ class DenoiseState:
     step_index: int = 0
     denoised: torch.Tensor | None = None
     photo: PhotoLatents | None = None
+    # The LoRAs its rows apply, as the model's LoraLibrary names them (scale 0 left out).
+    loras: tuple[LoraUse, ...] = ()
 
     @property
     def total_steps(self) -> int:
@@ -161,6 +173,9 @@ class SDXLPipeline:
         self.device = engines.device
         self.limits = declared_limits(engines, files.dims)
         self._step_done: torch.cuda.Event | None = None
+        # Set when the model serves LoRAs (torch backend with LoRA folders): the UNet's
+        # per-row adapters. None: a request with LoRAs is refused.
+        self.loras: LoraLibrary | None = None
 
     @property
     def backend(self) -> str:
@@ -172,8 +187,16 @@ class SDXLPipeline:
 
         An image-conditioned request (img2img, inpainting) encodes its photo with the VAE
         encoder and starts part-way into the schedule, as diffusers' SDXL img2img and
-        inpaint pipelines do.
+        inpaint pipelines do. The request's LoRAs are made resident if they are not (the
+        batcher admits a job only once they are); a LoRA that cannot be used raises its
+        `LoraError`, and LoRAs on a model that serves none raise ValueError.
         """
+        loras: tuple[LoraUse, ...] = ()
+        if self.loras is not None:
+            loras = self.loras.uses(params.loras)
+            self.loras.ensure_resident(loras)
+        elif any(use.scale != 0.0 for use in params.loras):
+            raise ValueError("loras: this model serves no LoRAs")
         prompts = self.prompt_encoder.encode(params.prompt, params.negative_prompt)
         scheduler = make_scheduler(params.scheduler, self.files.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
@@ -212,6 +235,7 @@ class SDXLPipeline:
             time_ids=time_ids,
             step_kwargs=step_kwargs,
             photo=photo,
+            loras=loras,
         )
 
     def _noise(self, params: GenerationParams, generators: list[torch.Generator]) -> torch.Tensor:
@@ -330,6 +354,8 @@ class SDXLPipeline:
             return StepResult(0.0, 0)
         started = time.perf_counter()
         inputs = self._unet_inputs(states)
+        if self.loras is not None:
+            self.loras.assign([state.loras for state in states for _ in range(state.rows)])
         noise_pred = self.engines.unet.infer(inputs)["noise_pred"]
         offset = 0
         for state in states:

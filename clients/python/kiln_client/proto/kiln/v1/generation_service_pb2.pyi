@@ -189,6 +189,7 @@ class GenerateRequest(_message.Message):
     STRENGTH_FIELD_NUMBER: _builtins.int
     KEEP_UNMASKED_FIELD_NUMBER: _builtins.int
     MASK_CROP_PADDING_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name as ListModels reports it; empty selects the server's default model."""
     prompt: _builtins.str
@@ -243,6 +244,17 @@ class GenerateRequest(_message.Message):
     def preview(self) -> Global___PreviewOptions:
         """Progress previews; absent or every_n_steps == 0 sends progress without previews."""
 
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
+        """LoRAs to apply to this request only (other requests in the same batch are unaffected).
+        Each names a LoRA of the model's configured LoRA folders, as ModelInfo.loras lists it
+        (the file name, with or without ".safetensors"); at most ModelInfo.max_loras_per_request
+        entries, each name once. A name with a path separator or "..", or a LoRA of a model
+        without LoRA folders, is INVALID_ARGUMENT; a name that is no file of the folders is
+        NOT_FOUND; both carry a google.rpc.BadRequest violation on `loras[i].name`. A backend
+        that cannot apply LoRAs answers FAILED_PRECONDITION naming `loras`.
+        """
+
     def __init__(
         self,
         *,
@@ -265,10 +277,11 @@ class GenerateRequest(_message.Message):
         strength: _builtins.float | None = ...,
         keep_unmasked: _builtins.bool | None = ...,
         mask_crop_padding: _builtins.int | None = ...,
+        loras: _abc.Iterable[Global___LoraWeight] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_keep_unmasked", b"_keep_unmasked", "_mask_crop_padding", b"_mask_crop_padding", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "keep_unmasked", b"keep_unmasked", "mask_crop_padding", b"mask_crop_padding", "preview", b"preview", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_keep_unmasked", b"_keep_unmasked", "_mask_crop_padding", b"_mask_crop_padding", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "keep_unmasked", b"keep_unmasked", "mask", b"mask", "mask_crop_padding", b"mask_crop_padding", "model", b"model", "negative_prompt", b"negative_prompt", "num_inference_steps", b"num_inference_steps", "num_outputs", b"num_outputs", "output_format", b"output_format", "output_quality", b"output_quality", "preview", b"preview", "priority", b"priority", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_keep_unmasked", b"_keep_unmasked", "_mask_crop_padding", b"_mask_crop_padding", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "height", b"height", "image", b"image", "keep_unmasked", b"keep_unmasked", "loras", b"loras", "mask", b"mask", "mask_crop_padding", b"mask_crop_padding", "model", b"model", "negative_prompt", b"negative_prompt", "num_inference_steps", b"num_inference_steps", "num_outputs", b"num_outputs", "output_format", b"output_format", "output_quality", b"output_quality", "preview", b"preview", "priority", b"priority", "prompt", b"prompt", "scheduler", b"scheduler", "seed", b"seed", "strength", b"strength", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -292,6 +305,36 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class LoraWeight(_message.Message):
+    """LoraWeight is one LoRA a request applies and how strongly."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The LoRA's name as ModelInfo.loras lists it."""
+    scale: _builtins.float
+    """Multiplier of the LoRA's delta, finite and between -4 and 4; absent means 1.0. 0 turns
+    the LoRA off: the image is then the base model's, byte for byte.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scale: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "scale", b"scale"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale", b"_scale", "name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__scale: _TypeAlias = _typing.Literal["scale"]  # noqa: Y015
+    _WhichOneofArgType__scale: _TypeAlias = _typing.Literal["_scale", b"_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scale) -> _WhichOneofReturnType__scale | None: ...
+
+Global___LoraWeight: _TypeAlias = LoraWeight  # noqa: Y015
 
 @_typing.final
 class QueuedEvent(_message.Message):
@@ -572,6 +615,8 @@ class ModelInfo(_message.Message):
     MAX_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
     INPAINTING_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
+    MAX_LORAS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     family: _builtins.str
     """Architecture family, e.g. "sdxl"."""
@@ -610,12 +655,21 @@ class ModelInfo(_message.Message):
     """True for an inpainting model (a 9-channel UNet that takes the mask and the masked
     photo): it serves only requests with both `image` and `mask`.
     """
+    max_loras_per_request: _builtins.int
+    """Most entries one GenerateRequest.loras may hold."""
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def preview_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Preview methods this model serves: "latent_rgb" always, "decoder" when it has a
         learned preview decoder.
+        """
+
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraInfo]:
+        """The LoRAs requests for this model may name in GenerateRequest.loras: every LoRA file of
+        its configured folders that Kiln applies (LoHa, LoKr, DoRA and unreadable files are left
+        out). Empty for a model without LoRA folders.
         """
 
     def __init__(
@@ -647,14 +701,46 @@ class ModelInfo(_message.Message):
         max_image_bytes: _builtins.int = ...,
         max_image_pixels: _builtins.int = ...,
         inpainting: _builtins.bool = ...,
+        loras: _abc.Iterable[Global___LoraInfo] | None = ...,
+        max_loras_per_request: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_preview_method", b"default_preview_method", "default_scheduler", b"default_scheduler", "default_strength", b"default_strength", "default_width", b"default_width", "description", b"description", "device", b"device", "family", b"family", "inpainting", b"inpainting", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "preview_methods", b"preview_methods", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_preview_method", b"default_preview_method", "default_scheduler", b"default_scheduler", "default_strength", b"default_strength", "default_width", b"default_width", "description", b"description", "device", b"device", "family", b"family", "inpainting", b"inpainting", "loras", b"loras", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_loras_per_request", b"max_loras_per_request", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "preview_methods", b"preview_methods", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class LoraInfo(_message.Message):
+    """LoraInfo describes one LoRA a model can apply."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name a request gives in LoraWeight.name (the file name without ".safetensors")."""
+    rank: _builtins.int
+    """The highest rank of the file's LoRA modules."""
+    format: _builtins.str
+    """Source format of the file: "diffusers" (diffusers/PEFT keys) or "kohya" (kohya / A1111)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "name", b"name", "rank", b"rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraInfo: _TypeAlias = LoraInfo  # noqa: Y015
 
 @_typing.final
 class ListModelsResponse(_message.Message):
