@@ -21,11 +21,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from gateway_support import wait_until
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from lora_support import make_peft_lora
 from PIL import Image
 from safetensors.torch import save_file
+from test_metrics import metrics_port, scraper, value
 
 from kiln_client.generate_cli import describe_error, format_models, lora_flag
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
@@ -325,7 +327,9 @@ name = "bare"
 path = "{tiny_model_path}"
 default_num_inference_steps = 2
 """
-    server = start_server(root / "server", kiln_cache_dir, "--backend", "torch", config=config)
+    server = start_server(
+        root / "server", kiln_cache_dir, "--backend", "torch", "--metrics-port", "0", config=config
+    )
     yield server
     server.terminate()
 
@@ -417,7 +421,7 @@ def _image(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest) -> 
 
 
 def test_a_lora_changes_the_image_and_scale_zero_gives_the_base_bytes(
-    stub: pb_grpc.GenerationServiceStub,
+    stub: pb_grpc.GenerationServiceStub, lora_server: Any
 ) -> None:
     def request(*loras: Any) -> pb.GenerateRequest:
         return build_request("a red circle", seed=5, width=32, height=32, loras=list(loras))
@@ -425,6 +429,12 @@ def test_a_lora_changes_the_image_and_scale_zero_gives_the_base_bytes(
     base = _image(stub, request())
     painted = _image(stub, request(("paint", 1.0)))
     assert painted != base
+    # The first use read the file into the stack: counted once, by the core's next report.
+    scrape = scraper(metrics_port(lora_server))
+    wait_until(
+        lambda: value(scrape(), "kiln_lora_loads_total", model="tiny") == 1,
+        what="the LoRA load to be counted",
+    )
     assert _image(stub, request(("paint", 0.0))) == base
     # Concurrent requests with and without the LoRA share UNet calls, each as when alone
     # (within 1 level: a batch of other rows changes the float summation order).
@@ -435,6 +445,7 @@ def test_a_lora_changes_the_image_and_scale_zero_gives_the_base_bytes(
     for image, alone in zip(together, [painted, base, base], strict=True):
         difference = _pixels(image).astype(int) - _pixels(alone).astype(int)
         assert np.abs(difference).max() <= 1
+    assert value(scrape(), "kiln_lora_loads_total", model="tiny") == 1  # resident since
 
 
 def test_a_lora_with_text_encoder_weights_is_refused_naming_it(

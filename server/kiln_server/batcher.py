@@ -172,6 +172,8 @@ class BatcherLoad:
 
     pending: dict[str, int] = field(default_factory=dict)
     running_rows: dict[str, int] = field(default_factory=dict)
+    # LoRAs made resident since start, per model serving LoRAs (a running total).
+    lora_loads: dict[str, int] = field(default_factory=dict)
 
 
 HandOff = Callable[[], list[JobEvent]]
@@ -401,6 +403,9 @@ class Batcher:
             load.pending[model] = load.pending.get(model, 0) + 1
         for model, rows in running:
             load.running_rows[model] = load.running_rows.get(model, 0) + rows
+        for model, pipeline in self.pipelines.items():
+            if pipeline.loras is not None:
+                load.lora_loads[model] = pipeline.loras.stack.loads
         return load
 
     @property

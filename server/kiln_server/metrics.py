@@ -105,6 +105,13 @@ class ServerMetrics:
             ["model", "backend"],
             registry=registry,
         )
+        self.lora_loads = Counter(
+            "kiln_lora_loads",
+            "LoRAs read from disk and made resident by the engine core (first use, or again "
+            "after eviction), by model.",
+            ["model"],
+            registry=registry,
+        )
         self.pending = Gauge(
             "kiln_pending_requests",
             "Requests waiting in the engine core's queue.",
@@ -126,6 +133,7 @@ class ServerMetrics:
             registry=registry,
         )
         self._models: tuple[str, ...] = ()
+        self._lora_loads_seen: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def declare_models(self, names: Iterable[str]) -> None:
@@ -185,6 +193,12 @@ class ServerMetrics:
             self.batch_rows.labels(name).set(rows.get(name, 0))
         for device, resident in stats.memory:
             self.memory.labels(device).set(resident)
+        for name, total in stats.lora_loads:  # the core reports running totals
+            with self._lock:
+                new = total - self._lora_loads_seen.get(name, 0)
+                self._lora_loads_seen[name] = total
+            if new > 0:
+                self.lora_loads.labels(name).inc(new)
 
 
 class MetricsEndpoint:

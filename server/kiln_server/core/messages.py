@@ -102,12 +102,14 @@ class CoreStats:
 
     `pending` counts waiting jobs and `running_rows` the UNet rows of the running batch,
     per model; `memory` is resident bytes per device (the core's RSS for "cpu",
-    torch.cuda.memory_allocated for a GPU).
+    torch.cuda.memory_allocated for a GPU); `lora_loads` the LoRAs made resident since the
+    core started, per model that serves LoRAs.
     """
 
     pending: tuple[tuple[str, int], ...]
     running_rows: tuple[tuple[str, int], ...]
     memory: tuple[tuple[str, int], ...]
+    lora_loads: tuple[tuple[str, int], ...] = ()
 
 
 Report = CoreReady | CoreFailed | JobUpdate | JobImages | CoreStats

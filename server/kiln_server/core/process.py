@@ -135,6 +135,7 @@ class EngineCore:
                 pending=tuple(sorted(load.pending.items())),
                 running_rows=tuple(sorted(load.running_rows.items())),
                 memory=device_memory(self.batcher.device),
+                lora_loads=tuple(sorted(load.lora_loads.items())),
             )
             if stats != last and self.sender.put(stats):
                 last = stats

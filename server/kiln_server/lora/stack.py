@@ -39,6 +39,8 @@ class AdapterStack:
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._free = list(range(capacity, 0, -1))
         self._in_use: frozenset[str] = frozenset()
+        self.loads = 0
+        """Adapters written into a slot so far (kiln_lora_loads_total)."""
 
     @property
     def resident(self) -> list[str]:
@@ -117,6 +119,7 @@ class AdapterStack:
             slot = self._lru.pop(victim)
         self._write(slot, weights.unet)
         self._lru[weights.name] = slot
+        self.loads += 1
         return slot
 
     def evict(self, name: str) -> None:
