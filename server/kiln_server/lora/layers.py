@@ -145,22 +145,33 @@ class _RowLoraLayer(nn.Module):
             )
         return assignment
 
+    def _delta(self, xs: torch.Tensor, assignment: RowAssignment) -> torch.Tensor | None:
+        """The LoRA output of the active rows `xs` (None: nothing to add)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output, plus each active row's LoRA delta."""
+        out: torch.Tensor = self.base(x)
+        assignment = self._assignment(x)
+        if assignment is None:
+            return out
+        every_row = len(assignment.active) == assignment.rows
+        xs = x if every_row else x.index_select(0, assignment.active)
+        delta = self._delta(xs, assignment)
+        if delta is None:
+            return out
+        return out + delta if every_row else out.index_add(0, assignment.active, delta)
+
 
 class RowLoraLinear(_RowLoraLayer):
     """An `nn.Linear` plus per-row LoRA deltas; see the module docstring for the contract."""
 
     base: nn.Linear
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.base(x)
-        assignment = self._assignment(x)
-        if assignment is None:
-            return out
+    def _delta(self, xs: torch.Tensor, assignment: RowAssignment) -> torch.Tensor | None:
         assert self.down is not None and self.up is not None
         n, k = assignment.slots.shape
         rank = self.down.shape[1]
-        every_row = n == assignment.rows
-        xs = x if every_row else x.index_select(0, assignment.active)
         flat = xs.reshape(n, -1, xs.shape[-1])
         down = self.down.index_select(0, assignment.slots.reshape(-1))
         down = down.reshape(n, k * rank, -1)
@@ -168,8 +179,7 @@ class RowLoraLinear(_RowLoraLayer):
         up = up * assignment.scales.to(up.dtype)[:, :, None, None]
         up = up.permute(0, 2, 1, 3).reshape(n, -1, k * rank)
         delta = torch.bmm(torch.bmm(flat, down.transpose(1, 2)), up.transpose(1, 2))
-        delta = delta.reshape(*xs.shape[:-1], -1)
-        return out + delta if every_row else out.index_add(0, assignment.active, delta)
+        return delta.reshape(*xs.shape[:-1], -1)
 
 
 class RowLoraConv2d(_RowLoraLayer):
@@ -177,14 +187,8 @@ class RowLoraConv2d(_RowLoraLayer):
 
     base: nn.Conv2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.base(x)
-        assignment = self._assignment(x)
-        if assignment is None:
-            return out
+    def _delta(self, xs: torch.Tensor, assignment: RowAssignment) -> torch.Tensor | None:
         assert self.down is not None and self.up is not None
-        every_row = len(assignment.active) == assignment.rows
-        xs = x if every_row else x.index_select(0, assignment.active)
         delta: torch.Tensor | None = None
         for slot, members, factors in assignment.groups:
             if slot not in self.filled:
@@ -198,14 +202,10 @@ class RowLoraConv2d(_RowLoraLayer):
             )
             part = F.conv2d(h, self.up[slot][:, :, None, None])
             part = part * factors.to(part.dtype)[:, None, None, None]
-            delta = (
-                torch.zeros_like(out[: xs.shape[0]]).index_add(0, members, part)
-                if delta is None
-                else delta.index_add(0, members, part)
-            )
-        if delta is None:
-            return out
-        return out + delta if every_row else out.index_add(0, assignment.active, delta)
+            if delta is None:
+                delta = part.new_zeros((xs.shape[0], *part.shape[1:]))
+            delta = delta.index_add(0, members, part)
+        return delta
 
 
 def _eligible_conv(module: nn.Conv2d) -> bool:
