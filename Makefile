@@ -33,22 +33,23 @@ serve: $(STAMP)
 test: $(STAMP) test-deps lint lint-protos lint-deploy typecheck check-protos
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Debian packages the tests need, installed with apt-get when missing: PostgreSQL's server
-# (initdb, pg_ctl), which the gateway's database tests start on a free port of their own, and
-# nginx, the gRPC load balancer (grpc_pass) of the two-replica test (tests/test_load_balancing.py).
+# Debian packages the tests need, installed with apt-get when missing, as PACKAGE=PROBE
+# (a file the package installs): PostgreSQL's server (initdb, pg_ctl), which the gateway's
+# database tests start on a free port of their own; nginx, the load balancer in
+# tests/test_load_balancing.py; openssl, which makes the TLS tests' certificates.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+TEST_PACKAGES := postgresql=/usr/lib/postgresql/*/bin/initdb nginx=/usr/sbin/nginx \
+	openssl=/usr/bin/openssl
 test-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-		echo "installing Debian's postgresql package (for the gateway's database tests)"; \
+	@missing=""; \
+	for entry in $(TEST_PACKAGES); do \
+		ls $${entry#*=} >/dev/null 2>&1 || missing="$$missing $${entry%%=*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages the tests need:$$missing"; \
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends postgresql; \
-	fi
-	@if ! test -x /usr/sbin/nginx; then \
-		echo "installing Debian's nginx package (for the load-balancing test)"; \
-		$(SUDO) apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends nginx; \
+			--no-install-recommends $$missing; \
 	fi
 
 # A bounded soak (about 3 minutes): gRPC and gateway clients with cancellations and

@@ -349,13 +349,12 @@ def self_signed_certificate(
     folder: Path, host: str, *, issuer: tuple[Path, Path] | None = None, client: bool = False
 ) -> tuple[Path, Path]:
     """A one-day certificate and key for `host` (an IP address or a DNS name), made with the
-    openssl CLI in `folder`; skips the test where openssl is missing.
+    openssl CLI in `folder` (`make test-deps` installs it).
 
     Self-signed, or signed by `issuer` (a `certificate_authority()`); `client` makes it a
     client certificate (for mutual TLS) rather than a server one.
     """
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
+    _require_openssl()
     try:
         ipaddress.ip_address(host)
         alt_name = f"IP:{host}"
@@ -371,10 +370,18 @@ def self_signed_certificate(
     return cert, key
 
 
+def _require_openssl() -> None:
+    # Fails rather than skips: CI must run the TLS tests, and `make test` installs openssl.
+    if shutil.which("openssl") is None:
+        pytest.fail(
+            "the openssl command makes the TLS tests' certificates: `make test-deps` installs "
+            "it (Debian's openssl package), as `make test` does before running the tests"
+        )
+
+
 def certificate_authority(folder: Path, name: str = "Kiln test CA") -> tuple[Path, Path]:
     """A one-day CA certificate and key in `folder`, to sign `self_signed_certificate`s."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
+    _require_openssl()
     cert, key = folder / "ca.pem", folder / "ca.key"
     _openssl_certificate(cert, key, name, "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     return cert, key

@@ -90,10 +90,11 @@ class PostgresServer:
 
 
 def start_postgres() -> PostgresServer:
-    """Initialise and start a server; skips the test when PostgreSQL is not installed."""
+    """Initialise and start a server; fails the test when PostgreSQL is not installed (CI
+    must run the PostgreSQL tests, and `make test` installs it first)."""
     folder = postgres_bin()
     if folder is None:
-        pytest.skip(
+        pytest.fail(
             "PostgreSQL server binaries (initdb, pg_ctl) are not installed: run "
             "`make test-deps` (apt-get install postgresql)"
         )
@@ -102,7 +103,10 @@ def start_postgres() -> PostgresServer:
         try:
             account = pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root needs the postgres user the Debian package creates")
+            pytest.fail(
+                "running as root needs the postgres user that Debian's postgresql package "
+                "creates: `make test-deps` installs it"
+            )
         user = account.pw_name
     data = Path(tempfile.mkdtemp(prefix="kiln-postgres-"))
     if user is not None:
