@@ -9,10 +9,13 @@ at `<source file's folder>/../model`.
 
 from __future__ import annotations
 
+import builtins
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -96,3 +99,22 @@ def write_kohya_lora(source: Made, path: Path, *, alpha: float, seed: int) -> Ma
         tensors[f"{key}.alpha"] = torch.tensor(alpha)
     save_file(tensors, str(path))
     return Made(path, modules, alpha)
+
+
+def record_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files opened from now on, through `open`, `io.open` or `Path.open` (a test of
+    "no file outside the folders is ever opened" asserts the list stays empty)."""
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def path_spy(self: Path, *args: Any, **kwargs: Any) -> Any:
+        return spy(self, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    monkeypatch.setattr(Path, "open", path_spy)
+    return opened

@@ -24,7 +24,7 @@ import torch
 from gateway_support import wait_until
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from lora_support import make_peft_lora
+from lora_support import make_peft_lora, record_opens
 from PIL import Image
 from safetensors.torch import save_file
 from test_metrics import metrics_port, scraper, value
@@ -145,14 +145,7 @@ def test_loras_become_generation_params(tmp_path: Path, lora_dir: Path) -> None:
 def test_names_that_are_not_plain_names_are_invalid(
     tmp_path: Path, lora_dir: Path, name: str, why: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    opened: list[str] = []
-    real_open = Path.open
-
-    def watch(self: Path, *args: Any, **kwargs: Any) -> Any:
-        opened.append(str(self))
-        return real_open(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", watch)
+    opened = record_opens(monkeypatch)
     with pytest.raises(RequestInvalid) as caught:
         _validate(tmp_path, _request((name, 1.0)), (lora_dir,))
     assert not isinstance(caught.value, LoraMissing)

@@ -12,14 +12,20 @@ a LoRA, or at scale 0, are compared bit for bit with the base UNet.
 
 from __future__ import annotations
 
-import builtins
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from lora_support import CONV_MODULE, Made, make_peft_lora, tiny_unet, write_kohya_lora
+from lora_support import (
+    CONV_MODULE,
+    Made,
+    make_peft_lora,
+    record_opens,
+    tiny_unet,
+    write_kohya_lora,
+)
 from safetensors.torch import save_file
 
 from kiln_server.lora.errors import LoraNotFound, LoraRefused, StackFull
@@ -276,14 +282,7 @@ def test_names_outside_the_folders_are_refused_without_opening_them(
     (folder / "escape.safetensors").symlink_to(outside)
     (folder / "sub").mkdir()
     (folder / "sub" / "one.safetensors").write_bytes(b"")
-    opened: list[str] = []
-    real_open = builtins.open
-
-    def spy(file: Any, *args: Any, **kwargs: Any) -> Any:
-        opened.append(str(file))
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", spy)
+    opened = record_opens(monkeypatch)
     with pytest.raises(LoraNotFound, match=rf"^loras: .*{reason}"):
         LoraFolders.of([folder]).resolve(name)
     assert opened == []
