@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from kiln_training import style_lora
 from kiln_training.dataset import caption, prompt_set, render_scene, sample_scenes
 from kiln_training.evaluate import score, style_present
 
@@ -86,3 +87,24 @@ def test_lora_loads_and_shows_the_style(pipe: object) -> None:
     assert sum(style_present(image) for image in styled) >= PROMPTS - 1
     for a, b in zip(off, base, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--rank", "0"],
+        ["--batch", "0"],
+        ["--latent-pool", "4", "--batch", "8"],
+        ["--uncond-prob", "1.0"],
+        ["--ema-decay", "-0.1"],
+        ["--lr", "0"],
+        ["--warmup-steps", "-1"],
+    ],
+)
+def test_bad_training_settings_exit_2_naming_the_flag(
+    flag: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        style_lora.parse_args(["--model", "m", "--out", "o.safetensors", *flag])
+    assert stopped.value.code == 2
+    assert flag[0] in capsys.readouterr().err

@@ -172,6 +172,12 @@ def parse_args(argv: Sequence[str] | None = None) -> LoraSettings:
     args = parser.parse_args(argv)
     if args.threads < 1 or args.steps < 1 or args.rank < 1:
         parser.error("--threads, --steps and --rank must be at least 1")
+    if args.batch < 1 or args.latent_pool < args.batch or args.alpha < 1:
+        parser.error("--batch and --alpha must be at least 1, and --latent-pool at least --batch")
+    if not 0.0 <= args.uncond_prob < 1.0 or not 0.0 <= args.ema_decay < 1.0:
+        parser.error("--uncond-prob and --ema-decay must be in [0, 1)")
+    if not args.lr > 0 or args.warmup_steps < 0 or args.min_snr_gamma <= 0:
+        parser.error("--lr and --min-snr-gamma must be above 0, --warmup-steps at least 0")
     values = vars(args)
     progress = not values.pop("no_progress")
     return LoraSettings(**values, progress=progress)
