@@ -23,7 +23,8 @@ adherence" section. Other sections of RESULTS.md are kept as they are.
 Style LoRA (`--lora NAME`, e.g. `--lora closeup`): runs the same prompts and seeds through
 diffusers' StableDiffusionXLPipeline with `<model>/loras/NAME.safetensors` loaded
 (`load_lora_weights`, `set_adapters`) at scale 1 and 0, and without the LoRA (the base),
-and prints a table: the style present (`kiln_training.evaluate.style_present`), both
+then the same through a real `kiln serve` (8 concurrent clients), and prints a table:
+the style present (`kiln_training.evaluate.style_present`), both
 colours right and shape right, and how far scale 0 is from the base. Only prints; the
 other tables are not run.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import os
 import platform
 import sys
@@ -456,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lora",
         default=None,
-        help="measure the style LoRA <model>/loras/NAME.safetensors with diffusers instead",
+        help="measure the style LoRA <model>/loras/NAME.safetensors (diffusers and Kiln's "
+        "server) instead",
     )
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.seeds < 1 or args.threads < 1 or args.batch < 1:
@@ -565,11 +568,55 @@ class LoraRow:
     max_diff_from_base: int
 
 
+def kiln_server_runs(
+    model: Path, name: str, jobs: list[tuple[Any, int]], clients: int
+) -> dict[str, list[Any]]:
+    """The base model and the LoRA at scale 1 and 0 through a real `kiln serve` (torch
+    backend, the model folder's own `loras/`), `clients` requests at a time, so rows of
+    different requests share the server's batches as in production."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from PIL import Image
+
+    from kiln_client import KilnClient
+    from kiln_server.local import start_local_server
+
+    workdir = Path(tempfile.mkdtemp(prefix="kiln-adherence-"))
+    config = workdir / "kiln.toml"
+    config.write_text(f'[[models]]\nname = "adherence"\npath = "{model.resolve()}"\n')
+    server = start_local_server(
+        workdir, "--config", str(config), "--backend", "torch", "--max-batch-rows", "16"
+    )
+    runs: dict[str, list[Any]] = {}
+    try:
+        with KilnClient(server.address, timeout=600) as client:
+
+            def one(job: tuple[Any, int], loras: list[tuple[str, float]]) -> Any:
+                result = client.generate(caption(job[0]), seed=job[1], loras=loras)
+                with Image.open(io.BytesIO(result.images[0].data)) as image:
+                    return np.asarray(image.convert("RGB"))
+
+            settings: list[tuple[str, list[tuple[str, float]]]] = [
+                ("Kiln server: base model (no LoRA)", []),
+                (f"Kiln server: LoRA {name}, scale 1", [(name, 1.0)]),
+                (f"Kiln server: LoRA {name}, scale 0", [(name, 0.0)]),
+            ]
+            with ThreadPoolExecutor(clients) as pool:
+                for label, loras in settings:
+                    runs[label] = list(pool.map(lambda job, use=loras: one(job, use), jobs))
+    finally:
+        server.terminate()
+    return runs
+
+
 def lora_rows(
     model: Path, name: str, prompts: int, seeds: int, batch: int
 ) -> tuple[list[LoraRow], str]:
     """The base model, then the LoRA at scale 1 and 0, through diffusers at the model's
-    default settings on the fixed prompt set; returns the rows and the style judged."""
+    default settings on the fixed prompt set, and the same through Kiln's server; returns
+    the rows and the style judged. Each row's pixel difference is from the base model of
+    its own runner."""
     import numpy as np
 
     from kiln_training.dataset import STYLES
@@ -586,16 +633,18 @@ def lora_rows(
             images += sampler.generate([caption(s) for s, _ in chunk], [seed for _, seed in chunk])
         return images
 
-    runs = {"base model (no LoRA)": run()}
+    runs = {"diffusers: base model (no LoRA)": run()}
     sampler.pipe.load_lora_weights(
         str(model / "loras"), weight_name=f"{name}.safetensors", adapter_name=name
     )
     for scale in (1.0, 0.0):
         sampler.pipe.set_adapters([name], adapter_weights=[scale])
-        runs[f"LoRA {name}, scale {scale:g}"] = run()
-    base = runs["base model (no LoRA)"]
+        runs[f"diffusers: LoRA {name}, scale {scale:g}"] = run()
+    runs.update(kiln_server_runs(model, name, jobs, clients=8))
     rows = []
     for label, images in runs.items():
+        runner = label.split(":")[0]
+        base = runs[f"{runner}: base model (no LoRA)"]
         diff = max(
             int(np.abs(a.astype(int) - b.astype(int)).max())
             for a, b in zip(images, base, strict=True)
@@ -617,9 +666,11 @@ def lora_table(model: Path, name: str, prompts: int, seeds: int, batch: int) -> 
     """The style LoRA's table as Markdown."""
     rows, style = lora_rows(model, name, prompts, seeds, batch)
     lines = [
-        f"Style LoRA `{name}` (style check: `style_present(image, {style!r})`), diffusers "
-        f"StableDiffusionXLPipeline, {prompts} prompts × {seeds} seeds = {prompts * seeds} "
-        "images per row at the model's defaults.",
+        f"Style LoRA `{name}` (style check: `style_present(image, {style!r})`), through "
+        "diffusers' StableDiffusionXLPipeline (load_lora_weights + set_adapters) and through "
+        "Kiln's server (`kiln serve --backend torch`, 8 concurrent clients, per-row LoRAs in "
+        f"shared batches), {prompts} prompts × {seeds} seeds = {prompts * seeds} images per "
+        "row at the model's defaults.",
         "",
         "| row | style present | both colours right | shape right | all right "
         "| max pixel diff from base |",

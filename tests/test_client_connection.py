@@ -64,7 +64,10 @@ def test_service_config_balances_round_robin_and_retries_unavailable() -> None:
     config = json.loads(option(settings, "grpc.service_config"))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
-    assert method["name"] == [{"service": "kiln.v1.GenerationService"}]
+    assert method["name"] == [
+        {"service": "kiln.v1.GenerationService"},
+        {"service": "kiln.v1.ModelAdminService"},
+    ]
     assert method["retryPolicy"] == {
         "maxAttempts": 4,
         "initialBackoff": "0.2s",

@@ -278,3 +278,44 @@ def test_unet_graph_needs_its_declared_size_multiple(engines_dir: Path, model: A
     odd = {k: v.numpy() for k, v in sample_inputs(spec, ShapeRequest(2, 72, 88), 3).items()}
     with pytest.raises(Exception, match="Concat"):
         session.run(["noise_pred"], odd)
+
+
+def test_lora_inputs_are_off_unless_asked_and_take_the_server_defaults(
+    tmp_path: Path, kiln_cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Without a LoRA flag the UNet graph keeps today's interface (and the manifest no
+    `lora`); any LoRA flag turns them on, the others taking the server's defaults."""
+    import kiln_build.build
+    from kiln_build.build import BuildOptions, BuildSummary
+    from kiln_client.cli import main
+    from kiln_server.engines.manifest import LoraRecord
+    from kiln_server.settings import ServerSettings
+
+    seen: list[BuildOptions] = []
+
+    def fake_run_build(options: BuildOptions) -> BuildSummary:
+        seen.append(options)
+        return BuildSummary(manifest_path=options.out_dir / "manifest.json")
+
+    monkeypatch.setattr(kiln_build.build, "run_build", fake_run_build)
+    monkeypatch.setenv("KILN_CACHE_DIR", str(kiln_cache_dir))
+    common = ["build-engines", "--model", "kiln-tiny-sdxl", "--out", str(tmp_path), "--quiet"]
+    assert main(common) == 0
+    assert seen[-1].lora is None
+    assert main([*common, "--max-lora-rank", "16"]) == 0
+    defaults = ServerSettings()
+    assert seen[-1].lora == LoraRecord(defaults.lora_slots, 16, defaults.max_loras_per_request)
+    with pytest.raises(SystemExit):
+        main(["build-engines", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lora-slots N" in text and "Off by default" in text
+    assert "onnxruntime and TensorRT serve any LoRA without a rebuild or a refit" in text
+
+
+def test_a_build_without_lora_flags_records_no_lora_inputs(engines_dir: Path) -> None:
+    from kiln_server.engines.manifest import read_manifest
+
+    manifest = read_manifest(engines_dir)
+    assert manifest.lora is None
+    names = [t.name for t in manifest.onnx["unet"].inputs]
+    assert names == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]

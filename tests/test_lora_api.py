@@ -196,10 +196,13 @@ def test_a_model_without_lora_folders_refuses_loras(tmp_path: Path) -> None:
 
 
 def test_a_backend_without_loras_is_a_failed_precondition(tmp_path: Path, lora_dir: Path) -> None:
-    with pytest.raises(LorasUnsupported, match="tensorrt"):
-        _validate(tmp_path, _request(("ink", 1.0)), (lora_dir,), backend="tensorrt")
+    # Every Kiln backend may apply LoRAs (compiled engines built without LoRA inputs are
+    # refused by the engine core, tests/test_lora_onnx.py); a backend outside them is not.
+    with pytest.raises(LorasUnsupported, match="mlx"):
+        _validate(tmp_path, _request(("ink", 1.0)), (lora_dir,), backend="mlx")
+    assert _validate(tmp_path, _request(("ink", 1.0)), (lora_dir,), backend="tensorrt").loras
     # Without LoRAs the backend does not matter.
-    assert _validate(tmp_path, _request(), (lora_dir,), backend="tensorrt").loras == ()
+    assert _validate(tmp_path, _request(), (lora_dir,), backend="mlx").loras == ()
 
 
 def test_listing_reads_rank_and_format_and_leaves_out_refused_files(
@@ -305,6 +308,7 @@ def lora_server(
     write_loha(folder / "fuzzy.safetensors")
     make_peft_lora(tiny_model_path, folder / "paint.safetensors", rank=4, alpha=4, seed=3)
     write_text_encoder_lora(folder / "words.safetensors")
+    write_text_encoder_lora(folder / "words_unet.safetensors", text_encoder=False)
     config = f"""
 [server]
 default_model = "tiny"
@@ -350,7 +354,12 @@ def _refusal(stub: pb_grpc.GenerationServiceStub, request: pb.GenerateRequest) -
 def test_server_lists_loras_with_rank_and_format(stub: pb_grpc.GenerationServiceStub) -> None:
     models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=60).models}
     listed = [(x.name, x.rank, x.format) for x in models["tiny"].loras]
-    assert listed == [("ink", 4, "kohya"), ("paint", 4, "diffusers")]  # not fuzzy nor words
+    assert listed == [  # not fuzzy (LoHa)
+        ("ink", 4, "kohya"),
+        ("paint", 4, "diffusers"),
+        ("words", 2, "kohya"),
+        ("words_unet", 2, "kohya"),
+    ]
     assert models["tiny"].max_loras_per_request == 4
     assert list(models["bare"].loras) == []
 
@@ -384,20 +393,22 @@ def test_client_error_text_names_the_lora_flag(lora_server: Any) -> None:
     assert "kiln models" in text
 
 
-def write_text_encoder_lora(path: Path) -> Path:
-    """A kohya file with text-encoder weights beside its UNet weights."""
-    key = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
-    save_file(
-        {
-            f"{MODULE}.lora_down.weight": torch.randn(2, 64),
-            f"{MODULE}.lora_up.weight": torch.randn(64, 2),
-            f"{MODULE}.alpha": torch.tensor(2.0),
-            f"{key}.lora_down.weight": torch.randn(2, 32),
-            f"{key}.lora_up.weight": torch.randn(32, 2),
-            f"{key}.alpha": torch.tensor(2.0),
-        },
-        str(path),
-    )
+def write_text_encoder_lora(path: Path, *, text_encoder: bool = True) -> Path:
+    """A kohya file with weights on the first text encoder's first attention block beside
+    its UNet weights (fixed random values); without `text_encoder`, the same UNet weights
+    alone. (diffusers' converters need a kohya text-encoder block whole, out_proj too.)"""
+    generator = torch.Generator().manual_seed(7)
+    tensors = {
+        f"{MODULE}.lora_down.weight": torch.randn(2, 64, generator=generator),
+        f"{MODULE}.lora_up.weight": torch.randn(64, 2, generator=generator),
+        f"{MODULE}.alpha": torch.tensor(2.0),
+    }
+    for projection in ("q_proj", "k_proj", "v_proj", "out_proj") if text_encoder else ():
+        key = f"lora_te1_text_model_encoder_layers_0_self_attn_{projection}"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(2, 32, generator=generator)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(32, 2, generator=generator)
+        tensors[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, str(path))
     return path
 
 
@@ -441,13 +452,18 @@ def test_a_lora_changes_the_image_and_scale_zero_gives_the_base_bytes(
     assert value(scrape(), "kiln_lora_loads_total", model="tiny") == 1  # resident since
 
 
-def test_a_lora_with_text_encoder_weights_is_refused_naming_it(
+def test_a_lora_with_text_encoder_weights_applies_them(
     stub: pb_grpc.GenerationServiceStub,
 ) -> None:
-    with pytest.raises(grpc.RpcError) as caught:
-        _image(stub, build_request("a red circle", width=32, height=32, loras=["words"]))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "words" in caught.value.details() and "text-encoder" in caught.value.details()
+    def request(*loras: Any) -> pb.GenerateRequest:
+        return build_request("a red circle", seed=5, width=32, height=32, loras=list(loras))
+
+    base = _image(stub, request())
+    words = _image(stub, request(("words", 1.0)))
+    # words_unet holds the same UNet weights: the difference is the text-encoder part.
+    assert words != _image(stub, request(("words_unet", 1.0)))
+    assert _image(stub, request(("words", 0.0))) == base
+    assert _image(stub, request()) == base  # the LoRA's prompt embeddings stay its own
 
 
 def test_kiln_generate_lora_flag_end_to_end(lora_server: Any, tmp_path: Path) -> None:

@@ -280,9 +280,12 @@ def test_backends_without_lora_inputs_refuse_loras_naming_the_backend(
     tiny_pipeline: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert refusal_for_backend("torch") is None
-    message = "loras: LoRAs need the torch backend for now; this model runs on onnxruntime"
-    assert refusal_for_backend("onnxruntime") == message
-    monkeypatch.setattr(tiny_pipeline.engines, "backend", "onnxruntime")
+    assert refusal_for_backend("onnxruntime") is None  # when its graphs have LoRA inputs
+    message = (
+        "loras: LoRAs need one of the backends onnxruntime, tensorrt, torch; this model runs on mlx"
+    )
+    assert refusal_for_backend("mlx") == message
+    monkeypatch.setattr(tiny_pipeline.engines, "backend", "mlx")
     harness = Harness(tiny_pipeline, BatcherSettings())
     harness.submit("lora", request(loras=(LoraUse("alpha"),)))  # refused before the queue
     [failed] = harness.recorders["lora"].of(Failed)

@@ -192,7 +192,7 @@ def test_text_encoder_weights_are_kept_apart(tmp_path: Path) -> None:
     assert list(weights.unet) == ["down_blocks.1.attentions.0.proj_in"]
     assert weights.unet["down_blocks.1.attentions.0.proj_in"].scale == pytest.approx(1.0)
     encoder = weights.text_encoders["text_encoder"]
-    prefix = "text_model.encoder.layers.0.self_attn."
+    prefix = "encoder.layers.0.self_attn."  # named without CLIP's `text_model.` level
     assert sorted(encoder) == [prefix + p for p in ("k_proj", "out_proj", "q_proj", "v_proj")]
     assert encoder[prefix + "q_proj"].scale == pytest.approx(0.5)
     assert encoder[prefix + "q_proj"].down.shape == (2, 32)

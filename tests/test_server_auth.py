@@ -44,6 +44,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_client.proto.kiln.v1 import model_admin_service_pb2 as admin_pb
+from kiln_client.proto.kiln.v1 import model_admin_service_pb2_grpc as admin_grpc
 from kiln_server.auth import read_tls
 from kiln_server.local import LocalServer
 from kiln_server.settings import SettingsError, load_settings
@@ -326,12 +328,21 @@ def test_mutual_tls_lets_in_clients_with_a_certificate_only(
         kiln_cache_dir,
         with_certificate,
         *("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(certificates.ca)),
+        # Beyond loopback: without tokens, mutual TLS is what admits callers.
+        *("--host", "0.0.0.0"),
     )
     stranger = self_signed_certificate(tmp_path_factory.mktemp("stranger"), "stranger", client=True)
     try:
         with server.channel() as channel:  # the client certificate, no token
             listed = pb_grpc.GenerationServiceStub(channel).ListModels(
                 pb.ListModelsRequest(), timeout=30
+            )
+            # A certificate admits to generate; the admin RPCs need an admin-scoped token.
+            admin = admin_grpc.ModelAdminServiceStub(channel)
+            admin_refusal = expect_error(
+                functools.partial(
+                    admin.ListModelStates, admin_pb.ListModelStatesRequest(), timeout=30
+                )
             )
         refused = []
         for credentials in (
@@ -348,6 +359,8 @@ def test_mutual_tls_lets_in_clients_with_a_certificate_only(
 
     assert [model.name for model in listed.models] == ["tiny"]
     assert [error.code() for error in refused] == [grpc.StatusCode.UNAVAILABLE] * 2
+    assert admin_refusal.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "TOKEN:admin" in (admin_refusal.details() or "")
     assert record["message"].endswith("(auth off; mutual TLS on: client certificates required)")
 
 

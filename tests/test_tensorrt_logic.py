@@ -911,3 +911,129 @@ def test_outputs_are_owned_by_the_caller(request_shape: ShapeRequest) -> None:
     assert bound not in pointers
     if request_shape == STATIC:
         assert "replay" in log
+
+
+# ------------------------------------------------------------------ LoRA inputs, fake TensorRT
+
+
+class FakeLoraContext(FakeContext):
+    """noise_pred = 2 * sample + 1 + scale * down[slot][0, 0] per row, the adapter stack
+    read through its bound address (as TensorRT reads a bound input)."""
+
+    def compute(self, addresses: dict[str, int], shapes: dict[str, tuple[int, ...]]) -> None:
+        super().compute(addresses, shapes)
+        rows = shapes["sample"][0]
+        per_row = int(np.prod(shapes["sample"][1:]))
+        slots = _view(addresses["lora_slots"], np.dtype("int64"), rows)
+        scales = _view(addresses["lora_scales"], np.dtype("float32"), rows)
+        stack_shape = shapes["lora_down.layer"]
+        down = _view(addresses["lora_down.layer"], np.dtype("float32"), int(np.prod(stack_shape)))
+        down = down.reshape(stack_shape)
+        out = _view(addresses["noise_pred"], np.dtype("float32"), rows * per_row)
+        for row in range(rows):
+            out[row * per_row : (row + 1) * per_row] += scales[row] * down[slots[row], 0, 0]
+
+
+class FakeLoraCudaEngine(FakeCudaEngine):
+    def create_execution_context(self, strategy: str) -> FakeContext:
+        self.context = FakeLoraContext(self)
+        return self.context
+
+
+def fake_lora_engine() -> tuple[Any, list[str], Any]:
+    """A TensorRT UNet engine with LoRA inputs for one 4 -> 4 Linear named `layer`, fed
+    from a 2-slot, rank-1 adapter stack on the CPU."""
+    from kiln_server.engines.components import LoraInputs, LoraLayerSpec
+    from kiln_server.engines.tensorrt_engine import TensorRTEngine
+    from kiln_server.lora.graph_feed import CompiledLora, GraphLoraFeed
+    from kiln_server.lora.layers import install_row_lora
+    from kiln_server.lora.stack import AdapterStack
+
+    lora = LoraInputs(2, 1, 1, (LoraLayerSpec("layer", (4,), 4),))
+    spec = sdxl_component_specs(TINY_DIMS, lora=lora)["unet"]
+    trt_engine = FakeLoraCudaEngine(spec, [ShapeRange(STATIC, STATIC, STATIC)])
+    engine = TensorRTEngine(spec, trt_engine, FakeRuntime(trt_engine), True)
+    engine.set_device_memory(0, 1024)
+    model = torch.nn.Module()
+    model.layer = torch.nn.Linear(4, 4)
+    layers = install_row_lora(model)
+    feed = GraphLoraFeed(lora, layers, torch.device("cpu"))
+    engine.lora = CompiledLora("tensorrt", "kiln build-engines", feed)
+    return engine, trt_engine.log, AdapterStack(layers, capacity=2, max_rank=1)
+
+
+def _adapter(name: str, value: float) -> Any:
+    from kiln_server.lora.weights import LoraModule, LoraWeights
+
+    module = LoraModule(torch.full((1, 4), value), torch.ones(4, 1), 1.0)
+    return LoraWeights(name, "diffusers", {"layer": module})
+
+
+def test_lora_stacks_are_bound_by_address_and_rebound_only_when_it_changes() -> None:
+    from kiln_server.pipeline.params import LoraUse
+
+    engine, log, stack = fake_lora_engine()
+    base_inputs = {k: v for k, v in unet_inputs(STATIC, seed=1).items()}
+    expected = 2 * base_inputs["sample"] + 1
+
+    def call() -> tuple[torch.Tensor, list[str]]:
+        start = len(log)
+        return engine.infer(base_inputs)["noise_pred"], log[start:]
+
+    # No adapter has targeted the layer: its stacks are the shared zero buffer.
+    out, events = call()
+    assert torch.equal(out, expected) and events == ["bind (2, 4, 8, 8)", "execute"]
+    assert "lora_down.layer" not in engine._bound.inputs  # bound, never copied per call
+    assert call()[1] == ["capture", "capture execute", "replay"]
+
+    # The first adapter allocates the layer's stack: a new address, so a rebinding.
+    stack.load(_adapter("ink", 0.5))
+    stack.assign([[LoraUse("ink", 2.0)], []])
+    out, events = call()
+    assert events == ["bind (2, 4, 8, 8)", "execute"]
+    assert torch.equal(out[0], expected[0] + 1.0) and torch.equal(out[1], expected[1])
+    assert call()[1] == ["capture", "capture execute", "replay"]
+
+    # A slot rewritten in place (evicted, another adapter loaded there) is read by the
+    # replayed graph without any rebinding.
+    stack.clear()
+    stack.evict("ink")
+    stack.load(_adapter("wash", 0.25))
+    stack.assign([[], [LoraUse("wash", 4.0)]])
+    out, events = call()
+    assert events == ["replay"]
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1] + 1.0)
+
+
+def test_a_lora_unet_profile_declares_every_lora_input() -> None:
+    from kiln_server.engines.components import LoraInputs, LoraLayerSpec
+
+    lora = LoraInputs(3, 16, 2, (LoraLayerSpec("conv", (4, 3, 3), 8),))
+    spec = sdxl_component_specs(ModelDims(), lora=lora)["unet"]
+    low = ShapeRequest(1, 512, 512)
+    high = ShapeRequest(16, 1024, 1024)
+    profile = spec.profile(ShapeRange(low, DEFAULT, high))
+    assert profile["lora_slots"] == ((1, 2), (1, 2), (16, 2))
+    assert profile["lora_scales"] == ((1, 2), (1, 2), (16, 2))
+    assert profile["lora_down.conv"] == ((4, 16, 4, 3, 3),) * 3
+    assert profile["lora_up.conv"] == ((4, 8, 16),) * 3
+
+
+def test_build_engine_gives_every_lora_input_a_profile(tmp_path: Path) -> None:
+    """The LoRA UNet's build declares its per-row inputs over the profile's rows and its
+    stacks at their fixed shapes (`IOptimizationProfile.set_shape` for each)."""
+    from kiln_build.profiles import ProfileFlags, component_profiles
+    from kiln_build.tensorrt_build import build_engine
+    from kiln_server.engines.components import LoraInputs, LoraLayerSpec
+
+    lora = LoraInputs(8, 64, 4, (LoraLayerSpec("mid_block.attentions.0.proj_in", (1280,), 1280),))
+    spec = sdxl_component_specs(ModelDims(), lora=lora)["unet"]
+    trt = FakeTensorRT()
+    ranges = component_profiles(spec, sdxl_plan(ProfileFlags(batch_sizes=(1, 4))))
+    build_engine(trt, spec, tmp_path / "g.onnx", tmp_path / "e.plan", ranges)
+    static, dynamic = trt.profiles
+    assert static["lora_slots"] == ((2, 4), (2, 4), (2, 4))
+    assert dynamic["lora_scales"] == ((1, 4), (2, 4), (8, 4))
+    stack = "lora_down.mid_block.attentions.0.proj_in"
+    assert dynamic[stack] == ((9, 64, 1280),) * 3
+    assert set(dynamic) == {t.name for t in spec.inputs}

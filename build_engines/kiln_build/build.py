@@ -33,12 +33,14 @@ from kiln_build.profiles import (
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import (
     ComponentSpec,
+    LoraInputs,
     ShapeRequest,
     sdxl_component_specs,
 )
 from kiln_server.engines.manifest import (
     MANIFEST_NAME,
     CheckContext,
+    LoraRecord,
     MachineInfo,
     Manifest,
     ModelRecord,
@@ -72,6 +74,8 @@ class BuildOptions:
     limits: ModelLimits | None = None
     # The config's `preview_decoder` folder; None: the model folder's own, if any.
     preview_decoder: Path | None = None
+    # A single-file checkpoint whose weights replace model_path's (its config folder).
+    checkpoint: Path | None = None
     validate: bool = True
     rtol: float = 1e-3
     timing_cache: Path | None = None
@@ -79,6 +83,8 @@ class BuildOptions:
     refittable: bool = False  # TensorRT: engines whose weights can be refitted (can be slower)
     numerics_check: bool = True  # TensorRT: compare each engine with onnxruntime
     progress: bool = True
+    # Per-row LoRA inputs on the UNet graph (slots, rank, LoRAs per request); None: none.
+    lora: LoraRecord | None = None
 
 
 @dataclass
@@ -163,7 +169,9 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     from kiln_server.models.loader import ModelFolderError, model_content_hash, read_model_files
 
     try:
-        files = read_model_files(options.model_path, options.preview_decoder)
+        files = read_model_files(
+            options.model_path, options.preview_decoder, checkpoint=options.checkpoint
+        )
     except ModelFolderError as exc:
         raise EngineError(str(exc)) from exc
     default = default_request(files)
@@ -175,19 +183,28 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
         limits = options.limits or _folder_limits(options)
         plan = resolve_plan(options.flags, default, limits, multiple)
     # The preview decoder is exported when the model has one, like every other component.
-    specs = sdxl_component_specs(files.dims, preview_decoder=files.preview_decoder_path is not None)
-    model_hash = model_content_hash(options.model_path)
+    specs = sdxl_component_specs(
+        files.dims,
+        preview_decoder=files.preview_decoder_path is not None,
+        lora=model_lora_inputs(options.model_path, options.lora),
+    )
+    model_hash = model_content_hash(options.model_path, checkpoint=options.checkpoint)
     out_dir = options.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = CheckContext(out_dir, model_hash, options.model_path, options.model_name)
+    ctx = CheckContext(out_dir, model_hash, files.source, options.model_name)
     manifest = _existing_manifest(out_dir, model_hash, report) or Manifest(
-        model=ModelRecord(options.model_name, str(options.model_path), model_hash)
+        model=ModelRecord(options.model_name, str(files.source), model_hash)
     )
-    manifest.model = ModelRecord(options.model_name, str(options.model_path), model_hash)
+    manifest.model = ModelRecord(options.model_name, str(files.source), model_hash)
     manifest.config = options.config
+    previous_lora, manifest.lora = manifest.lora, options.lora
     summary = BuildSummary(manifest_path=out_dir / MANIFEST_NAME)
 
-    if options.fmt == "tensorrt" and _reusable_onnx(manifest, specs, ctx, options.opset):
+    if (
+        options.fmt == "tensorrt"
+        and previous_lora == options.lora
+        and _reusable_onnx(manifest, specs, ctx, options.opset)
+    ):
         summary.reused_onnx = True
         report(f"reusing the ONNX graphs in {out_dir} (same model, opset {options.opset})")
     else:
@@ -206,6 +223,22 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
         _tensorrt_stage(options, trt, machine, specs, plan, model_hash, manifest, summary)
         write_manifest(out_dir, manifest)
     return summary
+
+
+def model_lora_inputs(model_path: Path, record: LoraRecord | None) -> LoraInputs | None:
+    """The UNet graph's LoRA inputs for the model folder's UNet and `record` (None: none).
+
+    The layers are those the torch backend's per-row LoRA layers wrap, read from the
+    UNet's config (no weights are loaded), so the server derives the same declaration.
+    """
+    if record is None:
+        return None
+    from kiln_server.lora.graph import lora_inputs, shape_only_unet, unet_config_of
+
+    unet = shape_only_unet(unet_config_of(model_path))
+    return lora_inputs(
+        unet.layers, slots=record.slots, max_rank=record.max_rank, max_loras=record.max_loras
+    )
 
 
 def _folder_limits(options: BuildOptions) -> ModelLimits:
@@ -232,8 +265,15 @@ def _onnx_stages(
     from kiln_server.engines.torch_modules import component_module
     from kiln_server.models.loader import load_modules
 
-    modules = load_modules(options.model_path, preview_decoder=files.preview_decoder_path)
+    modules = load_modules(
+        options.model_path, preview_decoder=files.preview_decoder_path, checkpoint=files.checkpoint
+    )
     torch_modules = {name: component_module(spec, modules) for name, spec in specs.items()}
+    unet_lora = specs["unet"].lora
+    if unet_lora is not None:
+        from kiln_server.lora.graph import LoraUNetModule
+
+        torch_modules["unet"] = LoraUNetModule(torch_modules["unet"], unet_lora).eval()
     names = list(specs)  # COMPONENT_NAMES order, the optional ones only when present
     out_dir = options.out_dir
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))

@@ -2,7 +2,8 @@
 
     kiln build-engines [--model NAME | --model-path DIR] [--format onnx|tensorrt] [--out DIR]
                        [--batch-sizes 1,2,4] [--min-size PX] [--max-size PX] [--vae-batch N]
-                       [--refittable] [--skip-numerics-check] ...
+                       [--refittable] [--skip-numerics-check]
+                       [--lora-slots N] [--max-lora-rank R] [--max-loras-per-request K] ...
 
 Heavy imports (torch, onnx, TensorRT) happen inside the handler so `kiln --help` stays fast.
 Every failure prints one `error:` line naming what is wrong and what to do, and exits 1.
@@ -43,6 +44,9 @@ class ResolvedModel:
     limits: ModelLimits | None = None
     # The config's `preview_decoder` folder; None: the model folder's own, if any.
     preview_decoder: Path | None = None
+    # A single-file checkpoint whose weights replace the folder's (`path` is its config
+    # folder); None: the folder's own weights.
+    checkpoint: Path | None = None
 
 
 def resolve_model(name: str | None, path: Path | None, config: Path | None) -> ResolvedModel:
@@ -80,6 +84,7 @@ def resolve_model(name: str | None, path: Path | None, config: Path | None) -> R
             (spec.default_height, spec.default_width),
             ModelLimits(spec.min_size, spec.max_size, spec.max_num_outputs),
             spec.preview_decoder,
+            spec.checkpoint,
         )
     if name in BUILTIN_MODELS:
         return ResolvedModel(name, builtin_model_path(name, cache_dir))
@@ -100,6 +105,37 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError("batch sizes must be positive integers, e.g. 1,2,4")
     return sizes
+
+
+def _positive(flag: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not an integer") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {value} must be at least 1")
+        return value
+
+    return parse
+
+
+def lora_record(args: argparse.Namespace) -> Any:
+    """The LoRA inputs asked for by the flags (a LoraRecord), or None when none was given;
+    flags not given take the server's defaults."""
+    from kiln_server.engines.manifest import LoraRecord
+    from kiln_server.settings import ServerSettings
+
+    given = (args.lora_slots, args.max_lora_rank, args.max_loras_per_request)
+    if all(value is None for value in given):
+        return None
+    defaults = ServerSettings()
+    slots, rank, per_request = given
+    return LoraRecord(
+        slots=slots if slots is not None else defaults.lora_slots,
+        max_rank=rank if rank is not None else defaults.max_lora_rank,
+        max_loras=per_request if per_request is not None else defaults.max_loras_per_request,
+    )
 
 
 def register(subparsers: Any) -> None:
@@ -189,6 +225,33 @@ def register(subparsers: Any) -> None:
             "ask for them when engines will be refitted (default: off)"
         ),
     )
+    lora = parser.add_argument_group(
+        "per-request LoRAs",
+        "Off by default. Given any of these flags, the UNet graph takes per-row LoRA inputs "
+        "(each row's adapter slots and scales, and every layer's adapter stacks), so "
+        "onnxruntime and TensorRT serve any LoRA without a rebuild or a refit. The server "
+        "must run with the same lora_slots and max_lora_rank settings (and at most this "
+        "max_loras_per_request). The stacks take (slots + 1) x rank x (in + out) floats per "
+        "UNet layer, and every UNet call computes each row's LoRA delta, so keep them small.",
+    )
+    lora.add_argument(
+        "--lora-slots",
+        metavar="N",
+        type=_positive("--lora-slots"),
+        help="LoRAs resident at once (the server's lora_slots; default with LoRA support: 8)",
+    )
+    lora.add_argument(
+        "--max-lora-rank",
+        metavar="R",
+        type=_positive("--max-lora-rank"),
+        help="highest LoRA rank served (the server's max_lora_rank; default: 128)",
+    )
+    lora.add_argument(
+        "--max-loras-per-request",
+        metavar="K",
+        type=_positive("--max-loras-per-request"),
+        help="LoRAs one request may apply (the server's max_loras_per_request; default: 4)",
+    )
     parser.add_argument(
         "--skip-numerics-check",
         action="store_true",
@@ -256,12 +319,14 @@ def _run(args: argparse.Namespace) -> int:
         flags=ProfileFlags(args.batch_sizes, args.min_size, args.max_size, args.vae_batch),
         limits=model.limits,
         preview_decoder=model.preview_decoder,
+        checkpoint=model.checkpoint,
         validate=not args.no_validate,
         timing_cache=args.timing_cache,
         workspace_bytes=int(args.workspace_gib * (1 << 30)),
         refittable=args.refittable,
         numerics_check=not args.skip_numerics_check,
         progress=not args.quiet,
+        lora=lora_record(args),
     )
     summary = run_build(options)
     out = sys.stdout

@@ -168,10 +168,12 @@ async def _create(
     await _check_webhook_url(state, "webhook_completed", body.webhook_completed)
     try:
         parsed = parse_input(body.input, resolved.info)
+        asking = InputCaller(who.owner, own_base_urls(request, state))
         if parsed.images:
-            asking = InputCaller(who.owner, own_base_urls(request, state))
             limit = _input_limit(state.settings, resolved.info)
             parsed.attach(await state.inputs.resolve_all(parsed.images, asking, limit))
+        if parsed.lora_urls:
+            parsed.attach_loras(await state.loras.resolve_all(parsed.lora_urls, asking))
     except InputInvalid as error:
         raise input_invalid(error.fields) from None
     record = PredictionRecord(

@@ -2,9 +2,10 @@
 
 Starting the app opens the prediction database (`settings.database_url`), one
 `AsyncKilnClient` channel to `settings.upstream` (inside the server's event loop), the
-output file store, the uploaded-files store, the input resolver and the webhook
-dispatcher; then it takes over the predictions a stopped gateway left running (sending
-them to Kiln again), deletes output folders no prediction owns, and starts the background
+output file store, the uploaded-files store, the input resolver, the LoRA importer (with
+an `AsyncKilnAdminClient` on the same upstream) and the webhook dispatcher; then it
+takes over the predictions a stopped gateway left running (sending them to Kiln again),
+deletes output folders no prediction owns, and starts the background
 tasks: lease renewal (every second) and retention (expiry, storage caps, record limit).
 Stopping it stops the running predictions and releases them for the next start (or
 another replica), then closes everything. Every request first passes
@@ -31,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from kiln_client.admin import AsyncKilnAdminClient
 from kiln_client.aio import AsyncKilnClient
 from kiln_client.connection import ConnectionSettings
 from kiln_gateway import api, files, models, streaming, uploads
@@ -40,6 +42,7 @@ from kiln_gateway.fetch import AddressCheck, Resolver, UrlFetcher, address_probl
 from kiln_gateway.files import FileStore
 from kiln_gateway.guard import RequestGuard
 from kiln_gateway.inputs import InputResolver
+from kiln_gateway.loras import ADMIN_TIMEOUT_SECONDS, LoraImporter
 from kiln_gateway.metrics import GatewayMetrics
 from kiln_gateway.models import ModelCatalog
 from kiln_gateway.predictions import PredictionRunner
@@ -54,6 +57,7 @@ __all__ = ["UPSTREAM_FLAGS", "create_app", "new_instance_id", "upstream_connecti
 log = logging.getLogger("kiln_gateway")
 
 ClientFactory = Callable[[str], AsyncKilnClient]
+AdminFactory = Callable[[str], AsyncKilnAdminClient]
 _TITLES = {
     400: "Bad request",
     401: "Unauthenticated",
@@ -116,6 +120,7 @@ async def _purge_forever(state: GatewayState) -> None:
 async def _open_state(
     settings: GatewaySettings,
     client_factory: ClientFactory,
+    admin_factory: AdminFactory,
     resolver: Resolver | None,
     address_check: AddressCheck,
     metrics: GatewayMetrics,
@@ -154,6 +159,13 @@ async def _open_state(
         runner=PredictionRunner(kiln, settings, store, file_store, dispatcher, metrics),
         uploads=upload_store,
         inputs=InputResolver(upload_store, file_store, fetcher),
+        loras=LoraImporter(
+            admin_factory(settings.upstream),
+            upload_store,
+            fetcher,
+            settings.max_lora_bytes,
+            settings.upstream,
+        ),
     )
 
 
@@ -161,23 +173,31 @@ def create_app(
     settings: GatewaySettings,
     *,
     client_factory: ClientFactory | None = None,
+    admin_factory: AdminFactory | None = None,
     resolver: Resolver | None = None,
     address_check: AddressCheck = address_problem,
 ) -> FastAPI:
     """The ASGI app serving Replicate's API for the Kiln server at `settings.upstream`.
 
     `client_factory(target)` makes the Kiln client (default: an `AsyncKilnClient` over
-    `upstream_connection(settings)`); it is called once, when the app starts. `resolver`
+    `upstream_connection(settings)`); it is called once, when the app starts, as is
+    `admin_factory(target)`, the client of the Kiln server's admin RPCs (LoRA imports;
+    default: an `AsyncKilnAdminClient` over the same connection). `resolver`
     and `address_check` replace the system resolver and the public-address rule for every
     outbound URL (input fetches and webhooks), e.g. to keep a test from reaching any
     network.
     """
     factory = client_factory or (lambda target: AsyncKilnClient(upstream_connection(settings)))
+    admins = admin_factory or (
+        lambda target: AsyncKilnAdminClient(
+            upstream_connection(settings), timeout=ADMIN_TIMEOUT_SECONDS
+        )
+    )
     metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await _open_state(settings, factory, resolver, address_check, metrics)
+        state = await _open_state(settings, factory, admins, resolver, address_check, metrics)
         app.state.gateway = state
         background: list[asyncio.Task[None]] = []
         try:
@@ -216,6 +236,7 @@ def create_app(
             with contextlib.suppress(Exception):
                 await state.store.release()
             await state.kiln.close()
+            await state.loras.close()
             await state.database.close()
 
     app = FastAPI(

@@ -109,6 +109,13 @@ def register(subparsers: Any) -> None:
         "database (default: ~/.local/share/kiln/gateway)",
     )
     parser.add_argument(
+        "--max-lora-bytes",
+        type=int,
+        metavar="N",
+        help="largest LoRA (.safetensors, or a .tar holding one) fetched from a "
+        "replicate_weights / lora_weights / extra_lora URL (default 512 MiB)",
+    )
+    parser.add_argument(
         "--max-request-bytes",
         type=int,
         metavar="N",

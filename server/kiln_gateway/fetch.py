@@ -14,9 +14,11 @@ at places only the gateway can reach: cloud metadata at 169.254.169.254, an admi
 - follows redirects itself, at most `max_redirects`, checking every new URL the same way.
 
 One time limit covers the whole fetch (DNS, redirects and body). The body is read in chunks
-and abandoned as soon as it passes the size limit. The response's Content-Type must be
-image/png, image/jpeg or image/webp and its bytes must be one of them. Every failure is a
-`FetchError` whose message says what went wrong, for the caller to read.
+and abandoned as soon as it passes the size limit. What the body must be is a `BodyRule`:
+for image inputs (`IMAGE_BODY`, the default) the response's Content-Type must be
+image/png, image/jpeg or image/webp and its bytes must be one of them; LoRA files
+(`kiln_gateway.loras`) have their own rule. Every failure is a `FetchError` whose message
+says what went wrong, for the caller to read.
 
 The address rules live in `AddressGuard` and the pinned connection in `pinned`, which
 webhook deliveries (`kiln_gateway.webhooks`) use too.
@@ -38,8 +40,10 @@ from kiln_gateway.errors import shorten
 from kiln_gateway.images import IMAGE_TYPES, IMAGE_TYPES_TEXT, sniff_image_type
 
 __all__ = [
+    "IMAGE_BODY",
     "AddressCheck",
     "AddressGuard",
+    "BodyRule",
     "FetchError",
     "Fetched",
     "IPAddress",
@@ -61,16 +65,39 @@ _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _UNIQUE_LOCAL = ipaddress.ip_network("fc00::/7")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_HEADERS = {"User-Agent": "kiln-gateway", "Accept": ", ".join(IMAGE_TYPES)}
 
 
 class FetchError(Exception):
-    """A URL could not be fetched as an image input; the message says why."""
+    """A URL could not be fetched as an input; the message says why."""
+
+
+@dataclass(frozen=True)
+class BodyRule:
+    """What a fetched body must be.
+
+    `content_types`: the Content-Types a response may declare (None: any). `sniff(data)`:
+    the type the bytes show, or None when they are not what is wanted, which `expected`
+    words for the error ("a PNG, JPEG or WebP image"). `accept` is the Accept header sent.
+    """
+
+    accept: str
+    content_types: tuple[str, ...] | None
+    sniff: Callable[[bytes], str | None]
+    expected: str
+
+
+IMAGE_BODY = BodyRule(
+    accept=", ".join(IMAGE_TYPES),
+    content_types=IMAGE_TYPES,
+    sniff=sniff_image_type,
+    expected=f"a {IMAGE_TYPES_TEXT} image",
+)
+"""Image inputs: an image Content-Type, and bytes that are one of those images."""
 
 
 @dataclass(frozen=True)
 class Fetched:
-    """A fetched image: its bytes, the MIME type its bytes show, and the URL it came from."""
+    """A fetched body: its bytes, the type its bytes show, and the URL it came from."""
 
     data: bytes
     content_type: str
@@ -255,7 +282,7 @@ def pinned(url: httpx.URL, address: IPAddress) -> tuple[httpx.URL, dict[str, str
 
 
 class UrlFetcher:
-    """Downloads http(s) image inputs under the rules in this module's docstring."""
+    """Downloads http(s) inputs under the rules in this module's docstring."""
 
     def __init__(
         self,
@@ -274,42 +301,44 @@ class UrlFetcher:
         )
         self._verify = verify
 
-    async def fetch(self, url: str, max_bytes: int) -> Fetched:
-        """Download the image at `url` (at most `max_bytes` bytes).
+    async def fetch(self, url: str, max_bytes: int, rule: BodyRule = IMAGE_BODY) -> Fetched:
+        """Download the body at `url` (at most `max_bytes` bytes), which `rule` checks
+        (by default: an image).
 
         Raises:
-            FetchError: the URL is refused or the download failed; the message says why.
+            FetchError: the URL is refused, the download failed or the body breaks the
+                rule; the message says why.
         """
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._follow(url, max_bytes)
+                return await self._follow(url, max_bytes, rule)
         except TimeoutError:
             raise FetchError(
                 f"fetching {shorten(url)} took longer than the gateway's limit of "
                 f"{self._timeout:g} s"
             ) from None
 
-    async def _follow(self, text: str, max_bytes: int) -> Fetched:
+    async def _follow(self, text: str, max_bytes: int, rule: BodyRule) -> Fetched:
         current = text
         for _ in range(self._max_redirects + 1):
             url = _parse(current)
             addresses = await self._guard.addresses(url)
-            result = await self._get(url, addresses, max_bytes)
+            result = await self._get(url, addresses, max_bytes, rule)
             if isinstance(result, Fetched):
                 return result
             current = result
         raise FetchError(
             f"{shorten(text)} redirects more than {self._max_redirects} times; give the "
-            "image's final URL"
+            "file's final URL"
         )
 
     async def _get(
-        self, url: httpx.URL, addresses: list[IPAddress], max_bytes: int
+        self, url: httpx.URL, addresses: list[IPAddress], max_bytes: int, rule: BodyRule
     ) -> Fetched | str:
-        """The image, or the absolute URL a redirect points to."""
+        """The body, or the absolute URL a redirect points to."""
         for position, address in enumerate(addresses):
             target, host, extensions = pinned(url, address)
-            headers = {**_HEADERS, **host}
+            headers = {"User-Agent": "kiln-gateway", "Accept": rule.accept, **host}
             # A fresh client per hop: a pooled connection opened for one host name must never
             # serve another that happens to share its address.
             async with httpx.AsyncClient(
@@ -319,7 +348,7 @@ class UrlFetcher:
                     async with client.stream(
                         "GET", target, headers=headers, extensions=extensions
                     ) as response:
-                        return await self._read(url, response, max_bytes)
+                        return await self._read(url, response, max_bytes, rule)
                 except httpx.ConnectError as error:
                     if position + 1 < len(addresses):
                         continue  # try the host's next address
@@ -331,7 +360,9 @@ class UrlFetcher:
         raise FetchError(f"host {_origin(url)} has no address")  # addresses is never empty
 
     @staticmethod
-    async def _read(url: httpx.URL, response: httpx.Response, max_bytes: int) -> Fetched | str:
+    async def _read(
+        url: httpx.URL, response: httpx.Response, max_bytes: int, rule: BodyRule
+    ) -> Fetched | str:
         shown = shorten(str(url))
         if response.status_code in _REDIRECTS:
             location = response.headers.get("location")
@@ -341,10 +372,10 @@ class UrlFetcher:
         if response.status_code != 200:
             raise FetchError(f"{shown} answered HTTP {response.status_code}")
         declared = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if declared not in IMAGE_TYPES:
+        if rule.content_types is not None and declared not in rule.content_types:
             raise FetchError(
                 f"{shown} has Content-Type {shorten(declared, 60) or '(none)'}; expected "
-                f"{', '.join(IMAGE_TYPES)}"
+                f"{', '.join(rule.content_types)}"
             )
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes:
@@ -355,11 +386,11 @@ class UrlFetcher:
             if len(body) > max_bytes:
                 raise FetchError(f"{shown} is larger than the limit of {max_bytes} bytes")
         data = bytes(body)
-        actual = sniff_image_type(data)
+        actual = rule.sniff(data)
         if actual is None:
             raise FetchError(
-                f"{shown} is not a {IMAGE_TYPES_TEXT} image (its bytes are not one, whatever "
-                "its Content-Type says)"
+                f"{shown} is not {rule.expected} (its bytes are not one, whatever its "
+                "Content-Type says)"
             )
         return Fetched(data, actual, str(url))
 

@@ -33,7 +33,14 @@ from kiln_gateway.images import IMAGE_TYPES, IMAGE_TYPES_TEXT, sniff_image_type
 from kiln_gateway.schema import InputInvalid
 from kiln_gateway.uploads import UploadStore
 
-__all__ = ["Caller", "InputRejected", "InputResolver", "abbreviate_input", "parse_data_uri"]
+__all__ = [
+    "Caller",
+    "InputRejected",
+    "InputResolver",
+    "abbreviate_input",
+    "own_path",
+    "parse_data_uri",
+]
 
 _DATA_URI = re.compile(r"^data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),", re.IGNORECASE)
 _ABBREVIATE_OVER = 1024
@@ -113,7 +120,7 @@ def abbreviate_input(values: dict[str, object]) -> dict[str, object]:
     return shown
 
 
-def _own_path(url: httpx.URL, bases: tuple[str, ...]) -> str | None:
+def own_path(url: httpx.URL, bases: tuple[str, ...]) -> str | None:
     """The path of `url` below one of the gateway's base URLs, or None if it is elsewhere."""
     for text in bases:
         base = httpx.URL(text)
@@ -149,7 +156,7 @@ class InputResolver:
                 f"{shorten(value)} is neither a data: URI nor an http(s) URL; pass an open "
                 "file, a data URI, a file URL from POST /v1/files or an http(s) URL"
             )
-        own = _own_path(url, caller.base_urls)
+        own = own_path(url, caller.base_urls)
         if own is not None:
             return await self._own_file(own, caller, max_bytes)
         try:

@@ -10,14 +10,19 @@ Fields fall in five groups:
   (Replicate's names), `num_inference_steps`, `guidance_scale`, `seed`; and image
   conditioning: `image` (img2img; with `mask`, inpainting), `mask` (white repaints, black
   keeps) and `prompt_strength` (Kiln's `strength`, only sent with an image);
-- LoRAs: `replicate_weights`, the name of a LoRA the model lists (ModelInfo.loras), applied
-  at `lora_scale` (Replicate's default 0.6); a URL there is refused for now (fetching LoRAs
-  comes later);
+- LoRAs: Replicate SDXL's `replicate_weights` at `lora_scale` (default 0.6), and the
+  FLUX-style `lora_weights` at `lora_scale` (default 1) and `extra_lora` at
+  `extra_lora_scale` (default 1), for any model (FLUX models themselves come with issue
+  #13). Each is the name of a LoRA the model lists (ModelInfo.loras), or a URL (http(s),
+  or a file uploaded with POST /v1/files) of a .safetensors file or of a .tar holding one:
+  `ParsedInput.lora_urls` lists those for `kiln_gateway.loras` to import into the Kiln
+  server's LoRA cache, and `ParsedInput.attach_loras` adds the names it gets back;
 - not available yet, answered with a validation error naming the field: `refine` other
   than `no_refiner`;
 - accepted and documented as no-ops: `high_noise_frac`, `refine_steps` (they only act with
   a refiner), `apply_watermark` (Kiln never watermarks), `disable_safety_checker` (Kiln
-  runs no safety checker); `lora_scale` without `replicate_weights` is noted as no effect;
+  runs no safety checker); `lora_scale` without `replicate_weights` or `lora_weights`, and
+  `extra_lora_scale` without `extra_lora`, are noted as no effect;
 - Kiln's own: `loras` (a list of `{"name", "scale"}`, Kiln's `GenerateRequest.loras`),
   `output_format` (png, jpg, webp), `output_quality`, `priority` (low, normal, high),
   `output_as_data_uri` (return data URIs instead of file URLs), and for inpainting
@@ -48,8 +53,10 @@ from kiln_gateway.errors import InvalidField, shorten
 
 __all__ = [
     "DEFAULT_PROMPT",
+    "LORA_URL_INPUTS",
     "InputField",
     "InputInvalid",
+    "LoraUrl",
     "ParsedInput",
     "input_fields",
     "openapi_schema",
@@ -74,9 +81,13 @@ PRIORITIES = ("low", "normal", "high")
 REFINERS = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 REPLICATE_LORA_SCALE = 0.6
 """Replicate's SDXL `lora_scale` default, applied to `replicate_weights`."""
+FLUX_LORA_SCALE = 1.0
+"""The FLUX-style default of `lora_scale` (with `lora_weights`) and `extra_lora_scale`."""
 MAX_LORA_SCALE = 4.0
 """The largest |scale| Kiln takes for a LoRA (GenerateRequest.loras)."""
-_NULLABLE_LORA_INPUTS = ("replicate_weights", "loras")
+LORA_URL_INPUTS = ("replicate_weights", "lora_weights", "extra_lora")
+"""The inputs that take a LoRA name or the URL of a LoRA file."""
+_NULLABLE_LORA_INPUTS = (*LORA_URL_INPUTS, "loras")
 _MAX_LORAS_GIVEN = 64
 """Most `loras` entries parsed here; the server's own limit is lower."""
 
@@ -137,6 +148,15 @@ class InputInvalid(ValueError):
         self.fields = fields
 
 
+@dataclass(frozen=True)
+class LoraUrl:
+    """A LoRA input given as a URL: the input's name, the URL, and the scale to apply."""
+
+    field: str
+    url: str
+    scale: float
+
+
 @dataclass
 class ParsedInput:
     """A valid input: the request for Kiln, how to return outputs, and notes for the logs."""
@@ -148,6 +168,13 @@ class ParsedInput:
     """The `image` / `mask` inputs given (name to data URI or URL), still to be resolved."""
     known: dict[str, Any] = field(default_factory=dict)
     """The input as given, without the fields the schema does not have (what is stored)."""
+    lora_urls: list[LoraUrl] = field(default_factory=list)
+    """The LoRA inputs given as URLs, still to be imported into the Kiln server."""
+
+    def attach_loras(self, names: dict[str, str]) -> None:
+        """Add the LoRAs the URLs became (input name -> LoRA name) at their scales."""
+        for lora in self.lora_urls:
+            self.request.loras.add(name=names[lora.field], scale=lora.scale)
 
     def attach(self, resolved: dict[str, bytes]) -> None:
         """Put the resolved image bytes (by input name) into the request."""
@@ -282,16 +309,39 @@ def input_fields(info: pb.ModelInfo) -> list[InputField]:
         InputField(
             "lora_scale",
             "number",
-            "LoRA additive scale. Only applicable with replicate_weights",
+            f"LoRA additive scale. Only applicable with replicate_weights (default "
+            f"{REPLICATE_LORA_SCALE:g}) or lora_weights (default {FLUX_LORA_SCALE:g})",
             default=REPLICATE_LORA_SCALE,
-            minimum=0,
-            maximum=1,
+            minimum=-MAX_LORA_SCALE,
+            maximum=MAX_LORA_SCALE,
         ),
         InputField(
             "replicate_weights",
             "string",
-            "The name of a LoRA this model lists (URLs of LoRA weights are not supported yet)"
-            + _lora_names(info),
+            "LoRA weights: the name of a LoRA this model lists, or the URL (http(s), or a file "
+            "from POST /v1/files) of a .safetensors LoRA or of a .tar holding exactly one; "
+            "the Kiln server imports each URL once" + _lora_names(info),
+        ),
+        InputField(
+            "lora_weights",
+            "string",
+            "FLUX-style LoRA weights, applied at lora_scale (default "
+            f"{FLUX_LORA_SCALE:g}): a LoRA name or URL as for replicate_weights (give one of "
+            "the two)",
+        ),
+        InputField(
+            "extra_lora",
+            "string",
+            "FLUX-style second LoRA, applied at extra_lora_scale: a LoRA name or URL as for "
+            "replicate_weights",
+        ),
+        InputField(
+            "extra_lora_scale",
+            "number",
+            "Scale of extra_lora",
+            default=FLUX_LORA_SCALE,
+            minimum=-MAX_LORA_SCALE,
+            maximum=MAX_LORA_SCALE,
         ),
         InputField(
             "disable_safety_checker",
@@ -529,11 +579,9 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
     if unknown:
         notes.append(_unknown_note(unknown))
     problems += _conditioning_problems(values, info)
-    loras, lora_problems = _lora_inputs(values, info)
+    loras, lora_urls, lora_problems = _lora_inputs(values, info)
     problems += lora_problems
-    scale_alone = "lora_scale" in values and "replicate_weights" not in values
-    if scale_alone and values["lora_scale"] != REPLICATE_LORA_SCALE:
-        notes.append("lora_scale is accepted but has no effect without replicate_weights")
+    notes += _lora_notes(values)
     if problems:
         raise InputInvalid(problems)
     notes += _conditioning_notes(values, specs)
@@ -574,6 +622,7 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
         notes,
         images={name: values[name] for name in IMAGE_INPUTS if name in values},
         known={name: value for name, value in raw.items() if name in specs},
+        lora_urls=lora_urls,
     )
 
 
@@ -621,17 +670,32 @@ def _conditioning_problems(values: dict[str, Any], info: pb.ModelInfo) -> list[I
 
 
 def _is_url(text: str) -> bool:
-    return "://" in text or text.startswith("data:")
+    return "://" in text or text[:5].lower() == "data:"
+
+
+def _lora_notes(values: dict[str, Any]) -> list[str]:
+    """Notes for LoRA scales given without the LoRA they scale."""
+    notes = []
+    weights = "replicate_weights" in values or "lora_weights" in values
+    if "lora_scale" in values and not weights and values["lora_scale"] != REPLICATE_LORA_SCALE:
+        notes.append(
+            "lora_scale is accepted but has no effect without replicate_weights or lora_weights"
+        )
+    extra_alone = "extra_lora_scale" in values and "extra_lora" not in values
+    if extra_alone and values["extra_lora_scale"] != FLUX_LORA_SCALE:
+        notes.append("extra_lora_scale is accepted but has no effect without extra_lora")
+    return notes
 
 
 def _lora_inputs(
     values: dict[str, Any], info: pb.ModelInfo
-) -> tuple[list[tuple[str, float]], list[InvalidField]]:
-    """The (name, scale) pairs of `loras` and `replicate_weights`, and their problems.
+) -> tuple[list[tuple[str, float]], list[LoraUrl], list[InvalidField]]:
+    """The (name, scale) pairs of `loras` and of the LoRA inputs given by name, the LoRA
+    inputs given as URLs, and their problems.
 
     Names, duplicates and the most per request are the Kiln server's to check (its
     violations come back as `input.loras[i].name`); here only the shapes, the scale range,
-    and `replicate_weights` (a name the model lists; URLs are refused for now).
+    and that a LoRA input's name is one the model lists.
     """
     pairs: list[tuple[str, float]] = []
     problems: list[InvalidField] = []
@@ -676,30 +740,40 @@ def _lora_inputs(
             )
             continue
         pairs.append((name, float(scale)))
-    weights = values.get("replicate_weights")
-    if weights:
-        known = {lora.name for lora in info.loras}
-        if _is_url(weights):
-            problems.append(
-                InvalidField(
-                    type="unsupported",
-                    field="input.replicate_weights",
-                    description="URL LoRAs are not supported yet: give the name of a LoRA "
-                    f"this model lists{_lora_names(info)}",
-                )
+    if values.get("replicate_weights") and values.get("lora_weights"):
+        problems.append(
+            InvalidField(
+                type="conflict",
+                field="input.lora_weights",
+                description="give replicate_weights or lora_weights, not both (the same "
+                "input under its SDXL and its FLUX-style name)",
             )
+        )
+    scales = {
+        "replicate_weights": values.get("lora_scale", REPLICATE_LORA_SCALE),
+        "lora_weights": values.get("lora_scale", FLUX_LORA_SCALE),
+        "extra_lora": values.get("extra_lora_scale", FLUX_LORA_SCALE),
+    }
+    urls: list[LoraUrl] = []
+    known = {lora.name for lora in info.loras}
+    for name in LORA_URL_INPUTS:
+        weights = values.get(name)
+        if not weights:
+            continue
+        if _is_url(weights):
+            urls.append(LoraUrl(name, weights, float(scales[name])))
         elif weights.removesuffix(".safetensors") not in known:
             problems.append(
                 InvalidField(
                     type="invalid_value",
-                    field="input.replicate_weights",
+                    field=f"input.{name}",
                     description=f"{shorten(weights, 60)!r} is not a LoRA of this model"
-                    f"{_lora_names(info)}",
+                    f"{_lora_names(info)}; or give the URL of a .safetensors LoRA",
                 )
             )
         else:
-            pairs.append((weights, float(values.get("lora_scale", REPLICATE_LORA_SCALE))))
-    return pairs, problems
+            pairs.append((weights, float(scales[name])))
+    return pairs, urls, problems
 
 
 def _conditioning_notes(values: dict[str, Any], specs: dict[str, InputField]) -> list[str]:

@@ -133,6 +133,10 @@ class GatewaySettings:
     max_input_bytes: int = 20 * MIB
     """Largest `image` or `mask` input (data URI, uploaded file or fetched URL) and largest
     upload to POST /v1/files; a Kiln model's smaller `max_image_bytes` wins for its inputs."""
+    max_lora_bytes: int = 512 * MIB
+    """Largest LoRA a `replicate_weights` / `lora_weights` / `extra_lora` URL may fetch (the
+    .safetensors file, or the .tar holding it). Uploads to POST /v1/files stay within
+    `max_input_bytes`."""
     max_request_bytes: int | None = None
     """Largest request body; default: room for two `max_input_bytes` images as base64 data
     URIs plus 1 MiB (about 54 MiB with the defaults)."""
@@ -244,6 +248,7 @@ _CONVERTERS: dict[str, Any] = {
     "upstream_tls_key": Path,
     "upstream_allow_plaintext_token": to_bool,
     "max_input_bytes": int,
+    "max_lora_bytes": int,
     "upload_expiry_seconds": float,
     "fetch_timeout_seconds": float,
     "fetch_max_redirects": int,
@@ -365,6 +370,8 @@ def validate_settings(settings: GatewaySettings) -> GatewaySettings:
         raise SettingsError("max_predictions must be at least 1")
     if settings.max_input_bytes < 1:
         raise SettingsError("max_input_bytes must be at least 1")
+    if settings.max_lora_bytes < 1:
+        raise SettingsError("max_lora_bytes must be at least 1")
     if settings.upload_expiry_seconds <= 0:
         raise SettingsError("upload_expiry_seconds must be positive")
     if settings.fetch_timeout_seconds <= 0:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from kiln_gateway.database import Database
     from kiln_gateway.files import FileStore
     from kiln_gateway.inputs import InputResolver
+    from kiln_gateway.loras import LoraImporter
     from kiln_gateway.models import ModelCatalog
     from kiln_gateway.predictions import PredictionRunner
     from kiln_gateway.settings import GatewaySettings
@@ -42,6 +43,7 @@ class GatewayState:
     runner: PredictionRunner
     uploads: UploadStore
     inputs: InputResolver
+    loras: LoraImporter
 
 
 def gateway_state(request: Request) -> GatewayState:

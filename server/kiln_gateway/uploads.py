@@ -6,7 +6,9 @@ The official client uploads every open file or Path in a prediction's input with
 such URLs from its own disk, without an HTTP request (see `kiln_gateway.inputs`).
 
 - POST /v1/files: 201 with the file object; 413 past `max_input_bytes`; 422 unless the
-  bytes are a PNG, JPEG or WebP image (the only inputs Kiln's models take).
+  bytes are a PNG, JPEG or WebP image (for `image` and `mask`) or a LoRA file, a
+  .safetensors or a .tar holding one (for `replicate_weights`, `lora_weights`,
+  `extra_lora`; see `kiln_gateway.loras`).
 - GET /v1/files: the caller's files, newest first. GET /v1/files/{id}: one file object.
 - GET /v1/files/{id}/download: the content.  DELETE /v1/files/{id}: 204.
 
@@ -38,6 +40,7 @@ from kiln_gateway.auth import caller_owner, require_token
 from kiln_gateway.errors import ApiError, InvalidField, ProblemDetail, input_invalid, shorten
 from kiln_gateway.forms import BodyTooLarge, FormError, parse_form, read_body
 from kiln_gateway.images import IMAGE_TYPES_TEXT, sniff_image_type
+from kiln_gateway.lora_files import lora_kind
 from kiln_gateway.state import GatewayState, gateway_state, public_base_url
 from kiln_gateway.timefmt import iso8601
 
@@ -291,7 +294,8 @@ def _metadata(text: str) -> dict[str, Any]:
     },
 )
 async def create_file(request: Request, state: StateDep, owner: OwnerDep) -> FileObject:
-    """Upload a PNG, JPEG or WebP image to use as a prediction's `image` or `mask`."""
+    """Upload a PNG, JPEG or WebP image to use as a prediction's `image` or `mask`, or a
+    LoRA (.safetensors, or a .tar holding one) for its `replicate_weights`."""
     limit = state.settings.max_input_bytes
     too_large = ApiError(
         413, "File too large", f"uploads are limited to {limit} bytes (--max-input-bytes)"
@@ -312,10 +316,12 @@ async def create_file(request: Request, state: StateDep, owner: OwnerDep) -> Fil
         raise _invalid("content", "Missing required field: send the file in the field 'content'")
     if len(part.data) > limit:
         raise too_large
-    kind = sniff_image_type(part.data)
+    kind = sniff_image_type(part.data) or lora_kind(part.data)
     if kind is None:
         raise _invalid(
-            "content", f"must be a {IMAGE_TYPES_TEXT} image (Kiln's models take only images)"
+            "content",
+            f"must be a {IMAGE_TYPES_TEXT} image, or a LoRA: a .safetensors file or a .tar "
+            "holding one",
         )
     metadata = _metadata(form["metadata"].text) if "metadata" in form else {}
     name = part.filename or (form["filename"].text if "filename" in form else None)

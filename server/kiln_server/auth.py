@@ -29,12 +29,14 @@ from kiln_server.config_file import SettingsError
 from kiln_server.service import abort_with, queue_full_status
 from kiln_server.settings import ServerSettings
 from kiln_server.tokens import ADMIN, GENERATE, ApiToken, bearer_token, matching_token
+from kiln_server.wire import HANDLER_MAKERS
 
 __all__ = [
     "INFLIGHT_RETRY_SECONDS",
     "OPEN_METHOD_PREFIXES",
     "AuthInterceptor",
     "InflightLimits",
+    "NoAdminInterceptor",
     "Refusal",
     "TlsFiles",
     "authorize",
@@ -124,21 +126,13 @@ class InflightLimits:
         return self._counts.get(token.fingerprint, 0)
 
 
-_HANDLER_KINDS = {
-    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
-    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
-    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
-    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
-}
-
-
 def _refusing(handler: grpc.RpcMethodHandler, refusal: Refusal) -> grpc.RpcMethodHandler:
     """A handler of `handler`'s kind that ends the call with `refusal`, request unparsed."""
 
     async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(refusal.code, refusal.message)
 
-    _, make = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
+    make = HANDLER_MAKERS[(handler.request_streaming, handler.response_streaming)]
     return make(refuse, response_serializer=handler.response_serializer)
 
 
@@ -210,6 +204,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+class NoAdminInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses the admin RPCs on a server that listens beyond loopback without tokens
+    (mutual TLS only): a client certificate admits a caller to generate, but who may load,
+    unload and import is decided by an admin-scoped token."""
+
+    REFUSAL = Refusal(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "the admin RPCs need a token with the admin scope, and this server has no tokens: "
+        "add an entry TOKEN:admin to KILN_API_TOKENS (or --api-tokens-file), or call it "
+        "on a loopback-only server",
+    )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """The method's handler, or a refusal for an admin method."""
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        if required_scope(method) == ADMIN:
+            return _refusing(handler, self.REFUSAL)
+        return handler
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,14 @@ it. A LoRA that cannot be used fails the waiting jobs that asked for it with
 INVALID_ARGUMENT naming `loras`, the file and why; a request with LoRAs for a model whose
 backend applies none fails with FAILED_PRECONDITION at submit.
 
+Models: with a model library (kiln_server.library.residency) the resident models come and
+go. Between steps the engine thread hands the library the models of the running and
+waiting jobs; the library installs a model its loader thread has finished, unloads idle
+ones for room, and starts the next load. A job whose model is loading waits in the queue
+without blocking others; a job whose model waits for busy models to free memory stops
+admission behind it (as a shape without a group slot does), so they drain. A job whose
+model could not load fails with UNAVAILABLE naming the cause.
+
 Failure: the engine thread is watched. An exception that escapes a step (an engine or
 device error) or a step that makes no progress for `stall_seconds` ends every job with
 INTERNAL naming the cause, refuses new jobs, and calls `on_fatal` so the process can exit
@@ -66,8 +74,9 @@ from kiln_server.events import (
     Queued,
     Started,
 )
+from kiln_server.library.residency import ModelLibrary
 from kiln_server.lora.errors import LoraError
-from kiln_server.lora.policy import refusal_for_backend
+from kiln_server.lora.policy import refusal_for_engines
 from kiln_server.pipeline.params import GenerationParams, LoraUse
 from kiln_server.pipeline.sdxl import DenoiseState, SDXLPipeline
 
@@ -172,6 +181,7 @@ class BatcherLoad:
 
     pending: dict[str, int] = field(default_factory=dict)
     running_rows: dict[str, int] = field(default_factory=dict)
+    running_jobs: dict[str, int] = field(default_factory=dict)
     # LoRAs made resident since start, per model serving LoRAs (a running total).
     lora_loads: dict[str, int] = field(default_factory=dict)
 
@@ -295,8 +305,12 @@ class Batcher:
         settings: BatcherSettings,
         clock: Callable[[], float] = time.monotonic,
         on_fatal: Callable[[str], None] | None = None,
+        library: ModelLibrary | None = None,
     ) -> None:
-        self.pipelines = pipelines
+        # The resident models' pipelines; with a library, models come and go (engine
+        # thread, under the lock).
+        self.pipelines = dict(pipelines)
+        self.library = library
         self.settings = settings
         self.clock = clock
         self.on_fatal = on_fatal
@@ -319,9 +333,16 @@ class Batcher:
         # One engine core serves one device: the first GPU among the pipelines', if any.
         devices = [p.device for p in pipelines.values() if p.device.type == "cuda"]
         self.device = devices[0] if devices else torch.device("cpu")
+        if library is not None:
+            self.device = library.placement.device
+            library.on_change = self._model_news_arrived
         self._output = OutputThread(self.device)
         # Set when a LoRA file was read (or failed) since the engine thread last looked.
         self._lora_news = False
+        # Set when the model library has something for the engine thread (a finished
+        # load, an admin request); `_room_for` holds the models waiting for room.
+        self._model_news = False
+        self._room_for: set[str] = set()
         for pipeline in pipelines.values():
             if pipeline.loras is not None:
                 pipeline.loras.on_read = self._lora_read
@@ -359,7 +380,7 @@ class Batcher:
             return None  # an unknown model fails at admission, as without LoRAs
         library = pipeline.loras
         if library is None:
-            refusal = refusal_for_backend(pipeline.backend)
+            refusal = refusal_for_engines(pipeline.engines)
             if refusal is not None:
                 return Failed("FAILED_PRECONDITION", refusal)
             return Failed(
@@ -376,6 +397,12 @@ class Batcher:
                 f"server keeps at most {library.capacity} resident (lora_slots)",
             )
         return None
+
+    def _model_news_arrived(self) -> None:
+        """The model library has news (any thread): wake the engine thread."""
+        with self._condition:
+            self._model_news = True
+            self._condition.notify_all()
 
     def _lora_read(self) -> None:
         """A LoRA file was read or failed (loader thread): wake the engine thread."""
@@ -398,12 +425,14 @@ class Batcher:
         with self._condition:
             waiting = [job.params.model for job in self._waiting]
             running = [(job.params.model, job.rows) for job in self._running]
+            pipelines = list(self.pipelines.items())
         load = BatcherLoad()
         for model in waiting:
             load.pending[model] = load.pending.get(model, 0) + 1
         for model, rows in running:
             load.running_rows[model] = load.running_rows.get(model, 0) + rows
-        for model, pipeline in self.pipelines.items():
+            load.running_jobs[model] = load.running_jobs.get(model, 0) + 1
+        for model, pipeline in pipelines:
             if pipeline.loras is not None:
                 load.lora_loads[model] = pipeline.loras.stack.loads
         return load
@@ -449,11 +478,13 @@ class Batcher:
             self._output.emit(
                 job, Failed("UNAVAILABLE", "the server stopped before this request finished")
             )
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.library is not None:
+            self.library.close()
         for pipeline in self.pipelines.values():
             if pipeline.loras is not None:
                 pipeline.loras.close()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
         self._watchdog_stop.set()
         if self._watchdog is not None:
             self._watchdog.join(timeout=5)
@@ -465,18 +496,25 @@ class Batcher:
         bind_thread(self.device)
         try:
             while True:
+                with self._condition:
+                    # The newest job the refreshes below see; a later one gets its own look.
+                    seen = self._sequence
+                self._refresh_models()
                 self._refresh_loras()
                 with self._condition:
-                    while not (self._waiting or self._running or self._stopping):
+                    while not (
+                        self._waiting or self._running or self._stopping or self._model_news
+                    ):
                         self._condition.wait()
                     if self._stopping or self.failure is not None:
                         return
                     self._drop_cancelled()
                     admitted = self._select_admissions()
                     if not (admitted or self._running):
-                        # Every waiting job waits for a LoRA file: sleep until one is read
-                        # (the timeout only guards against a missed wake-up).
-                        if not self._lora_news:
+                        # Every waiting job waits for a model or a LoRA file: sleep until
+                        # one is ready (the timeout only guards against a missed wake-up),
+                        # unless a job came after the refreshes looked: its loads start now.
+                        if not (self._lora_news or self._model_news or self._sequence != seen):
                             self._condition.wait(timeout=1.0)
                         continue
                     self._busy_since = self.clock()
@@ -488,6 +526,52 @@ class Batcher:
         except BaseException as exc:  # whatever it is, the engine is done
             logger.exception("the engine thread failed")
             self._fail_all(f"the engine failed: {_name(exc)}: {exc}"[:300])
+
+    def _refresh_models(self) -> None:
+        """Between steps (engine thread): let the model library install finished loads,
+        unload, and start the load the waiting jobs need; fail the jobs of a model that
+        could not load, and settle the LoRAs of the waiting jobs of a model just
+        installed (they were queued before its LoRA library existed)."""
+        library = self.library
+        if library is None:
+            return
+        with self._condition:
+            self._model_news = False
+            running = {job.params.model for job in self._running}
+            wanted = [job.params.model for job in self._priority_order()]
+        if all(model in self.pipelines for model in wanted) and not library.has_news:
+            return
+        changes = library.refresh(running, wanted)
+        failures: list[tuple[Job, Failed]] = []
+        with self._condition:
+            for name in changes.removed:
+                self.pipelines.pop(name, None)
+            for name, pipeline in changes.installed.items():
+                if pipeline.loras is not None:
+                    pipeline.loras.on_read = self._lora_read
+                self.pipelines[name] = pipeline
+            self._room_for = changes.blocked
+            for job in list(self._waiting):
+                model = job.params.model
+                refusal: Failed | None = None
+                if model in changes.failed:
+                    refusal = Failed("UNAVAILABLE", changes.failed[model])
+                elif model in changes.installed:
+                    refusal = self._lora_refusal(job)
+                if refusal is not None:
+                    self._waiting.remove(job)
+                    failures.append((job, refusal))
+            if failures:
+                self._report_positions()
+        if changes.removed:
+            library.collect()
+        for job, refusal in failures:
+            logger.info(
+                "request failed while waiting for its model",
+                extra={"request_id": job.request_id, "why": refusal.message},
+            )
+            self.stats.jobs_failed += 1
+            self._output.emit(job, refusal)
 
     def _refresh_loras(self) -> None:
         """Between steps (engine thread): install the LoRAs read since the last look, queue
@@ -580,6 +664,10 @@ class Batcher:
             key = job.shape_key
             if key in blocked:
                 continue
+            if job.params.model not in self.pipelines:
+                if job.params.model in self._room_for:
+                    break  # its model waits for busy ones to drain: nothing overtakes it
+                continue  # its model is loading; it waits without blocking others
             if job.loras and not self._loras_resident(job):
                 continue  # its LoRA files are being read; it waits without blocking others
             if key not in rows and len(rows) >= self.settings.max_shape_groups:

@@ -184,6 +184,24 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="LoRAs one request may apply at once (default 4)",
     )
+    parser.add_argument(
+        "--model-memory-budget",
+        metavar="SIZE",
+        help="device memory the resident models may hold together, e.g. 40GiB; models "
+        "beyond it load on first use and the least recently used idle one is unloaded "
+        "(default: none, every configured model stays resident)",
+    )
+    parser.add_argument(
+        "--lora-cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where LoRAs imported by the admin API are kept (default <cache dir>/loras)",
+    )
+    parser.add_argument(
+        "--lora-cache-size",
+        metavar="SIZE",
+        help="most bytes of imported LoRAs kept; the least recently used go first (default 10GiB)",
+    )
     parser.add_argument("--log-format", choices=("auto", "json", "text"), help="log style")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument("--port-file", type=Path, help="write the bound port to this file")
@@ -211,6 +229,10 @@ def run_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("kiln_server")
     try:
         registry = ModelRegistry.from_config(config, settings.cache_dir)
+    except RegistryError as error:  # the config's [[models]] are wrong: a settings error
+        print(f"kiln serve: {error}", file=sys.stderr)
+        return 2
+    try:
         log.info("starting with models: %s", ", ".join(registry.models))
         return asyncio.run(run_server(settings, registry, args.port_file, tls))
     except (RegistryError, ModelFolderError, OSError) as error:

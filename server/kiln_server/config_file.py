@@ -6,6 +6,7 @@ values the same way. Nothing heavy is imported here, so the gateway stays light.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -46,3 +47,36 @@ def to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def to_bytes(value: Any) -> int:
+    """A size setting in bytes: an integer as is, or text such as `24GiB`, `512MiB`, `2GB`
+    or `1048576` (units are case-insensitive; KiB/MiB/GiB are powers of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError("give a size such as 24GiB, not a boolean")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(
+            r"(\d+(?:\.\d+)?)([a-z]*)", str(value).strip().lower().replace(" ", "")
+        )
+        if match is None or match[2] not in _SIZE_UNITS:
+            raise ValueError("give a size such as 24GiB, 512MiB, 2GB or a number of bytes")
+        size = int(float(match[1]) * _SIZE_UNITS[match[2]])
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size

@@ -33,6 +33,11 @@ STRUCTURED_FIELDS = (
     "limits",
     "component",
     "shapes",
+    "lora",
+    "ok",
+    "bytes",
+    "budget",
+    "unloaded",
 )
 
 

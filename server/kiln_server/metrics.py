@@ -18,6 +18,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from kiln_server.core.messages import CoreStats, ServedModel
+from kiln_server.library.state import LibraryStatus, ModelState
 
 __all__ = ["OUTCOMES", "MetricsEndpoint", "ServerMetrics"]
 
@@ -125,6 +126,19 @@ class ServerMetrics:
             ["model"],
             registry=registry,
         )
+        self.model_memory = Gauge(
+            "kiln_model_memory_bytes",
+            "Device bytes each resident model's engines hold (0 while not resident), "
+            "counted against --model-memory-budget.",
+            ["model"],
+            registry=registry,
+        )
+        self.model_resident = Gauge(
+            "kiln_model_resident",
+            "1 while the model is resident in the engine core, else 0.",
+            ["model"],
+            registry=registry,
+        )
         self.memory = Gauge(
             "kiln_memory_bytes",
             "Engine core memory per device: resident set size for cpu, "
@@ -134,6 +148,8 @@ class ServerMetrics:
         )
         self._models: tuple[str, ...] = ()
         self._lora_loads_seen: dict[str, int] = {}
+        self._model_loads_seen: dict[str, int] = {}
+        self._backends: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def declare_models(self, names: Iterable[str]) -> None:
@@ -161,6 +177,9 @@ class ServerMetrics:
         """The engine core reported these models loaded and warm."""
         for model in served:
             self.model_loads.labels(model.name, model.backend).inc()
+            with self._lock:
+                self._model_loads_seen[model.name] = 1
+                self._backends[model.name] = model.backend
 
     def request_ended(self, model: str, outcome: str) -> None:
         """Count one Generate call by how it ended."""
@@ -199,6 +218,20 @@ class ServerMetrics:
                 self._lora_loads_seen[name] = total
             if new > 0:
                 self.lora_loads.labels(name).inc(new)
+        if stats.library is not None:
+            self._library(stats.library)
+
+    def _library(self, library: LibraryStatus) -> None:
+        for status in library.models:
+            resident = status.state is ModelState.RESIDENT
+            self.model_resident.labels(status.name).set(1 if resident else 0)
+            self.model_memory.labels(status.name).set(status.memory_bytes if resident else 0)
+            with self._lock:  # the core reports running totals
+                new = status.loads - self._model_loads_seen.get(status.name, 0)
+                self._model_loads_seen[status.name] = status.loads
+                backend = self._backends.get(status.name, "")
+            if new > 0:
+                self.model_loads.labels(status.name, backend).inc(new)
 
 
 class MetricsEndpoint:

@@ -14,7 +14,7 @@ from kiln_server.engines.device import Placement, bind_thread
 from kiln_server.engines.sample_inputs import sample_inputs
 from kiln_server.engines.torch_engine import TorchEngine
 from kiln_server.models.loader import SDXLModelFiles, read_model_files
-from kiln_server.models.registry import ModelRegistry, ModelSpec
+from kiln_server.models.registry import ModelSpec
 from kiln_server.pipeline.params import PreviewParams
 from kiln_server.pipeline.sdxl import SDXLPipeline
 from kiln_server.settings import ServerSettings
@@ -76,7 +76,7 @@ def load_model(
 ) -> LoadedModel:
     """Read the model folder, load its engines once, and build its pipeline."""
     started = time.perf_counter()
-    files = read_model_files(spec.path)
+    files = read_model_files(spec.path, spec.preview_decoder, checkpoint=spec.checkpoint)
     engines_dir = model_engines_dir(engines_root, spec.name)
     engines = load_engines(backend, files, engines_dir, spec.name, config, threads, placement)
     pipeline = SDXLPipeline(files, engines)
@@ -88,7 +88,7 @@ def load_model(
             "why": engines.reason,
             "placement": engines.placement,
             "limits": pipeline.limits.describe(),
-            "path": str(spec.path),
+            "path": str(spec.source),
             "seconds": round(time.perf_counter() - started, 3),
         },
     )
@@ -156,41 +156,40 @@ def default_engine_threads() -> int:
 
 def serve_loras(model: LoadedModel, settings: ServerSettings) -> None:
     """Let `model` apply per-request LoRAs from its LoRA folders, when it has any and its
-    backend applies them (torch): per-row layers on the UNet, `settings.lora_slots`
-    adapters of rank up to `settings.max_lora_rank`. Comes before warm-up, which then
-    runs (and compiles) the UNet with its LoRA layers in place."""
-    from kiln_server.lora.policy import refusal_for_backend
-
+    engines apply them (torch; onnxruntime and TensorRT graphs built with LoRA inputs):
+    `settings.lora_slots` adapters of rank up to `settings.max_lora_rank`
+    (kiln_server.lora.serving). Comes before warm-up, which then runs (and compiles) the
+    UNet with its LoRA layers in place. Raises EngineError when compiled engines were built
+    for other LoRA settings."""
     if not model.spec.lora_dirs:
         return
-    refusal = refusal_for_backend(model.pipeline.backend)
-    if refusal is not None:
-        logger.warning(
-            "the model has LoRA folders but its backend applies no LoRAs",
-            extra={"model": model.spec.name, "backend": model.pipeline.backend},
-        )
-        return
-    from kiln_server.engines.torch_engine import torch_lora_library
     from kiln_server.lora.folders import LoraFolders
+    from kiln_server.lora.policy import refusal_for_engines
+    from kiln_server.lora.serving import LoraSettings, engine_lora_library
 
-    model.pipeline.loras = torch_lora_library(
+    library = engine_lora_library(
         model.pipeline.engines,
         LoraFolders.of(model.spec.lora_dirs),
-        slots=settings.lora_slots,
-        max_rank=settings.max_lora_rank,
+        LoraSettings(settings.lora_slots, settings.max_lora_rank, settings.max_loras_per_request),
     )
+    if library is None:
+        logger.warning(
+            "the model has LoRA folders but its engines apply no LoRAs",
+            extra={
+                "model": model.spec.name,
+                "backend": model.pipeline.backend,
+                "why": refusal_for_engines(model.pipeline.engines),
+            },
+        )
+        return
+    model.pipeline.loras = library
 
 
-def load_registry_models(
-    registry: ModelRegistry, settings: ServerSettings
-) -> dict[str, LoadedModel]:
-    """Load and warm up every model of the registry, in registry order.
-
-    Device, precision, compilation and backend come from `settings`;
-    `settings.intra_op_threads` sets the CPU engines' intra-op threads (torch and
-    onnxruntime), 0 meaning `default_engine_threads()`. Raises EngineError when the device
-    settings cannot run here.
-    """
+def engine_placement(settings: ServerSettings) -> tuple[Placement, int]:
+    """Resolve the engines' device, precision and compilation from `settings`, bind this
+    thread to the device, and set torch's intra-op threads; return the placement and the
+    thread count (`settings.intra_op_threads`, 0 meaning `default_engine_threads()`).
+    Raises EngineError when the device settings cannot run here."""
     import torch
 
     placement = Placement.resolve(
@@ -203,17 +202,4 @@ def load_registry_models(
     threads = settings.intra_op_threads or default_engine_threads()
     torch.set_num_threads(threads)
     logger.info("engine placement", extra={"threads": threads, "placement": placement.describe()})
-    loaded: dict[str, LoadedModel] = {}
-    for spec in registry.models.values():
-        logger.info("loading model", extra={"model": spec.name, "path": str(spec.path)})
-        model = load_model(
-            spec, settings.backend, settings.engines, settings.config, threads, placement
-        )
-        loaded[spec.name] = model
-        serve_loras(model, settings)
-        logger.info("warming up model", extra={"model": spec.name})
-        rows: Sequence[int] = ()
-        if placement.compile or placement.cuda_graphs:
-            rows = range(1, batch_row_limit(model, settings.max_batch_rows) + 1)
-        warm_up(model, rows)
-    return loaded
+    return placement, threads

@@ -26,9 +26,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
-from kiln_server.auth import AuthInterceptor, TlsFiles
+from kiln_server import admin_service
+from kiln_server.auth import AuthInterceptor, NoAdminInterceptor, TlsFiles
 from kiln_server.core.client import EngineCoreClient
 from kiln_server.image_inputs import ImageInputLimits
+from kiln_server.library.admin import LibraryAdmin
+from kiln_server.lora.imports import LoraCache, with_lora_cache
 from kiln_server.metrics import UNKNOWN_MODEL, MetricsEndpoint, ServerMetrics
 from kiln_server.models.loader import read_model_files
 from kiln_server.models.registry import ModelRegistry
@@ -58,7 +61,7 @@ class KilnServer:
         self, settings: ServerSettings, registry: ModelRegistry, tls: TlsFiles | None = None
     ) -> None:
         self.settings = settings
-        self.registry = registry
+        self.registry = with_lora_cache(registry, settings.lora_cache)
         self.tls = tls
         self.core: EngineCoreClient | None = None
         self.draining = False
@@ -67,7 +70,7 @@ class KilnServer:
         self.metrics = ServerMetrics()
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.service = GenerationService(
-            registry,
+            self.registry,
             is_draining=lambda: self.draining,
             budget=RequestBudget(
                 images=ImageInputLimits(
@@ -81,13 +84,15 @@ class KilnServer:
             max_lora_rank=settings.max_lora_rank,
         )
         max_bytes = settings.max_message_mb * 1024 * 1024
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if settings.auth_enabled:
             interceptors.append(
                 AuthInterceptor(
                     settings.api_tokens, settings.max_inflight_per_token, self._count_over_limit
                 )
             )
+        elif not is_loopback(settings.host):
+            interceptors.append(NoAdminInterceptor())
         options = [
             ("grpc.max_send_message_length", max_bytes),
             ("grpc.max_receive_message_length", max_bytes),
@@ -97,9 +102,24 @@ class KilnServer:
             options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000)))
         self.server = grpc.aio.server(interceptors=interceptors, options=options)
         add_to_server(self.service, self.server)
+        self.admin = admin_service.ModelAdminService(
+            LoraCache(
+                settings.lora_cache,
+                max_bytes=settings.lora_cache_size,
+                max_rank=settings.max_lora_rank,
+            ),
+            LibraryAdmin(self.registry, lambda: self.service.core),
+        )
+        admin_service.add_to_server(self.admin, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (
+                SERVICE_NAME,
+                admin_service.SERVICE_NAME,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
         )
         self.port = 0
         # Plaintext and health only: what a probe that cannot speak TLS may see.

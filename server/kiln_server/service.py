@@ -59,12 +59,14 @@ from kiln_server.validation import (
     ServedLimits,
     validate_request,
 )
-from kiln_server.wire import MalformedRequest, lenient_parser
+from kiln_server.wire import MalformedRequest, add_lenient_service
 
 logger = logging.getLogger(__name__)
 
 
-def _status_details(code: int, message: str, *details: Any) -> grpc.Status:
+def status_details(code: int, message: str, *details: Any) -> grpc.Status:
+    """A grpc.Status with `code`, `message` and each detail message packed (the rich error
+    model: google.rpc.BadRequest, RetryInfo, ...)."""
     status = status_pb2.Status(code=code, message=message)
     for detail in details:
         packed = any_pb2.Any()
@@ -89,7 +91,7 @@ def bad_request_status(error: RequestInvalid) -> grpc.Status:
         ]
     )
     code = code_pb2.NOT_FOUND if isinstance(error, LoraMissing) else code_pb2.INVALID_ARGUMENT
-    return _status_details(code, str(error), bad_request)
+    return status_details(code, str(error), bad_request)
 
 
 def loras_unsupported_status(error: LorasUnsupported) -> grpc.Status:
@@ -99,7 +101,7 @@ def loras_unsupported_status(error: LorasUnsupported) -> grpc.Status:
             error_details_pb2.BadRequest.FieldViolation(field="loras", description=error.message)
         ]
     )
-    return _status_details(code_pb2.FAILED_PRECONDITION, str(error), bad_request)
+    return status_details(code_pb2.FAILED_PRECONDITION, str(error), bad_request)
 
 
 def queue_full_status(message: str, retry_after: float) -> grpc.Status:
@@ -107,7 +109,7 @@ def queue_full_status(message: str, retry_after: float) -> grpc.Status:
     its most calls in flight (`kiln_server.auth`)."""
     seconds = int(retry_after)
     delay = duration_pb2.Duration(seconds=seconds, nanos=int((retry_after - seconds) * 1e9))
-    return _status_details(
+    return status_details(
         code_pb2.RESOURCE_EXHAUSTED,
         f"{message}; retry in {retry_after:g} s",
         error_details_pb2.RetryInfo(retry_delay=delay),
@@ -479,21 +481,6 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
 
 def add_to_server(service: GenerationService, server: grpc.aio.Server) -> None:
-    """Serve `service` as kiln.v1.GenerationService on `server`, as the generated
-    `add_GenerationServiceServicer_to_server` does, but with request parsers that turn
-    unparseable bytes into an INVALID_ARGUMENT answer instead of a traceback."""
-    handlers = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            service.Generate,
-            request_deserializer=lenient_parser(pb.GenerateRequest),
-            response_serializer=pb.GenerateResponse.SerializeToString,
-        ),
-        "ListModels": grpc.unary_unary_rpc_method_handler(
-            service.ListModels,
-            request_deserializer=lenient_parser(pb.ListModelsRequest),
-            response_serializer=pb.ListModelsResponse.SerializeToString,
-        ),
-    }
-    name = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    """Serve `service` as kiln.v1.GenerationService on `server`, unparseable requests
+    answered with INVALID_ARGUMENT (`kiln_server.wire.add_lenient_service`)."""
+    add_lenient_service(server, pb.DESCRIPTOR.services_by_name["GenerationService"], service)

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kiln_server.config_file import SettingsError, convert_setting, read_config_file, to_bool
+from kiln_server.config_file import (
+    SettingsError,
+    convert_setting,
+    read_config_file,
+    to_bool,
+    to_bytes,
+)
 from kiln_server.models.registry import default_cache_dir
 from kiln_server.tokens import (
     ApiToken,
@@ -86,6 +92,19 @@ class ServerSettings:
     lora_slots: int = 8
     max_lora_rank: int = 128
     max_loras_per_request: int = 4
+    # Device memory the resident models' engines may hold together (bytes); 0: no budget,
+    # every configured model stays resident. Others load on first use, evicting the least
+    # recently used idle model.
+    model_memory_budget: int = 0
+    # Where LoRAs imported through ModelAdminService.ImportLora are kept (None:
+    # <cache_dir>/loras), and the most bytes kept there (oldest unused removed first).
+    lora_cache_dir: Path | None = None
+    lora_cache_size: int = 10 * 1024**3
+
+    @property
+    def lora_cache(self) -> Path:
+        """The folder of imported LoRAs."""
+        return self.lora_cache_dir if self.lora_cache_dir is not None else self.cache_dir / "loras"
 
     @property
     def auth_enabled(self) -> bool:
@@ -133,9 +152,19 @@ _CONVERTERS: dict[str, Any] = {
     "lora_slots": int,
     "max_lora_rank": int,
     "max_loras_per_request": int,
+    "model_memory_budget": to_bytes,
+    "lora_cache_dir": Path,
+    "lora_cache_size": to_bytes,
 }
 # Paths a config file gives relative to its own folder.
-_FILE_RELATIVE = ("engines", "api_tokens_file", "tls_cert", "tls_key", "tls_client_ca")
+_FILE_RELATIVE = (
+    "engines",
+    "lora_cache_dir",
+    "api_tokens_file",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+)
 # Read by their own rules: tokens are secrets, so no flag and no value echoed in errors.
 _SPECIAL = {"api_tokens"}
 
@@ -155,7 +184,11 @@ def load_settings(
         for name in names
         if environ.get(f"KILN_{name.upper()}")
     }
-    flag_values = {k: v for k, v in flags.items() if k in names and v is not None}
+    flag_values = {
+        k: _convert(k, v, f"--{k.replace('_', '-')}")
+        for k, v in flags.items()
+        if k in names and v is not None
+    }
     config_path = flag_values.get("config") or env_values.get("config")
     config: dict[str, Any] = {}
     file_values: dict[str, Any] = {}

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 M = TypeVar("M", bound=Message)
 
@@ -101,3 +103,31 @@ def lenient_parser(message_type: type[M]) -> Callable[[bytes], M | MalformedRequ
             return MalformedRequest("request", "is not a valid protobuf message")
 
     return parse
+
+
+HANDLER_MAKERS = {
+    # (request streaming, response streaming) -> grpc's handler constructor
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_lenient_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
+    """Serve every method of `service` from `servicer`'s method of the same name, as the
+    generated `add_..._to_server` does, but with `lenient_parser` request deserializers:
+    unparseable bytes reach the method as a MalformedRequest (to answer with
+    INVALID_ARGUMENT) instead of a traceback."""
+    handlers = {}
+    for method in service.methods:
+        make = HANDLER_MAKERS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=lenient_parser(GetMessageClass(method.input_type)),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)

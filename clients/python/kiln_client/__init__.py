@@ -10,6 +10,7 @@ with KilnClient("127.0.0.1:50051") as kiln:
     result = kiln.generate("on a beach", image="photo.png", mask="mask.png", num_outputs=5)
 """
 
+from kiln_client.admin import AsyncKilnAdminClient, KilnAdminClient
 from kiln_client.aio import AsyncKilnClient
 from kiln_client.client import KilnClient
 from kiln_client.connection import ConnectionSettings, ConnectionSettingsError, RetryPolicy
@@ -20,6 +21,7 @@ from kiln_client.results import GeneratedImage, GenerationResult, Timings
 
 __all__ = [
     "MAX_IMAGE_BYTES",
+    "AsyncKilnAdminClient",
     "AsyncKilnClient",
     "ConnectionSettings",
     "ConnectionSettingsError",
@@ -27,6 +29,7 @@ __all__ = [
     "GenerationResult",
     "ImageInput",
     "ImageInputError",
+    "KilnAdminClient",
     "KilnClient",
     "KilnError",
     "RetryPolicy",

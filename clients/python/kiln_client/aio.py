@@ -13,20 +13,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from kiln_client.client import DEFAULT_TARGET, ReadinessProbe
+from kiln_client.channels import DEFAULT_TARGET, AsyncChannelClient
+from kiln_client.client import ReadinessProbe
 from kiln_client.client import resolve_request as _resolve_request
-from kiln_client.connection import (
-    ConnectionOptions,
-    ConnectionSettings,
-    StreamAttempts,
-    open_aio_channel,
-)
+from kiln_client.connection import ConnectionOptions, ConnectionSettings, StreamAttempts
 from kiln_client.errors import from_rpc_error
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
@@ -38,7 +33,7 @@ __all__ = ["AsyncKilnClient"]
 EventCallback = Callable[[pb.GenerateResponse], Awaitable[object] | object]
 
 
-class AsyncKilnClient:
+class AsyncKilnClient(AsyncChannelClient):
     """An asyncio client for `kiln.v1.GenerationService` over one `grpc.aio` channel.
 
     Arguments mean what they do for `KilnClient` (addresses, token, TLS, retries), or pass
@@ -56,31 +51,9 @@ class AsyncKilnClient:
         timeout: float | None = None,
         **connection: Unpack[ConnectionOptions],
     ) -> None:
-        self.connection = ConnectionSettings.resolve(target, **connection)
-        self.target = self.connection.target
-        self.timeout = timeout
-        self._metadata = self.connection.call_metadata()
-        self._channel = open_aio_channel(self.connection)
+        super().__init__(target, timeout=timeout, **connection)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled. Safe to call twice."""
-        await self._channel.close()
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
 
     async def generate_events(
         self, request: pb.GenerateRequest, *, timeout: float | None = None

@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
-from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import Any, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kiln_client.connection import (
-    ConnectionOptions,
-    ConnectionSettings,
-    StreamAttempts,
-    open_channel,
-)
+from kiln_client.channels import DEFAULT_TARGET, SyncChannelClient
+from kiln_client.connection import ConnectionOptions, ConnectionSettings, StreamAttempts
 from kiln_client.errors import DeadlineExceeded, from_rpc_error
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
@@ -38,9 +33,6 @@ __all__ = [
     "ReadinessProbe",
     "resolve_request",
 ]
-
-DEFAULT_TARGET = "127.0.0.1:50051"
-"""Where `kiln serve` listens by default."""
 
 HEALTH_SERVICE_NAME = "kiln.v1.GenerationService"
 """The health-check service name Kiln reports; "" (the whole server) is the fallback."""
@@ -126,7 +118,7 @@ class ReadinessProbe:
         return pause
 
 
-class KilnClient:
+class KilnClient(SyncChannelClient):
     """A synchronous client for `kiln.v1.GenerationService` over one gRPC channel.
 
     `target` is `host:port`, a comma-separated list of them (IP addresses or localhost),
@@ -163,31 +155,9 @@ class KilnClient:
         timeout: float | None = None,
         **connection: Unpack[ConnectionOptions],
     ) -> None:
-        self.connection = ConnectionSettings.resolve(target, **connection)
-        self.target = self.connection.target
-        self.timeout = timeout
-        self._metadata = self.connection.call_metadata()
-        self._channel = open_channel(self.connection)
+        super().__init__(target, timeout=timeout, **connection)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled. Safe to call twice."""
-        self._channel.close()
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
 
     def generate_events(
         self, request: pb.GenerateRequest, *, timeout: float | None = None

@@ -52,6 +52,7 @@ TOKEN_ENV = "KILN_API_TOKEN"
 """Environment variable holding the bearer token the clients send when none is passed."""
 
 SERVICE_NAME = "kiln.v1.GenerationService"
+ADMIN_SERVICE_NAME = "kiln.v1.ModelAdminService"
 
 TlsFile = str | os.PathLike[str] | bytes
 """A PEM file for `tls_ca` / `tls_cert` / `tls_key`: its path, or its contents as bytes."""
@@ -360,7 +361,12 @@ class ConnectionSettings:
         config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
         if self.retry is not None:
             config["methodConfig"] = [
-                {"name": [{"service": SERVICE_NAME}], "retryPolicy": self.retry.method_config()}
+                {
+                    # Every admin RPC is safe to repeat: loads and unloads are idempotent, and
+                    # an import is keyed by its content.
+                    "name": [{"service": SERVICE_NAME}, {"service": ADMIN_SERVICE_NAME}],
+                    "retryPolicy": self.retry.method_config(),
+                }
             ]
         return config
 

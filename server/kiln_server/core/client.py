@@ -34,6 +34,8 @@ from kiln_server.core.messages import (
     CoreStats,
     JobImages,
     JobUpdate,
+    LibraryCommand,
+    LibraryReply,
     Report,
     ServedModel,
     StartCore,
@@ -41,6 +43,7 @@ from kiln_server.core.messages import (
     SubmitJob,
 )
 from kiln_server.events import Decoded, Failed, Finished, JobEvent, Refused
+from kiln_server.library.state import LibraryStatus
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.settings import ServerSettings
@@ -89,6 +92,9 @@ class EngineCoreClient:
         self._connection: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
+        self._library_replies: dict[int, concurrent.futures.Future[LibraryReply]] = {}
+        # The model library as the core last reported it (None before it is ready).
+        self.library_status: LibraryStatus | None = None
 
     def start(self) -> None:
         """Start the core process; it loads and warms up every model of the registry.
@@ -153,6 +159,23 @@ class EngineCoreClient:
                 self._jobs.pop(job_id, None)
             raise
         return job_id
+
+    async def library(self, action: str, model: str = "") -> LibraryReply:
+        """Ask the core's model library for its status ("status"), or to "load" or
+        "unload" `model`; returns once the action is settled. Raises EngineCoreError when
+        the core is gone."""
+        request_id = next(self._ids)
+        reply: concurrent.futures.Future[LibraryReply] = concurrent.futures.Future()
+        with self._lock:
+            if self._exited:
+                raise EngineCoreError("the engine core has exited")
+            self._library_replies[request_id] = reply
+        try:
+            self._send(LibraryCommand(request_id, action, model))
+            return await asyncio.wrap_future(reply)
+        finally:
+            with self._lock:
+                self._library_replies.pop(request_id, None)
 
     def cancel(self, job_id: int) -> bool:
         """Drop a job still queued or running (True); an ended job is left alone (False)."""
@@ -221,12 +244,21 @@ class EngineCoreClient:
             self._deliver(report)
         elif isinstance(report, JobImages):
             self._deliver_images(report)
+        elif isinstance(report, LibraryReply):
+            with self._lock:
+                waiter = self._library_replies.get(report.request_id)
+            self.library_status = report.status
+            if waiter is not None and not waiter.done():
+                waiter.set_result(report)
         elif isinstance(report, CoreStats):
+            if report.library is not None:
+                self.library_status = report.library
             try:
                 self.on_stats(report)
             except Exception:  # statistics must never stop the jobs' events
                 logger.exception("handling the engine core's statistics failed")
         elif isinstance(report, CoreReady):
+            self.library_status = report.library
             self._loaded.set()
             self._ready.set_result(report.models)
         elif isinstance(report, CoreFailed):
@@ -302,6 +334,10 @@ class EngineCoreClient:
             self._exited = True
             orphans = list(self._jobs.values())
             self._jobs.clear()
+            waiters = list(self._library_replies.values())
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(EngineCoreError(message))
         for callback in orphans:
             self._call(callback, Failed("UNAVAILABLE", message))
         if unexpected:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from kiln_server.core.shared_arrays import SharedArray
 from kiln_server.engines.limits import EngineLimits
 from kiln_server.events import JobEvent
+from kiln_server.library.state import LibraryStatus
 from kiln_server.models.registry import ModelRegistry
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.settings import ServerSettings
@@ -39,18 +40,29 @@ class CancelJob:
 
 
 @dataclass(frozen=True)
+class LibraryCommand:
+    """An admin request about the model library: `action` "status", "load" or "unload"
+    (of `model`); answered by a LibraryReply with the same `request_id`."""
+
+    request_id: int
+    action: str
+    model: str = ""
+
+
+@dataclass(frozen=True)
 class StopCore:
     """Fail whatever is still queued or running with UNAVAILABLE, then exit."""
 
 
-Command = StartCore | SubmitJob | CancelJob | StopCore
+Command = StartCore | SubmitJob | CancelJob | LibraryCommand | StopCore
 
 # engine core -> API process
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A model the core has loaded and warmed up, and what its engines can run.
+    """A configured model and what its engines can run (learned when the core first
+    loaded it; the same after each reload).
 
     `placement` is its device and precision ("cuda:0 fp16"), `reason` why its backend was
     chosen; validation and ListModels read `limits` (its sizes, rows, and whether the
@@ -67,9 +79,12 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class CoreReady:
-    """Every model is loaded and warm; jobs may be submitted."""
+    """Every configured model was loaded and warmed up once (what its engines run is in
+    `models`); those that fit the memory budget stay resident (`library`). Jobs may be
+    submitted."""
 
     models: tuple[ServedModel, ...]
+    library: LibraryStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,22 @@ class CoreStats:
     running_rows: tuple[tuple[str, int], ...]
     memory: tuple[tuple[str, int], ...]
     lora_loads: tuple[tuple[str, int], ...] = ()
+    # The model library: each model's state, bytes and loads (running totals).
+    library: LibraryStatus | None = None
 
 
-Report = CoreReady | CoreFailed | JobUpdate | JobImages | CoreStats
+@dataclass(frozen=True)
+class LibraryReply:
+    """The answer to a LibraryCommand: the library's status once the action is settled,
+    its active jobs per model (queued + running), the models unloaded for it, and, when it
+    failed, `error_code` (a grpc.StatusCode name) and `error`."""
+
+    request_id: int
+    status: LibraryStatus
+    active: tuple[tuple[str, int], ...] = ()
+    unloaded: tuple[str, ...] = ()
+    error_code: str = ""
+    error: str = ""
+
+
+Report = CoreReady | CoreFailed | JobUpdate | JobImages | CoreStats | LibraryReply

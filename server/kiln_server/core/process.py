@@ -31,15 +31,18 @@ from kiln_server.core.messages import (
     CoreStats,
     JobImages,
     JobUpdate,
+    LibraryCommand,
+    LibraryReply,
     Report,
-    ServedModel,
     StartCore,
     StopCore,
     SubmitJob,
 )
 from kiln_server.events import Decoded, Failed, Finished, JobEvent, Refused
+from kiln_server.library.residency import ModelLibrary
+from kiln_server.library.state import LibraryStatus
 from kiln_server.logs import configure_logging
-from kiln_server.runtime import batch_row_limit, load_registry_models
+from kiln_server.runtime import engine_placement
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,7 @@ class EngineCore:
                 running_rows=tuple(sorted(load.running_rows.items())),
                 memory=device_memory(self.batcher.device),
                 lora_loads=tuple(sorted(load.lora_loads.items())),
+                library=self.batcher.library.status() if self.batcher.library else None,
             )
             if stats != last and self.sender.put(stats):
                 last = stats
@@ -181,6 +185,36 @@ class EngineCore:
         if job is not None:
             self.batcher.cancel(job)
 
+    def library_command(self, command: LibraryCommand) -> None:
+        """Answer a model-library request; loads and unloads answer once settled."""
+        library = self.batcher.library
+        assert library is not None
+
+        def reply(
+            status: LibraryStatus, unloaded: tuple[str, ...], outcome: tuple[str, str]
+        ) -> None:
+            load = self.batcher.load()
+            active = {
+                name: load.pending.get(name, 0) + load.running_jobs.get(name, 0)
+                for name in {*load.pending, *load.running_jobs}
+            }
+            self.sender.put(
+                LibraryReply(
+                    command.request_id,
+                    status,
+                    tuple(sorted(active.items())),
+                    unloaded,
+                    *outcome,
+                )
+            )
+
+        if command.action == "load":
+            library.request_load(command.model, reply)
+        elif command.action == "unload":
+            library.request_unload(command.model, reply)
+        else:
+            reply(library.status(), (), ("", ""))
+
     def serve(self, connection: Connection) -> None:
         """Handle commands until StopCore, or until the API process goes away."""
         while True:
@@ -194,6 +228,8 @@ class EngineCore:
                 self.submit(command)
             elif isinstance(command, CancelJob):
                 self.cancel(command)
+            elif isinstance(command, LibraryCommand):
+                self.library_command(command)
             elif isinstance(command, StopCore):
                 self.stop()
                 return
@@ -236,13 +272,15 @@ def run_engine_core(connection: Connection) -> None:
     configure_logging(settings.log_format, settings.log_level, ("transformers", "diffusers"))
     sender = ReportSender(connection)
     try:
-        models = load_registry_models(registry, settings)
+        placement, threads = engine_placement(settings)
+        library = ModelLibrary(registry, settings, placement, threads)
+        models = library.load_at_start()
     except Exception as error:  # every start-up failure is reported, then the core exits
         logger.debug("start-up failed", exc_info=error)
         sender.put(CoreFailed(str(error) or type(error).__name__))
         sender.close()
         sys.exit(1)
-    limits = {name: batch_row_limit(m, settings.max_batch_rows) for name, m in models.items()}
+    limits = {name: served.max_batch_rows for name, served in library.served.items()}
 
     def on_fatal(reason: str) -> None:
         # Every job has its INTERNAL status by now; tell the API process why, and go:
@@ -263,22 +301,13 @@ def run_engine_core(connection: Connection) -> None:
             stall_seconds=settings.engine_stall_seconds,
         ),
         on_fatal=on_fatal,
+        library=library,
     )
     shared_arrays.start_tracker()
+    library.start()
     batcher.start()
     core = EngineCore(batcher, sender)
-    served = tuple(
-        ServedModel(
-            name,
-            model.pipeline.backend,
-            limits[name],
-            model.pipeline.limits,
-            model.pipeline.engines.placement,
-            model.pipeline.engines.reason,
-        )
-        for name, model in models.items()
-    )
-    sender.put(CoreReady(served))
+    sender.put(CoreReady(tuple(library.served.values()), library.status()))
     core.start_stats()
     core.serve(connection)
 

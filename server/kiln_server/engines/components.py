@@ -88,12 +88,69 @@ class ShapeRange:
     max: ShapeRequest
 
 
+# Per-row LoRA inputs of a UNet built with LoRA support (see kiln_server.lora.graph).
+LORA_SLOTS_INPUT = "lora_slots"
+LORA_SCALES_INPUT = "lora_scales"
+LORA_DOWN_PREFIX = "lora_down."
+LORA_UP_PREFIX = "lora_up."
+
+
+@dataclass(frozen=True)
+class LoraLayerSpec:
+    """One UNet layer a LoRA may target: its module name (diffusers'), the shape of one
+    rank row of its LoRA down weight ((in,) for a Linear, (in, kh, kw) for a Conv2d) and
+    its output features or channels."""
+
+    name: str
+    down: tuple[int, ...]
+    out: int
+
+
+@dataclass(frozen=True)
+class LoraInputs:
+    """What a UNet graph built with per-row LoRA support takes besides its usual inputs.
+
+    `slots` adapters of rank up to `max_rank` (the server settings `lora_slots` and
+    `max_lora_rank` it was built for), `max_loras` (adapter, scale) pairs per row (the
+    setting `max_loras_per_request`), and per layer of `layers` a down stack
+    [slots + 1, max_rank, *down] and an up stack [slots + 1, out, max_rank] (slot 0 is all
+    zero: no LoRA). Every size but the rows is fixed at build time.
+    """
+
+    slots: int
+    max_rank: int
+    max_loras: int
+    layers: tuple[LoraLayerSpec, ...]
+
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        """The graph inputs, in call order: per-row slots and scales, then each layer's
+        down and up stacks."""
+        stacked = self.slots + 1
+        specs = [
+            TensorSpec(LORA_SLOTS_INPUT, "int64", ("batch", self.max_loras)),
+            TensorSpec(LORA_SCALES_INPUT, "float32", ("batch", self.max_loras)),
+        ]
+        for layer in self.layers:
+            specs.append(
+                TensorSpec(
+                    LORA_DOWN_PREFIX + layer.name, "float32", (stacked, self.max_rank, *layer.down)
+                )
+            )
+            specs.append(
+                TensorSpec(
+                    LORA_UP_PREFIX + layer.name, "float32", (stacked, layer.out, self.max_rank)
+                )
+            )
+        return tuple(specs)
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     """Declaration of one component: name, inputs and outputs in call order.
 
     `image_sized` says whether the component's shapes depend on the image size (the text
-    encoders' do not, so their profiles vary only the batch).
+    encoders' do not, so their profiles vary only the batch). `lora` is set on a UNet built
+    with per-row LoRA inputs (its inputs then end with `lora.tensors()`).
     """
 
     name: str
@@ -101,6 +158,7 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     dims: ModelDims
     image_sized: bool = True
+    lora: LoraInputs | None = None
 
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:
@@ -190,9 +248,10 @@ def text_encoder_2_spec(dims: ModelDims) -> ComponentSpec:
     )
 
 
-def unet_spec(dims: ModelDims) -> ComponentSpec:
+def unet_spec(dims: ModelDims, lora: LoraInputs | None = None) -> ComponentSpec:
     """SDXL UNet: one noise prediction per row, each row with its own timestep. An
-    inpainting UNet's sample also carries the mask and the masked photo's latents."""
+    inpainting UNet's sample also carries the mask and the masked photo's latents. With
+    `lora`, the graph also takes each row's adapters and the adapter stacks."""
     latent = ("batch", dims.latent_channels, "latent_height", "latent_width")
     sample = ("batch", dims.unet_in_channels, "latent_height", "latent_width")
     return ComponentSpec(
@@ -206,9 +265,11 @@ def unet_spec(dims: ModelDims) -> ComponentSpec:
             ),
             TensorSpec("text_embeds", "float32", ("batch", dims.pooled_dim)),
             TensorSpec("time_ids", "float32", ("batch", dims.num_time_ids)),
+            *(lora.tensors() if lora is not None else ()),
         ),
         outputs=(TensorSpec("noise_pred", "float32", latent),),
         dims=dims,
+        lora=lora,
     )
 
 
@@ -278,16 +339,17 @@ OPTIONAL_COMPONENTS = ("preview_decoder",)
 
 
 def sdxl_component_specs(
-    dims: ModelDims, *, preview_decoder: bool = True
+    dims: ModelDims, *, preview_decoder: bool = True, lora: LoraInputs | None = None
 ) -> dict[str, ComponentSpec]:
     """Every component of an SDXL-family model, keyed by name, in COMPONENT_NAMES order.
 
-    `preview_decoder=False` leaves out the learned preview decoder (a model without one).
+    `preview_decoder=False` leaves out the learned preview decoder (a model without one);
+    `lora` gives the UNet per-row LoRA inputs.
     """
     specs = {
         "text_encoder": text_encoder_spec(dims),
         "text_encoder_2": text_encoder_2_spec(dims),
-        "unet": unet_spec(dims),
+        "unet": unet_spec(dims, lora),
         "vae_decoder": vae_decoder_spec(dims),
         "vae_encoder": vae_encoder_spec(dims),
     }

@@ -9,9 +9,9 @@ generation then pays the first-call costs before it reports SERVING).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -130,6 +130,12 @@ def load_engine_set(
     device and precision (default: the CPU in fp32); onnxruntime runs on the GPU when
     onnxruntime-gpu is installed and falls back to the CPU (saying so) otherwise; TensorRT
     engines carry their own precision.
+
+    Engines built with per-row LoRA inputs (the manifest's `lora`) get a UNet declaration
+    with them, and the compiled UNet engine a `CompiledLora` whose feed reads an adapter
+    stack over the UNet's weightless per-row layers on the graphs' device
+    (kiln_server.lora.serving makes the library). Every compiled UNet engine's
+    `CompiledLora` also carries the rebuild command that LoRA messages name.
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -147,6 +153,7 @@ def load_engine_set(
             placement.dtype,
             vae_dtype(placement.dtype, files.vae_force_upcast),
             preview_decoder=files.preview_decoder_path,
+            checkpoint=files.checkpoint,
         )
         return load_torch_engines(modules, files.dims, placement, vae_upcast=files.vae_force_upcast)
     if placement.compile or placement.cuda_graphs:
@@ -179,25 +186,12 @@ def load_engine_set(
     manifest = read_manifest(engines_dir, fix)
     if config_arg is not None:
         manifest.config = config_arg
-    ctx = CheckContext(
-        engines_dir=engines_dir,
-        model_hash=model_content_hash(files.path),
-        model_path=files.path,
-        model_name=model_name,
-    )
-    engines: dict[str, Engine] = {}
-    device = placement.device
-    description = "tensorrt engines' own precision"
+    providers: list[Any] = []
+    # TensorRT's runtime names its GPU with an index: the LoRA stacks must be on that one.
+    device = torch.device("cuda", _index(placement.device)) if machine else placement.device
     if backend == "onnxruntime":
-        from kiln_server.engines.onnxruntime_engine import (
-            OnnxRuntimeEngine,
-            default_providers,
-            providers_device,
-        )
+        from kiln_server.engines.onnxruntime_engine import default_providers, providers_device
 
-        paths = check_onnx_engines(
-            manifest, specs, ctx, required=required, verify_hash=verify_hashes
-        )
         providers = default_providers(device)
         device = providers_device(providers)
         if placement.device.type == "cuda" and device.type == "cpu":
@@ -205,6 +199,39 @@ def load_engine_set(
                 "onnxruntime has no CUDA provider here (install the `gpu` extra, "
                 "onnxruntime-gpu): its graphs run on the CPU"
             )
+    lora_layers = None
+    if manifest.lora is not None:
+        from kiln_server.lora.graph import lora_inputs, shape_only_unet, unet_config_of
+
+        # The layers the graph's LoRA inputs belong to, derived as the build did; their
+        # adapter stacks will live where the graphs run.
+        lora_layers = shape_only_unet(unet_config_of(files.path), device)
+        record = manifest.lora
+        specs = sdxl_component_specs(
+            files.dims,
+            preview_decoder=has_preview_decoder,
+            lora=lora_inputs(
+                lora_layers.layers,
+                slots=record.slots,
+                max_rank=record.max_rank,
+                max_loras=record.max_loras,
+            ),
+        )
+    ctx = CheckContext(
+        engines_dir=engines_dir,
+        model_hash=model_content_hash(files.path, checkpoint=files.checkpoint),
+        model_path=files.source,
+        model_name=model_name,
+    )
+    from kiln_server.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from kiln_server.engines.tensorrt_engine import TensorRTEngine
+
+    engines: dict[str, Engine] = {}
+    description = "tensorrt engines' own precision"
+    if backend == "onnxruntime":
+        paths = check_onnx_engines(
+            manifest, specs, ctx, required=required, verify_hash=verify_hashes
+        )
         for name, path in paths.items():
             engines[name] = OnnxRuntimeEngine(
                 specs[name], path, providers=providers, threads=threads
@@ -224,6 +251,18 @@ def load_engine_set(
         log.info("TensorRT engines share %.1f MiB of device scratch memory", size / 2**20)
         device = runtime.device
         description = f"{device}, precision per engine (manifest)"
+    unet = engines["unet"]
+    if isinstance(unet, OnnxRuntimeEngine | TensorRTEngine):
+        from kiln_server.lora.graph_feed import CompiledLora, GraphLoraFeed
+
+        # The rebuild command without the manifest's LoRA flags: the server adds its own.
+        rebuild = ctx.fix(replace(manifest, lora=None), fmt)
+        feed = None
+        if lora_layers is not None and unet.spec.lora is not None:
+            feed = GraphLoraFeed(unet.spec.lora, lora_layers.layers, device)
+        unet.lora = CompiledLora(
+            backend, rebuild, feed, lora_layers.config if lora_layers is not None else None
+        )
     return EngineSet(
         device=device,
         placement=description,

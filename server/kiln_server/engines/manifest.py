@@ -118,6 +118,28 @@ class TensorRTBuild:
     timing_cache: str | None = None
 
 
+@dataclass(frozen=True)
+class LoraRecord:
+    """The per-row LoRA inputs the UNet graph was built with (`kiln build-engines
+    --lora-slots N --max-lora-rank R --max-loras-per-request K`): the server settings
+    `lora_slots`, `max_lora_rank` and `max_loras_per_request` it serves LoRAs with."""
+
+    slots: int
+    max_rank: int
+    max_loras: int
+
+    def as_args(self) -> list[str]:
+        """The `kiln build-engines` flags that build these inputs."""
+        return [
+            "--lora-slots",
+            str(self.slots),
+            "--max-lora-rank",
+            str(self.max_rank),
+            "--max-loras-per-request",
+            str(self.max_loras),
+        ]
+
+
 @dataclass
 class Manifest:
     """Everything `build-engines` wrote into one engines directory."""
@@ -129,6 +151,8 @@ class Manifest:
     build_args: list[str] = field(default_factory=list)
     # The `--config` file that defined the model's name, when one was used.
     config: str | None = None
+    # The UNet graph's per-row LoRA inputs; None: built without LoRA support.
+    lora: LoraRecord | None = None
     version: int = MANIFEST_VERSION
 
     def tensorrt_build_for(self, machine: MachineInfo) -> TensorRTBuild | None:
@@ -179,6 +203,7 @@ def manifest_to_json(manifest: Manifest) -> dict[str, Any]:
         "model": asdict(manifest.model),
         "build_args": list(manifest.build_args),
         "config": manifest.config,
+        "lora": asdict(manifest.lora) if manifest.lora is not None else None,
         "onnx": {name: _component_to_json(c) for name, c in manifest.onnx.items()},
         "tensorrt": [
             {
@@ -356,7 +381,22 @@ def manifest_from_json(data: Any, source: Path, fix: str | None = None) -> Manif
         tensorrt=builds,
         build_args=build_args,
         config=_optional_str(r, data, "config", "the manifest"),
+        lora=_lora_record(r, data.get("lora")),
     )
+
+
+def _lora_record(r: _Reader, data: Any) -> LoraRecord | None:
+    if data is None:
+        return None
+    data = r.obj(data, "lora")
+    record = LoraRecord(
+        slots=r.get(data, "slots", int, "lora"),
+        max_rank=r.get(data, "max_rank", int, "lora"),
+        max_loras=r.get(data, "max_loras", int, "lora"),
+    )
+    if min(record.slots, record.max_rank, record.max_loras) < 1:
+        raise r.fail("lora", "has a value below 1")
+    return record
 
 
 def read_manifest(engines_dir: Path, fix: str | None = None) -> Manifest:
@@ -476,8 +516,11 @@ class CheckContext:
     model_name: str | None = None
 
     def fix(self, manifest: Manifest, fmt: str) -> str:
-        """The command that rebuilds `fmt` engines for the served model into the dir."""
-        extra = manifest.build_args if fmt == "tensorrt" else []
+        """The command that rebuilds `fmt` engines for the served model into the dir
+        (with the LoRA inputs they were built with, if any)."""
+        extra = list(manifest.build_args) if fmt == "tensorrt" else []
+        if manifest.lora is not None:
+            extra += manifest.lora.as_args()
         return build_command(
             fmt,
             self.engines_dir,

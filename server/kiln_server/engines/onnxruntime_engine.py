@@ -5,6 +5,10 @@ IOBinding: inputs are bound by address straight from the caller's tensors (no co
 outputs are written into fresh torch tensors on the engine's device that the caller owns
 (torch's allocators make that cheap; reused buffers would be overwritten under a
 scheduler that keeps past predictions).
+
+A UNet graph built with per-row LoRA inputs gets them from its `lora_feed`
+(`lora.feed`, kiln_server.lora.graph_feed) when the caller passes only the usual inputs: the adapter
+stacks are bound by address from the stack's own tensors, so no step copies them.
 """
 
 from __future__ import annotations
@@ -12,13 +16,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.buffers import plan_buffers, request_from_shapes
 from kiln_server.engines.components import ComponentSpec, ShapeRequest
+
+if TYPE_CHECKING:
+    from kiln_server.lora.graph_feed import CompiledLora
 
 
 def available_cores() -> int:
@@ -129,6 +136,8 @@ class OnnxRuntimeEngine:
             )
         self.device = providers_device(self.providers)
         self._binding = self.session.io_binding()
+        # A UNet's LoRA wiring (set by the loader): its feed when built with LoRA inputs.
+        self.lora: CompiledLora | None = None
 
     @property
     def _device_id(self) -> int:
@@ -155,9 +164,13 @@ class OnnxRuntimeEngine:
         """Run the graph once; returns the declared outputs as new tensors on its device.
 
         Inputs are moved to the engine's device, converted to the declared dtype and made
-        contiguous when they are not. Raises EngineError when the inputs' shapes do not fit
-        the declaration or the run fails.
+        contiguous when they are not. A UNet with LoRA inputs takes either all of them or
+        none (its LoRA feed then supplies them). Raises EngineError when the inputs' shapes
+        do not fit the declaration or the run fails.
         """
+        from kiln_server.lora.graph_feed import with_lora_inputs
+
+        inputs = with_lora_inputs(self.spec, inputs, self.lora.feed if self.lora else None)
         try:
             self.spec.check_inputs(inputs)
         except ValueError as exc:

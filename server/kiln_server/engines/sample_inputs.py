@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from kiln_server.engines.components import ComponentSpec, ShapeRequest
+from kiln_server.engines.components import (
+    LORA_DOWN_PREFIX,
+    LORA_SCALES_INPUT,
+    LORA_SLOTS_INPUT,
+    LORA_UP_PREFIX,
+    ComponentSpec,
+    ShapeRequest,
+)
 
 CLIP_VOCAB_SIZE = 49408
 BOS_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407
 NUM_TRAIN_TIMESTEPS = 1000
+LORA_WEIGHT_SCALE = 0.05
 
 
 def _token_ids(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -54,6 +62,16 @@ def sample_inputs(
             value = _time_ids(shape[0], request, shape[1])
         elif tensor.name == "images":
             value = torch.rand(shape, generator=generator) * 2 - 1
+        elif tensor.name == LORA_SLOTS_INPUT:
+            # Any slot, the all-zero slot 0 ("no LoRA") included.
+            slots = spec.lora.slots + 1 if spec.lora is not None else 1
+            value = torch.randint(0, slots, shape, generator=generator)
+        elif tensor.name == LORA_SCALES_INPUT:
+            value = torch.rand(shape, generator=generator) * 2 - 0.5
+        elif tensor.name.startswith((LORA_DOWN_PREFIX, LORA_UP_PREFIX)):
+            # LoRA weights are small (trained from zero); slot 0 stays all zero.
+            value = torch.randn(shape, generator=generator) * LORA_WEIGHT_SCALE
+            value[0] = 0
         elif dtype.is_floating_point:
             value = torch.randn(shape, generator=generator)
         else:

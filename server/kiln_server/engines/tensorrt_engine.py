@@ -20,6 +20,12 @@ is safe because calls are serialized on that stream. Each call:
    stream (the caller's stream waits for them) when the caller passes GPU tensors, else
    host copies.
 
+A UNet built with per-row LoRA inputs gets them from its LoRA feed (graph_feed.py) when
+the caller passes only the usual inputs. The adapter stacks are not copied into input
+buffers: each is bound by address (`set_tensor_address`) to the stack's own device tensor,
+rebinding (and dropping a captured graph) only when an address changes, e.g. when an
+adapter first targets a layer; slot writes happen in place, so a replayed graph reads them.
+
 TensorRT is imported only when an engine is created, so this module imports anywhere.
 """
 
@@ -29,7 +35,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,8 +50,16 @@ from kiln_server.engines.buffers import (
     request_from_shapes,
     select_profile,
 )
-from kiln_server.engines.components import ComponentSpec, ShapeRequest
+from kiln_server.engines.components import (
+    LORA_SCALES_INPUT,
+    LORA_SLOTS_INPUT,
+    ComponentSpec,
+    ShapeRequest,
+)
 from kiln_server.engines.machine import require_tensorrt
+
+if TYPE_CHECKING:
+    from kiln_server.lora.graph_feed import CompiledLora
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +207,11 @@ class TensorRTEngine:
         self._buffers: BufferCache[_ShapeBuffers] = BufferCache(capacity=4)
         self._bound: _ShapeBuffers | None = None
         self._has_memory = False
+        # A UNet's LoRA wiring (set by the loader); its stacks are bound, never copied.
+        self.lora: CompiledLora | None = None
+        self._external = external_inputs(spec)
+        self._external_addresses: dict[str, int] = {}
+        self._external_alive: dict[str, torch.Tensor] = {}
 
     def _check_interface(self, trt: Any) -> None:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -241,12 +260,13 @@ class TensorRTEngine:
             request=request,
             profile=profile,
             static=profile_is_static(self.profiles[profile]),
-            inputs={b.name: empty(b) for b in plan.inputs},
+            inputs={b.name: empty(b) for b in plan.inputs if b.name not in self._external},
             outputs={b.name: empty(b) for b in plan.outputs},
         )
 
-    def _bind(self, buffers: _ShapeBuffers) -> None:
-        """Point the context at `buffers`: profile, input shapes, every tensor address."""
+    def _bind(self, buffers: _ShapeBuffers, external: Mapping[str, torch.Tensor]) -> None:
+        """Point the context at `buffers` and the `external` inputs (bound where they are):
+        profile, input shapes, every tensor address."""
         stream = self.runtime.stream.cuda_stream
         if self._bound is not None:
             self._bound.graph = None  # a graph is only valid for the bindings it captured
@@ -256,13 +276,14 @@ class TensorRTEngine:
             self.context.set_optimization_profile_async(buffers.profile, stream)
         ):
             raise EngineError(f"TensorRT refused profile {buffers.profile} for {self.spec.name}")
-        for name, tensor in buffers.inputs.items():
+        for name, tensor in {**buffers.inputs, **external}.items():
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
                 raise EngineError(
                     f"TensorRT refused shape {tuple(tensor.shape)} for {self.spec.name}.{name}"
                 )
-        for name, tensor in {**buffers.inputs, **buffers.outputs}.items():
+        for name, tensor in {**buffers.inputs, **external, **buffers.outputs}.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
+        self._external_addresses = {name: t.data_ptr() for name, t in external.items()}
         for name, tensor in buffers.outputs.items():
             shape = tuple(self.context.get_tensor_shape(name))
             if shape != tuple(tensor.shape):
@@ -293,21 +314,26 @@ class TensorRTEngine:
 
         Outputs are on the engine's GPU when any input is on a GPU (the caller's current
         stream waits for them), else on the host (copied back and synchronized), so a CPU
-        pipeline drives the engine unchanged. No later call writes into them. Raises
+        pipeline drives the engine unchanged. No later call writes into them. A UNet with
+        LoRA inputs takes all of them or none (its LoRA feed then supplies them). Raises
         EngineError when the inputs do not fit the declaration or any profile.
         """
+        from kiln_server.lora.graph_feed import with_lora_inputs
+
         if not self._has_memory:
             raise EngineError(
                 f"TensorRT engine for {self.spec.name} has no device memory: call "
                 "TensorRTRuntime.share_device_memory() after loading"
             )
+        on_device = any(value.device.type != "cpu" for value in inputs.values())
+        inputs = with_lora_inputs(self.spec, inputs, self.lora.feed if self.lora else None)
         try:
             self.spec.check_inputs(inputs)
         except ValueError as exc:
             raise EngineError(str(exc)) from exc
         request = request_from_shapes(self.spec, {k: tuple(v.shape) for k, v in inputs.items()})
         buffers = self._buffers.get(request, self._allocate)
-        on_device = any(value.device.type != "cpu" for value in inputs.values())
+        external = self._external_tensors(inputs)
         stream = self.runtime.stream
         caller = self.runtime.current_stream()
         stream.wait_stream(caller)
@@ -317,8 +343,10 @@ class TensorRTEngine:
                 if value.is_cuda:
                     value.record_stream(stream)
                 target.copy_(value, non_blocking=True)
-            if self._bound is not buffers:
-                self._bind(buffers)
+            if self._bound is not buffers or any(
+                self._external_addresses.get(name) != t.data_ptr() for name, t in external.items()
+            ):
+                self._bind(buffers, external)
             self._run(buffers)
             if not on_device:
                 # A blocking copy to fresh pageable memory: returns once the run finished.
@@ -331,6 +359,19 @@ class TensorRTEngine:
                 # being reused before the caller's work on it is done.
                 tensor.record_stream(caller)
         return outputs
+
+    def _external_tensors(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inputs bound where they are (LoRA stacks): the caller's tensors when they are
+        contiguous float32 on the engine's GPU, else device copies (a test's CPU stacks)."""
+        external = {}
+        for name in self._external:
+            value = inputs[name]
+            if value.device != self.runtime.device or value.dtype != torch.float32:
+                value = value.to(device=self.runtime.device, dtype=torch.float32)
+            external[name] = value.contiguous()
+        # Copies must live until the run is done: the bound addresses point into them.
+        self._external_alive = external
+        return external
 
     def _run(self, buffers: _ShapeBuffers) -> None:
         """Enqueue one run of the bound `buffers`: replay, capture, or a plain call."""
@@ -349,6 +390,15 @@ class TensorRTEngine:
             self._capture(buffers)
         else:
             self._execute()
+
+
+def external_inputs(spec: ComponentSpec) -> frozenset[str]:
+    """Inputs bound by address instead of copied into per-shape buffers: a LoRA UNet's
+    adapter stacks (large, changed in place only between calls, the same for every shape)."""
+    if spec.lora is None:
+        return frozenset()
+    names = {t.name for t in spec.lora.tensors()}
+    return frozenset(names - {LORA_SLOTS_INPUT, LORA_SCALES_INPUT})
 
 
 def describe_profiles(profiles: Sequence[ProfileShapes]) -> str:

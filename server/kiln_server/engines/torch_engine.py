@@ -7,7 +7,8 @@ diffusers does) unless the model ships an fp16-safe VAE. Optionally the UNet is 
 (torch.compile) and each UNet call shape is replayed from a captured CUDA graph; both are
 paid for during warm-up.
 
-Per-request LoRAs (kiln_server.lora) are installed on the UNet as per-row layers. A UNet
+Per-request LoRAs (kiln_server.lora) are installed on the UNet and both text encoders as
+per-row layers, one adapter stack over all three. A UNet
 call where some row applies a LoRA runs the uncompiled module eagerly: a captured CUDA
 graph holds the base layers only, and a compiled module would recompile for every
 assignment. Calls without a LoRA row keep the fast path.
@@ -29,6 +30,7 @@ from kiln_server.engines.torch_modules import component_module
 from kiln_server.lora.folders import LoraFolders
 from kiln_server.lora.layers import RowLoraLayers, install_row_lora
 from kiln_server.lora.library import LoraLibrary
+from kiln_server.lora.reading import TEXT_MODEL_PREFIX
 from kiln_server.lora.stack import AdapterStack
 
 log = logging.getLogger(__name__)
@@ -249,15 +251,30 @@ def load_torch_engines(
 def torch_lora_library(
     engines: EngineSet, folders: LoraFolders, *, slots: int, max_rank: int
 ) -> LoraLibrary:
-    """Install per-row LoRA layers on the torch UNet of `engines` (weights already loaded)
-    and return the library serving LoRAs from `folders` with `slots` adapters of rank up
-    to `max_rank`. Installing changes the UNet's modules, so it comes before warm-up."""
-    engine = engines.unet
-    if not isinstance(engine, TorchEngine) or engine.row_lora is not None:
-        raise EngineError("per-row LoRAs install once, on a torch UNet engine")
-    unet = getattr(engine.eager_module, "unet", None)
-    if unet is None:
-        raise EngineError("the torch UNet engine does not wrap a diffusers UNet")
-    engine.row_lora = install_row_lora(unet)
-    stack = AdapterStack(engine.row_lora, capacity=slots, max_rank=max_rank)
-    return LoraLibrary(folders, stack, unet_config=unet.config)
+    """Install per-row LoRA layers on the torch UNet and text encoders of `engines`
+    (weights already loaded) and return the library serving LoRAs from `folders` with
+    `slots` adapters of rank up to `max_rank`. Installing changes the modules, so it comes
+    before warm-up."""
+    targets = {
+        "unet": (engines.unet, "unet"),
+        "text_encoder": (engines.text_encoder, "encoder"),
+        "text_encoder_2": (engines.text_encoder_2, "encoder"),
+    }
+    models = {}
+    for name, (engine, attribute) in targets.items():
+        if not isinstance(engine, TorchEngine) or engine.row_lora is not None:
+            raise EngineError(f"per-row LoRAs install once, on a torch {name} engine")
+        model = getattr(engine.eager_module, attribute, None)
+        if model is None:
+            raise EngineError(f"the torch {name} engine does not wrap a loaded model")
+        models[name] = (engine, model)
+    layers = {}
+    for name, (engine, model) in models.items():
+        # Text-encoder modules are named as LoRA files read them (lora.reading), without
+        # the `text_model.` level that older transformers' CLIP models have.
+        drop = "" if name == "unet" else TEXT_MODEL_PREFIX
+        engine.row_lora = layers[name] = install_row_lora(model, drop_prefix=drop)
+    stack = AdapterStack(
+        layers.pop("unet"), capacity=slots, max_rank=max_rank, text_encoders=layers
+    )
+    return LoraLibrary(folders, stack, unet_config=models["unet"][1].config)

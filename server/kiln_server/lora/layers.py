@@ -1,5 +1,8 @@
 """Per-row LoRA layers: requests with different LoRAs share one UNet call.
 
+The same layers are installed on the text encoders (each model has its own assignment), so
+a text-encoder call applies each row's LoRAs as a UNet call does.
+
 Contract. `install_row_lora(unet)` replaces every plain `nn.Linear` and `nn.Conv2d` of the
 UNet with a wrapper that holds the original layer unchanged (as `.base`) and, once an
 adapter stack gives it one, a stack of LoRA slots: `down` [slots, R, in(, kh, kw)] and
@@ -246,11 +249,12 @@ class RowLoraLayers:
         return self._shared.assignment
 
 
-def install_row_lora(model: nn.Module) -> RowLoraLayers:
+def install_row_lora(model: nn.Module, *, drop_prefix: str = "") -> RowLoraLayers:
     """Wrap every plain Linear and Conv2d of `model` in place; returns the wrappers by name.
 
     Names are the base layers' names in `model` before wrapping (diffusers' module names,
-    as LoRA files use them). Installing twice is an error.
+    as LoRA files use them), with `drop_prefix` removed from their start where present.
+    Installing twice is an error.
     """
     shared = _Shared()
     layers: dict[str, _RowLoraLayer] = {}
@@ -270,5 +274,5 @@ def install_row_lora(model: nn.Module) -> RowLoraLayers:
             else RowLoraConv2d(module, shared)
         )
         setattr(parent, child, wrapper)
-        layers[name] = wrapper
+        layers[name.removeprefix(drop_prefix) if drop_prefix else name] = wrapper
     return RowLoraLayers(layers, shared)

@@ -16,8 +16,11 @@ Read weights wait only until installed, or are dropped when no waiting job wants
 more, so beside the stack at most `capacity` files are held: memory does not grow with the
 number of distinct LoRAs served.
 
-Text-encoder LoRA weights are not applied yet: a file that has them is refused (the request
-fails with INVALID_ARGUMENT naming it) rather than served with its UNet part only.
+A file's text-encoder weights travel with it: one file is one adapter, resident in one slot
+of the stack for the UNet and the text encoders alike (`text_encoder_loras` gives a request's
+text-encoder part to the prompt encoder). On a stack without text-encoder layers such a
+file is refused (the request fails with INVALID_ARGUMENT naming it) rather than served with
+its UNet part only.
 """
 
 from __future__ import annotations
@@ -30,13 +33,8 @@ from typing import Any
 
 from kiln_server.lora.errors import LoraError, LoraRefused, StackFull
 from kiln_server.lora.folders import LORA_SUFFIX, LoraFolders
-from kiln_server.lora.listing import HeaderError, read_header
-from kiln_server.lora.reading import (
-    TEXT_ENCODER_KEY_PREFIXES,
-    TEXT_ENCODER_REFUSAL,
-    read_lora_file,
-)
-from kiln_server.lora.stack import AdapterStack
+from kiln_server.lora.reading import read_lora_file
+from kiln_server.lora.stack import AdapterStack, TextEncoderLoras
 from kiln_server.lora.weights import LoraWeights
 from kiln_server.pipeline.params import LoraUse
 
@@ -48,8 +46,8 @@ LOADER_THREAD = "kiln-lora-loader"
 class LoraLibrary:
     """The LoRAs one model serves: its folders, its adapter stack and a loader thread.
 
-    `refresh`, `ensure_resident`, `assign` and `clear` belong to the engine thread (the
-    stack's owner); `uses` and `is_resident` may be called from any thread.
+    `refresh`, `ensure_resident`, `assign` and `text_encoder_loras` belong to the engine
+    thread (the stack's owner); `uses` and `is_resident` may be called from any thread.
     """
 
     def __init__(
@@ -153,6 +151,11 @@ class LoraLibrary:
         else:
             self.stack.clear()
 
+    def text_encoder_loras(self, uses: Sequence[LoraUse]) -> TextEncoderLoras | None:
+        """The text-encoder part of one request's LoRAs (resident: after `ensure_resident`),
+        or None when none has text-encoder weights (engine thread)."""
+        return self.stack.text_encoder_loras(uses)
+
     def close(self) -> None:
         """Stop the loader thread once its current read ends."""
         self._queue.put(None)
@@ -166,13 +169,6 @@ class LoraLibrary:
         """Resolve, read and check one file; every failure is a `LoraError` naming it."""
         try:
             path = self.folders.resolve(name)
-            # Refused from the header, before diffusers' converters see the keys.
-            try:
-                keys = read_header(path)
-            except (OSError, HeaderError) as error:
-                raise LoraRefused(name, f"not a readable .safetensors file ({error})") from None
-            if any(key.startswith(TEXT_ENCODER_KEY_PREFIXES) for key in keys):
-                raise LoraRefused(name, TEXT_ENCODER_REFUSAL)
             weights = read_lora_file(
                 path,
                 max_rank=self.stack.max_rank,
@@ -187,8 +183,6 @@ class LoraLibrary:
             raise LoraRefused(
                 name, f"it could not be read ({type(error).__name__}: {str(error)[:160]})"
             ) from None
-        if weights.text_encoders:  # keys the header check did not know
-            raise LoraRefused(name, TEXT_ENCODER_REFUSAL)
         return weights
 
     def _load(self) -> None:

@@ -20,12 +20,7 @@ from pathlib import Path
 
 from kiln_server.lora.errors import LoraNotFound
 from kiln_server.lora.folders import LORA_SUFFIX, LoraFolders
-from kiln_server.lora.reading import (
-    KOHYA_PREFIXES,
-    TEXT_ENCODER_KEY_PREFIXES,
-    TEXT_ENCODER_REFUSAL,
-    refused_kind,
-)
+from kiln_server.lora.reading import KOHYA_PREFIXES, refused_kind
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +94,6 @@ def describe(path: Path, name: str, max_rank: int) -> LoraListing | str:
     ]
     if not ranks:
         return "the file holds no LoRA weights"
-    if any(key.startswith(TEXT_ENCODER_KEY_PREFIXES) for key in keys):
-        return TEXT_ENCODER_REFUSAL
     rank = max(ranks)
     if rank > max_rank:
         return f"its rank {rank} is above the maximum LoRA rank {max_rank}"

@@ -13,6 +13,13 @@ adapter config diffusers builds (from the file's metadata, or from kohya's `.alp
 or alpha = r when neither exists) gives each module r and alpha, with rank and alpha
 patterns matched as PEFT matches them; scale = alpha / r (alpha / sqrt(r) for rsLoRA).
 
+Text-encoder weights (diffusers/PEFT `text_encoder.*` / `text_encoder_2.*`, kohya
+`lora_te1_*` / `lora_te2_*`, or `lora_te_*` for the first encoder) are converted by the same
+converters and kept apart per encoder in `LoraWeights.text_encoders`, with the scales PEFT
+gives them; whether a model applies them is the adapter stack's business. Their module
+names drop the `text_model.` level, as diffusers does for transformers' flattened CLIP
+models, so files written for either CLIP layout name the same modules.
+
 Refused, with a message naming the file and why: LoHa (`hada_` keys), LoKr (`lokr_`),
 DoRA (`dora_scale`, `lora_magnitude_vector`), LoRA biases, anything that is not a LoRA
 weight, and ranks above `max_rank`. Refused kinds are found from the key names before any
@@ -36,14 +43,9 @@ from kiln_server.lora.weights import LoraModule, LoraWeights
 UNET_PREFIX = "unet"
 TEXT_ENCODER_PREFIXES = ("text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-# Keys of text-encoder weights, in the diffusers and the kohya layouts.
-TEXT_ENCODER_KEY_PREFIXES = ("text_encoder", "lora_te_", "lora_te1_", "lora_te2_")
-TEXT_ENCODER_REFUSAL = (
-    "it has text-encoder weights, which Kiln does not apply yet (only UNet weights are); "
-    "use a UNet-only LoRA"
-)
-"""Why a LoRA with text-encoder weights is refused: serving only its UNet part would give
-images that differ from diffusers' without saying so."""
+TEXT_MODEL_PREFIX = "text_model."
+"""The CLIP level older transformers (and LoRA files written for them) name modules under;
+text-encoder module names are given without it."""
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 # Key fragments of adapter kinds Kiln does not apply, with the name given in the refusal.
@@ -220,6 +222,8 @@ def read_lora_file(
             raise LoraRefused(
                 label, f"diffusers cannot convert its {prefix} keys ({error})"
             ) from None
+        if not is_unet:
+            peft_named = {k.removeprefix(TEXT_MODEL_PREFIX): v for k, v in peft_named.items()}
         return _modules(
             label,
             peft_named,

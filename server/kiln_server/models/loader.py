@@ -4,6 +4,9 @@ The same code loads Kiln's embedded model and a real SDXL base checkpoint: `mode
 plus `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`,
 `scheduler/`. An optional `kiln.json` carries Kiln's serving defaults for the model, and an
 optional `preview_decoder/` (a diffusers AutoencoderTiny folder) its learned preview decoder.
+
+A single-file checkpoint (`checkpoint`, see models/single_file.py) replaces the weights of
+the UNet, VAE and text encoders; the folder then gives everything else.
 """
 
 from __future__ import annotations
@@ -74,10 +77,24 @@ class SDXLModelFiles:
     vae_force_upcast: bool = True
     # The AutoencoderTiny folder of the model's learned preview decoder; None: it has none.
     preview_decoder_path: Path | None = None
+    # The single-file checkpoint whose weights replace the folder's networks; None: the
+    # folder's own weights.
+    checkpoint: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        """Where the model's network weights come from: the checkpoint, else the folder."""
+        return self.checkpoint or self.path
 
 
 def check_model_folder(path: Path) -> None:
     """Raise ModelFolderError naming the first missing piece of an SDXL folder."""
+    if path.is_file():
+        raise ModelFolderError(
+            f"{path} is a file, not a diffusers model folder: name a single-file checkpoint "
+            "in a config's [[models]] entry as `checkpoint` with its `config_folder`, and "
+            "pass that config (`kiln build-engines --config FILE --model NAME`)"
+        )
     if not path.is_dir():
         raise ModelFolderError(f"model folder {path} does not exist")
     if not (path / "model_index.json").is_file():
@@ -115,14 +132,23 @@ def find_preview_decoder(path: Path, override: Path | None = None) -> Path | Non
     return own if (own / "config.json").is_file() else None
 
 
-def read_model_files(path: Path, preview_decoder: Path | None = None) -> SDXLModelFiles:
+def read_model_files(
+    path: Path, preview_decoder: Path | None = None, *, checkpoint: Path | None = None
+) -> SDXLModelFiles:
     """Read tokenizers and configs (no weights) and derive the model's dims.
 
     `preview_decoder` names a preview decoder folder outside the model's (a config's
     `preview_decoder` key); by default the model's own `preview_decoder/` is used if any.
+    With `checkpoint`, a single-file SDXL checkpoint supplies the network weights and
+    `path` is its config folder; the checkpoint's layout and shapes are checked against
+    the folder's configs (CheckpointError otherwise).
     """
     from transformers import CLIPTokenizer
 
+    if checkpoint is not None:
+        from kiln_server.models.single_file import check_checkpoint
+
+        check_checkpoint(checkpoint, path)
     check_model_folder(path)
     decoder_path = find_preview_decoder(path, preview_decoder)
     index = _read_json(path / "model_index.json")
@@ -171,6 +197,7 @@ def read_model_files(path: Path, preview_decoder: Path | None = None) -> SDXLMod
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         vae_force_upcast=bool(vae_config.get("force_upcast", True)),
         preview_decoder_path=decoder_path,
+        checkpoint=checkpoint,
     )
 
 
@@ -180,27 +207,37 @@ def load_modules(
     vae_dtype: torch.dtype | None = None,
     *,
     preview_decoder: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> SDXLModules:
     """Load the networks' weights from the folder onto the CPU, in eval mode.
 
     UNet and text encoders load in `dtype`, the VAE in `vae_dtype` (default `dtype`), so
     an fp16 model is never materialized in fp32 on the way to the GPU. The preview decoder
     (`find_preview_decoder(path, preview_decoder)`) loads as an AutoencoderTiny in `dtype`
-    when there is one.
+    when there is one. With `checkpoint`, the UNet, VAE and text encoders come from that
+    single-file checkpoint, converted against the folder's configs (see
+    models/single_file.py), and the folder's own network weights are not read.
     """
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     check_model_folder(path)
     quiet_library_progress()
-    modules = SDXLModules(
-        unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype or dtype),
-        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype),
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-            path / "text_encoder_2", dtype=dtype
-        ),
-    )
+    if checkpoint is not None:
+        from kiln_server.models.single_file import load_checkpoint_networks
+
+        modules = SDXLModules(
+            **load_checkpoint_networks(checkpoint, path, dtype, vae_dtype or dtype)
+        )
+    else:
+        modules = SDXLModules(
+            unet=UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype or dtype),
+            text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                path / "text_encoder_2", dtype=dtype
+            ),
+        )
     decoder_path = find_preview_decoder(path, preview_decoder)
     if decoder_path is not None:
         modules.preview_decoder = AutoencoderTiny.from_pretrained(decoder_path, torch_dtype=dtype)
@@ -241,14 +278,26 @@ def default_hash_cache_file() -> Path:
     return default_cache_dir() / HASH_CACHE_FILE_NAME
 
 
-def _hashed_files(path: Path) -> list[tuple[str, Path]]:
-    """(relative path, file) of every file the content hash covers, in hashing order."""
+# A checkpoint model's config folder: only these files of the networks it replaces count.
+_REPLACED_NETWORKS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _hashed_files(path: Path, checkpoint: Path | None = None) -> list[tuple[str, Path]]:
+    """(relative path, file) of every file the content hash covers, in hashing order.
+
+    With `checkpoint`, that file (as `checkpoint.safetensors`) and the folder's files under
+    `config/`, less the weights of the networks the checkpoint replaces.
+    """
     files = []
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
-        if not (rel.startswith(".") or rel == "kiln.json"):
+        if rel.startswith(".") or rel == "kiln.json":
+            continue
+        if checkpoint is None:
             files.append((rel, file))
-    return files
+        elif rel.split("/")[0] not in _REPLACED_NETWORKS or rel.endswith("/config.json"):
+            files.append((f"config/{rel}", file))
+    return [("checkpoint.safetensors", checkpoint), *files] if checkpoint else files
 
 
 def _read_hash_cache(cache_file: Path) -> dict[str, Any]:
@@ -270,7 +319,9 @@ def _store_hash(cache_file: Path, folder: str, entry: dict[str, Any]) -> None:
     survive, and drops entries of folders that no longer exist.
     """
     folders = {
-        key: value for key, value in _read_hash_cache(cache_file).items() if Path(key).is_dir()
+        key: value
+        for key, value in _read_hash_cache(cache_file).items()
+        if all(Path(part).exists() for part in key.split(os.pathsep))
     }
     folders[folder] = entry
     text = json.dumps({"version": HASH_CACHE_VERSION, "folders": folders}, indent=1)
@@ -281,20 +332,26 @@ def _store_hash(cache_file: Path, folder: str, entry: dict[str, Any]) -> None:
 
 
 def model_content_hash(
-    path: Path, cache_file: Path | None = None, *, use_cache: bool = True
+    path: Path,
+    cache_file: Path | None = None,
+    *,
+    use_cache: bool = True,
+    checkpoint: Path | None = None,
 ) -> str:
-    """SHA-256 over every weight and config file of the folder (relative paths included).
+    """SHA-256 over every weight and config file of the folder (relative paths included);
+    with `checkpoint`, over the checkpoint and the config files `path` gives it.
 
     Engine manifests record it, so engines built from other weights are refused. The value
     depends only on the files' names and contents, never on the cache: it is remembered in
     `cache_file` (default: default_hash_cache_file()) under the folder's resolved path
-    together with each file's relative path, size and mtime_ns, and reused while all of
-    those match, so an unchanged folder is not read again. Any added, removed or changed
-    file re-hashes the folder. A missing or corrupt cache is ignored and rewritten; one that
+    (with a checkpoint: the checkpoint's and the folder's, joined by os.pathsep) together
+    with each file's relative path, size and mtime_ns, and reused while all of those
+    match, so an unchanged folder is not read again. Any added, removed or changed file
+    re-hashes the folder. A missing or corrupt cache is ignored and rewritten; one that
     cannot be written only costs the next start a re-hash. `use_cache=False` always reads.
     """
     started_ns = time.time_ns()
-    files = _hashed_files(path)
+    files = _hashed_files(path, checkpoint)
     stamps: list[list[str | int]] = []
     newest_ns = 0
     for rel, file in files:
@@ -302,6 +359,8 @@ def model_content_hash(
         stamps.append([rel, stat.st_size, stat.st_mtime_ns])
         newest_ns = max(newest_ns, stat.st_mtime_ns)
     folder = str(path.resolve())
+    if checkpoint is not None:
+        folder = os.pathsep.join((str(checkpoint.resolve()), folder))
     cache = (cache_file or default_hash_cache_file()) if use_cache else None
     if cache is not None:
         entry = _read_hash_cache(cache).get(folder)

@@ -2,7 +2,9 @@
 
 A TOML config lists models (`[[models]]` tables); without one the registry holds just the
 embedded default model. Defaults come from, in order: the config entry, the model folder's
-kiln.json, and Kiln's built-in fallbacks.
+kiln.json, and Kiln's built-in fallbacks. A model is a diffusers folder (`path`), a
+built-in (`builtin`), or a single-file checkpoint (`checkpoint`) with the diffusers folder
+that gives its configs (`config_folder`, which then acts as its model folder).
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ class RegistryError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One servable model with its defaults and request limits."""
+    """One servable model with its defaults and request limits.
+
+    `path` is the model's diffusers folder; for a single-file model (`checkpoint` set) it
+    is the config folder, which gives everything but the networks' weights: configs,
+    tokenizers, scheduler, kiln.json defaults, preview decoder and `loras/`.
+    """
 
     name: str
     path: Path
@@ -55,6 +62,13 @@ class ModelSpec:
     # Folders whose .safetensors files requests may name in `loras`: the config's
     # `lora_dirs` (relative to the config file), then the model folder's own `loras/`.
     lora_dirs: tuple[Path, ...] = ()
+    # A single-file SDXL checkpoint (original layout) whose weights replace the folder's.
+    checkpoint: Path | None = None
+
+    @property
+    def source(self) -> Path:
+        """Where the model's weights come from: its checkpoint, else its folder."""
+        return self.checkpoint or self.path
 
     def default_request(self, prompt: str, **overrides: Any) -> GenerationParams:
         """This model's default request for `prompt`: its default size, steps, guidance and
@@ -124,7 +138,7 @@ def _folder_defaults(path: Path) -> dict[str, Any]:
     return {
         k: v
         for k, v in data.items()
-        if k in SPEC_KEYS and k not in ("preview_decoder", "lora_dirs")
+        if k in SPEC_KEYS and k not in ("preview_decoder", "lora_dirs", "checkpoint")
     }
 
 
@@ -147,6 +161,25 @@ def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
     return spec
 
 
+def _resolve(base: Path, value: Any) -> Path:
+    """A config path: `~` expanded, relative ones against the config file's folder."""
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _check_checkpoint(spec: ModelSpec) -> None:
+    """RegistryError naming the model when its checkpoint cannot be served (a header and
+    config read; no weights are loaded)."""
+    if spec.checkpoint is None:
+        return
+    from kiln_server.models.single_file import CheckpointError, check_checkpoint
+
+    try:
+        check_checkpoint(spec.checkpoint, spec.path)
+    except CheckpointError as exc:
+        raise RegistryError(f"model {spec.name!r}: {exc}") from exc
+
+
 @dataclass
 class ModelRegistry:
     """Served models by name, and which one an empty `model` field selects."""
@@ -162,9 +195,13 @@ class ModelRegistry:
     def from_config(cls, config: dict[str, Any], cache_dir: Path) -> ModelRegistry:
         """Build from a parsed TOML config (its `models` list and `server.default_model`).
 
-        Each entry has `name` and either `path` (a diffusers SDXL folder, relative paths
-        resolved against the config's directory via `_config_dir`) or `builtin`, and may
-        name a `preview_decoder` folder and `lora_dirs` (resolved like `path`).
+        Each entry has `name` and one of `path` (a diffusers SDXL folder, relative paths
+        resolved against the config's directory via `_config_dir`), `builtin`, or
+        `checkpoint` (a single-file SDXL .safetensors in the original layout) with
+        `config_folder` (the diffusers folder giving its configs), both resolved like
+        `path`; a checkpoint is checked against its config folder here (header and configs
+        only). An entry may name a `preview_decoder` folder and `lora_dirs` (resolved like
+        `path`).
         """
         entries = config.get("models") or []
         if not isinstance(entries, list):
@@ -178,27 +215,46 @@ class ModelRegistry:
             name = str(entry.pop("name"))
             if name in models:
                 raise RegistryError(f"model {name!r} is listed twice")
+            sources = [key for key in ("path", "builtin", "checkpoint") if key in entry]
+            if len(sources) > 1:
+                raise RegistryError(
+                    f"model {name!r} names {' and '.join(f'`{k}`' for k in sources)}; give one"
+                )
+            if "config_folder" in entry and "checkpoint" not in entry:
+                raise RegistryError(
+                    f"model {name!r}: `config_folder` goes with `checkpoint` (a single-file "
+                    "checkpoint); a diffusers folder in `path` has its own configs"
+                )
             if "path" in entry:
-                path = Path(str(entry.pop("path"))).expanduser()
-                path = path if path.is_absolute() else (base / path).resolve()
+                path = _resolve(base, entry.pop("path"))
+                if path.is_file():
+                    raise RegistryError(
+                        f"model {name!r}: path {path} is a file; `path` names a diffusers "
+                        'folder: give a single-file checkpoint as `checkpoint = "FILE"` '
+                        'with `config_folder = "FOLDER"`'
+                    )
             elif "builtin" in entry:
                 path = builtin_model_path(str(entry.pop("builtin")), cache_dir)
+            elif "checkpoint" in entry:
+                if "config_folder" not in entry:
+                    raise RegistryError(
+                        f"model {name!r}: `checkpoint` needs `config_folder`, the local "
+                        "diffusers SDXL folder that gives the checkpoint's configs, "
+                        "tokenizers and scheduler (e.g. the base model it was fine-tuned from)"
+                    )
+                entry["checkpoint"] = _resolve(base, entry.pop("checkpoint"))
+                path = _resolve(base, entry.pop("config_folder"))
             else:
-                raise RegistryError(f"model {name!r} needs `path` or `builtin`")
+                raise RegistryError(f"model {name!r} needs `path`, `builtin` or `checkpoint`")
             if "preview_decoder" in entry:
-                decoder = Path(str(entry.pop("preview_decoder"))).expanduser()
-                entry["preview_decoder"] = (
-                    decoder if decoder.is_absolute() else ((base / decoder).resolve())
-                )
+                entry["preview_decoder"] = _resolve(base, entry.pop("preview_decoder"))
             if "lora_dirs" in entry:
                 folders = entry.pop("lora_dirs")
                 if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
                     raise RegistryError(f"model {name!r}: lora_dirs must be a list of folders")
-                resolved = [Path(folder).expanduser() for folder in folders]
-                entry["lora_dirs"] = tuple(
-                    f if f.is_absolute() else (base / f).resolve() for f in resolved
-                )
+                entry["lora_dirs"] = tuple(_resolve(base, folder) for folder in folders)
             models[name] = make_spec(name, path, entry)
+            _check_checkpoint(models[name])
         if not models:
             name = default_builtin_name()
             models[name] = make_spec(name, builtin_model_path(name, cache_dir), {})

@@ -5,7 +5,8 @@ scheduler); `denoise_step` advances any number of states that share a latent sha
 single UNet call, each row carrying its own timestep; `decode` runs the VAE;
 `preview_pixels` draws a preview (latent-to-RGB map or the learned preview decoder). Requests
 with different LoRAs (or none) share the UNet call: before it, each row is given its
-request's LoRAs (`loras`, a LoraLibrary, on backends that apply them). The result for
+request's LoRAs (`loras`, a LoraLibrary, on backends that apply them); a LoRA's
+text-encoder part applies when `prepare` encodes that request's prompts. The result for
 one request equals diffusers' StableDiffusionXLPipeline on the same components, seeds and
 scheduler (tests compare them). The pipeline never knows which runtime runs its engines.
 
@@ -173,8 +174,8 @@ class SDXLPipeline:
         self.device = engines.device
         self.limits = declared_limits(engines, files.dims)
         self._step_done: torch.cuda.Event | None = None
-        # Set when the model serves LoRAs (torch backend with LoRA folders): the UNet's
-        # per-row adapters. None: a request with LoRAs is refused.
+        # Set when the model serves LoRAs (a backend that applies them, with LoRA folders):
+        # the per-row adapters of the UNet (and text encoders). None: LoRAs are refused.
         self.loras: LoraLibrary | None = None
 
     @property
@@ -192,12 +193,14 @@ class SDXLPipeline:
         `LoraError`, and LoRAs on a model that serves none raise ValueError.
         """
         loras: tuple[LoraUse, ...] = ()
+        encoder_loras = None
         if self.loras is not None:
             loras = self.loras.uses(params.loras)
             self.loras.ensure_resident(loras)
+            encoder_loras = self.loras.text_encoder_loras(loras)
         elif any(use.scale != 0.0 for use in params.loras):
             raise ValueError("loras: this model serves no LoRAs")
-        prompts = self.prompt_encoder.encode(params.prompt, params.negative_prompt)
+        prompts = self.prompt_encoder.encode(params.prompt, params.negative_prompt, encoder_loras)
         scheduler = make_scheduler(params.scheduler, self.files.scheduler_config)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -461,8 +464,13 @@ class SDXLPipeline:
         return self.previewer.encode(pixels, size, options.format, options.quality)
 
     def generate(self, params: GenerationParams) -> list[np.ndarray]:
-        """Run one request start to finish, alone: the in-process reference path."""
+        """Run one request start to finish, alone: the in-process reference path. Its
+        LoRAs stay resident but pinned by nothing after it."""
         state = self.prepare(params)
-        while not state.finished:
-            self.denoise_step([state])
+        try:
+            while not state.finished:
+                self.denoise_step([state])
+        finally:
+            if self.loras is not None:
+                self.loras.assign([])
         return list(self.decode(state).cpu().numpy())
