@@ -107,13 +107,15 @@ def engine_shape_ranges(engine: Engine) -> list[tuple[ShapeRequest, ShapeRequest
     return ranges
 
 
-def _max_batch(engine: Engine | None) -> int | None:
+def max_batch(engine: Engine | None) -> int | None:
+    """The most rows one call of `engine` takes (None: no engine, or any)."""
     if engine is None:
         return None
     return engine.max_batch
 
 
-def _merge(current: int | None, value: int, pick: Any) -> int:
+def merge(current: int | None, value: int, pick: Any) -> int:
+    """`value` combined into a running bound with `pick` (min or max); None starts it."""
     return value if current is None else int(pick(current, value))
 
 
@@ -147,21 +149,21 @@ def declared_limits(engines: EngineSet, dims: ModelDims) -> EngineLimits:
         high_w = max(high.width for _, high in ranges)
         low_h = min(low.height for low, _ in ranges)
         high_h = max(high.height for _, high in ranges)
-        bounds["min_width"] = _merge(bounds["min_width"], low_w, max)
-        bounds["max_width"] = _merge(bounds["max_width"], high_w, min)
-        bounds["min_height"] = _merge(bounds["min_height"], low_h, max)
-        bounds["max_height"] = _merge(bounds["max_height"], high_h, min)
+        bounds["min_width"] = merge(bounds["min_width"], low_w, max)
+        bounds["max_width"] = merge(bounds["max_width"], high_w, min)
+        bounds["min_height"] = merge(bounds["min_height"], low_h, max)
+        bounds["max_height"] = merge(bounds["max_height"], high_h, min)
     text_rows = [
-        r for r in (_max_batch(engines.text_encoder), _max_batch(engines.text_encoder_2)) if r
+        r for r in (max_batch(engines.text_encoder), max_batch(engines.text_encoder_2)) if r
     ]
     return EngineLimits(
         size_multiple=multiple,
-        unet_rows=_max_batch(engines.unet),
-        vae_decoder_images=_max_batch(engines.vae_decoder),
-        vae_encoder_images=_max_batch(engines.vae_encoder),
+        unet_rows=max_batch(engines.unet),
+        vae_decoder_images=max_batch(engines.vae_decoder),
+        vae_encoder_images=max_batch(engines.vae_encoder),
         text_encoder_prompts=min(text_rows) if text_rows else None,
         preview_decoder=engines.preview_decoder is not None,
-        preview_decoder_images=_max_batch(engines.preview_decoder),
+        preview_decoder_images=max_batch(engines.preview_decoder),
         image_inputs=engines.vae_encoder is not None,
         inpainting=dims.inpainting,
         **bounds,

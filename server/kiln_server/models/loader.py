@@ -107,7 +107,9 @@ def check_model_folder(path: Path) -> None:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; ModelFolderError naming the file when it is unreadable
+    or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -151,11 +153,11 @@ def read_model_files(
         check_checkpoint(checkpoint, path)
     check_model_folder(path)
     decoder_path = find_preview_decoder(path, preview_decoder)
-    index = _read_json(path / "model_index.json")
-    text_config = _read_json(path / "text_encoder" / "config.json")
-    text_config_2 = _read_json(path / "text_encoder_2" / "config.json")
-    unet_config = _read_json(path / "unet" / "config.json")
-    vae_config = _read_json(path / "vae" / "config.json")
+    index = read_json(path / "model_index.json")
+    text_config = read_json(path / "text_encoder" / "config.json")
+    text_config_2 = read_json(path / "text_encoder_2" / "config.json")
+    unet_config = read_json(path / "unet" / "config.json")
+    vae_config = read_json(path / "vae" / "config.json")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2")
@@ -190,10 +192,10 @@ def read_model_files(
         path=path,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        scheduler_config=_read_json(scheduler_file),
+        scheduler_config=read_json(scheduler_file),
         dims=dims,
         vae_scaling_factor=float(vae_config.get("scaling_factor", 0.13025)),
-        kiln_config=_read_json(kiln_file) if kiln_file.is_file() else {},
+        kiln_config=read_json(kiln_file) if kiln_file.is_file() else {},
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
         vae_force_upcast=bool(vae_config.get("force_upcast", True)),
         preview_decoder_path=decoder_path,

@@ -73,7 +73,7 @@ def _keep_photo(state: DenoiseState, photo: PhotoLatents) -> torch.Tensor:
     return (1 - photo.mask) * proper + photo.mask * state.latents
 
 
-def _decode_in_chunks(engine: Engine, latents: torch.Tensor, per_call: int | None) -> torch.Tensor:
+def decode_in_chunks(engine: Engine, latents: torch.Tensor, per_call: int | None) -> torch.Tensor:
     """`engine`'s images of `latents` ([N, C, h, w]), at most `per_call` per call (None:
     all at once)."""
     parts = latents.split(per_call or latents.shape[0])
@@ -401,9 +401,7 @@ class SDXLPipeline:
         The VAE decodes in chunks of at most the engine's declared images per call.
         """
         latents = state.latents / self.files.vae_scaling_factor
-        images = _decode_in_chunks(
-            self.engines.vae_decoder, latents, self.limits.vae_decoder_images
-        )
+        images = decode_in_chunks(self.engines.vae_decoder, latents, self.limits.vae_decoder_images)
         return to_uint8_pixels(images).permute(0, 2, 3, 1).contiguous()
 
     def preview_size(self, state: DenoiseState, options: PreviewParams) -> int:
@@ -442,7 +440,7 @@ class SDXLPipeline:
         if self.preview_method(method) == PREVIEW_LATENT_RGB:
             return self.previewer.to_rgb(latents)
         assert self.engines.preview_decoder is not None
-        images = _decode_in_chunks(
+        images = decode_in_chunks(
             self.engines.preview_decoder, latents, self.limits.preview_decoder_images
         )
         # [N, 3, H, W] -> [1, 3, H, N*W]: the outputs side by side, as the encoder expects.
