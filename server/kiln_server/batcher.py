@@ -77,8 +77,8 @@ from kiln_server.events import (
 from kiln_server.library.residency import ModelLibrary
 from kiln_server.lora.errors import LoraError
 from kiln_server.lora.policy import refusal_for_engines
+from kiln_server.pipeline.kinds import Pipeline, State
 from kiln_server.pipeline.params import GenerationParams, LoraUse
-from kiln_server.pipeline.sdxl import DenoiseState, SDXLPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,16 @@ class Job:
     emit: Callable[[JobEvent], None]
     arrival: float = field(default_factory=time.monotonic)
     sequence: int = 0
-    state: DenoiseState | None = None
+    state: State | None = None
     admitted_at: float | None = None
     engine_seconds: float = 0.0
     last_position: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The LoRAs its rows apply, as the model's LoRA library names them (set at submit).
     loras: tuple[LoraUse, ...] = ()
+    # Rows per step as its model's pipeline counts them (FLUX's distilled guidance needs
+    # no second row); None until the pipeline is known.
+    row_count: int | None = None
 
     @property
     def lora_names(self) -> frozenset[str]:
@@ -130,7 +133,10 @@ class Job:
 
     @property
     def rows(self) -> int:
-        """UNet rows the job occupies per step."""
+        """Denoiser rows the job occupies per step: its pipeline's count once known (set
+        at submit, or when its model is installed), else the SDXL rule."""
+        if self.row_count is not None:
+            return self.row_count
         factor = 2 if self.params.do_classifier_free_guidance else 1
         return self.params.num_outputs * factor
 
@@ -301,7 +307,7 @@ class Batcher:
 
     def __init__(
         self,
-        pipelines: Mapping[str, SDXLPipeline],
+        pipelines: Mapping[str, Pipeline],
         settings: BatcherSettings,
         clock: Callable[[], float] = time.monotonic,
         on_fatal: Callable[[str], None] | None = None,
@@ -352,6 +358,9 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue a job or raise QueueFull / Draining at once. A job whose LoRAs the model
         cannot apply is not queued: it gets its Failed event now."""
+        pipeline = self.pipelines.get(job.params.model)
+        if pipeline is not None:
+            job.row_count = pipeline.rows_for(job.params)
         refusal = self._lora_refusal(job)
         if refusal is not None:
             self.stats.jobs_failed += 1
@@ -557,6 +566,7 @@ class Batcher:
                 if model in changes.failed:
                     refusal = Failed("UNAVAILABLE", changes.failed[model])
                 elif model in changes.installed:
+                    job.row_count = changes.installed[model].rows_for(job.params)
                     refusal = self._lora_refusal(job)
                 if refusal is not None:
                     self._waiting.remove(job)
@@ -742,7 +752,8 @@ class Batcher:
         batch = [job for job in runnable if job.shape_key == key]
         pipeline = self.pipelines[key[0]]
         states = [job.state for job in batch if job.state is not None]
-        result = pipeline.denoise_step(states)
+        # Each state returns to the pipeline that prepared it (mypy cannot pair unions).
+        result = pipeline.denoise_step(states)  # type: ignore[arg-type]
         weight = max(job.params.priority for job in batch)
         with self._condition:
             if key in self._virtual_time:
@@ -757,17 +768,17 @@ class Batcher:
             if state.finished:
                 self._finish(pipeline, job, state)
 
-    def _report_progress(self, pipeline: SDXLPipeline, job: Job, state: DenoiseState) -> None:
+    def _report_progress(self, pipeline: Pipeline, job: Job, state: State) -> None:
         step, total = state.step_index, state.total_steps
         options = job.params.preview
         due = options.every_n_steps and (step % options.every_n_steps == 0 or state.finished)
         if not due:
             self._output.emit(job, Progress(step, total))
             return
-        size = pipeline.preview_size(state, options)
+        size = pipeline.preview_size(state, options)  # type: ignore[arg-type]
         started = time.perf_counter()
         # An engine error here is the device's, not the preview's: it is fatal like a step's.
-        pixels = pipeline.preview_pixels(state, options.method, size)
+        pixels = pipeline.preview_pixels(state, options.method, size)  # type: ignore[arg-type]
         ready = mark_ready(pixels)
         # The preview decoder is an engine call: the job pays for it like a step.
         job.engine_seconds += time.perf_counter() - started
@@ -783,9 +794,9 @@ class Batcher:
 
         self._output.hand_off(job, encode)
 
-    def _finish(self, pipeline: SDXLPipeline, job: Job, state: DenoiseState) -> None:
+    def _finish(self, pipeline: Pipeline, job: Job, state: State) -> None:
         started = time.perf_counter()
-        images = pipeline.decode(state)
+        images = pipeline.decode(state)  # type: ignore[arg-type]
         ready = mark_ready(images)
         job.engine_seconds += time.perf_counter() - started
         now = self.clock()

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from kiln_server.engines.base import EngineSet
 from kiln_server.engines.components import ShapeRequest
@@ -15,6 +16,8 @@ from kiln_server.engines.sample_inputs import sample_inputs
 from kiln_server.engines.torch_engine import TorchEngine
 from kiln_server.models.loader import SDXLModelFiles, read_model_files
 from kiln_server.models.registry import ModelSpec
+from kiln_server.pipeline.flux import FluxPipeline
+from kiln_server.pipeline.kinds import Pipeline
 from kiln_server.pipeline.params import PreviewParams
 from kiln_server.pipeline.sdxl import SDXLPipeline
 from kiln_server.settings import ServerSettings
@@ -29,7 +32,7 @@ class LoadedModel:
     """A served model: its registry entry and its resident pipeline."""
 
     spec: ModelSpec
-    pipeline: SDXLPipeline
+    pipeline: Pipeline
 
 
 def model_engines_dir(engines_root: Path | None, model_name: str) -> Path | None:
@@ -74,12 +77,17 @@ def load_model(
     threads: int | None = None,
     placement: Placement | None = None,
 ) -> LoadedModel:
-    """Read the model folder, load its engines once, and build its pipeline."""
+    """Read the model folder, load its engines once, and build its family's pipeline."""
     started = time.perf_counter()
-    files = read_model_files(spec.path, spec.preview_decoder, checkpoint=spec.checkpoint)
-    engines_dir = model_engines_dir(engines_root, spec.name)
-    engines = load_engines(backend, files, engines_dir, spec.name, config, threads, placement)
-    pipeline = SDXLPipeline(files, engines)
+    pipeline: Pipeline
+    if spec.family == "flux":
+        pipeline = load_flux_pipeline(spec, backend, placement)
+        engines: Any = pipeline.engines
+    else:
+        files = read_model_files(spec.path, spec.preview_decoder, checkpoint=spec.checkpoint)
+        engines_dir = model_engines_dir(engines_root, spec.name)
+        engines = load_engines(backend, files, engines_dir, spec.name, config, threads, placement)
+        pipeline = SDXLPipeline(files, engines)
     logger.info(
         "model loaded",
         extra={
@@ -93,6 +101,33 @@ def load_model(
         },
     )
     return LoadedModel(spec=spec, pipeline=pipeline)
+
+
+def load_flux_pipeline(
+    spec: ModelSpec, backend: str | None, placement: Placement | None
+) -> FluxPipeline:
+    """A FLUX model's pipeline on the torch backend (its exported and TensorRT engines are
+    not served yet: another backend raises EngineError naming the fix)."""
+    import torch
+
+    from kiln_server.engines.base import EngineError
+    from kiln_server.engines.flux_torch import load_flux_torch_engines
+    from kiln_server.models.flux_loader import load_flux_modules, read_flux_model_files
+
+    if backend not in (None, "torch"):
+        raise EngineError(
+            f"model {spec.name!r} is a FLUX model, which Kiln serves on the torch backend "
+            f"only for now; serve it with --backend torch (or leave --backend unset), not "
+            f"{backend}"
+        )
+    files = read_flux_model_files(spec.path)
+    dtype = placement.dtype if placement is not None else torch.float32
+    modules = load_flux_modules(spec.path, dtype=dtype)
+    engines = load_flux_torch_engines(
+        modules, files.dims, placement, vae_upcast=files.vae_force_upcast
+    )
+    engines.reason = "FLUX models run on torch"
+    return FluxPipeline(files, engines)
 
 
 def batch_row_limit(model: LoadedModel, server_default: int) -> int:
@@ -119,7 +154,8 @@ def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
         "warm-up", num_inference_steps=WARMUP_STEPS, preview=PreviewParams(every_n_steps=1)
     )
     started = time.perf_counter()
-    pipeline = model.pipeline
+    # Either family's pipeline; its state goes back to it (mypy cannot pair the unions).
+    pipeline: Any = model.pipeline
     state = pipeline.prepare(params)
     while not state.finished:
         pipeline.denoise_step([state])
@@ -128,14 +164,16 @@ def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
             pipeline.preview(state, replace(params.preview, method=method))
     pipeline.decode(state).cpu()
     engines = pipeline.engines
-    calls = [(engines.unet, rows) for rows in unet_rows]
-    if engines.vae_encoder is not None:  # loaded for image inputs; the loop above skips it
-        calls.append((engines.vae_encoder, 1))
+    calls = []
+    if isinstance(engines, EngineSet):  # SDXL: further UNet batch sizes, the VAE encoder
+        calls = [(engines.unet, rows) for rows in unet_rows]
+        if engines.vae_encoder is not None:  # for image inputs; the loop above skips it
+            calls.append((engines.vae_encoder, 1))
     for engine, rows in calls:
         request = ShapeRequest(rows, spec.default_height, spec.default_width)
         inputs = sample_inputs(engine.spec, request)
         engine.infer({name: value.to(pipeline.device) for name, value in inputs.items()})
-    if isinstance(engines.unet, TorchEngine):
+    if isinstance(engines, EngineSet) and isinstance(engines.unet, TorchEngine):
         engines.unet.seal()
     seconds = time.perf_counter() - started
     logger.info("model warmed up", extra={"model": spec.name, "seconds": round(seconds, 3)})
@@ -162,6 +200,12 @@ def serve_loras(model: LoadedModel, settings: ServerSettings) -> None:
     UNet with its LoRA layers in place. Raises EngineError when compiled engines were built
     for other LoRA settings."""
     if not model.spec.lora_dirs:
+        return
+    if isinstance(model.pipeline, FluxPipeline):
+        logger.warning(
+            "the model has LoRA folders but FLUX models serve no LoRAs yet",
+            extra={"model": model.spec.name},
+        )
         return
     from kiln_server.lora.folders import LoraFolders
     from kiln_server.lora.policy import refusal_for_engines

@@ -33,8 +33,10 @@ from kiln_server.image_inputs import ImageInputLimits
 from kiln_server.library.admin import LibraryAdmin
 from kiln_server.lora.imports import LoraCache, with_lora_cache
 from kiln_server.metrics import UNKNOWN_MODEL, MetricsEndpoint, ServerMetrics
+from kiln_server.models.flux_loader import read_flux_model_files
 from kiln_server.models.loader import read_model_files
 from kiln_server.models.registry import ModelRegistry
+from kiln_server.pipeline.flux_prompts import FluxPromptTokenizer
 from kiln_server.pipeline.prompts import PromptTokenizer
 from kiln_server.service import GenerationService, add_to_server
 from kiln_server.settings import ServerSettings
@@ -46,12 +48,15 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
-def load_tokenizers(registry: ModelRegistry) -> dict[str, PromptTokenizer]:
+def load_tokenizers(registry: ModelRegistry) -> dict[str, PromptTokenizer | FluxPromptTokenizer]:
     """Every served model's tokenizers, for validating prompt lengths in this process."""
-    return {
-        name: PromptTokenizer.for_model(read_model_files(spec.path))
-        for name, spec in registry.models.items()
-    }
+    tokenizers: dict[str, PromptTokenizer | FluxPromptTokenizer] = {}
+    for name, spec in registry.models.items():
+        if spec.family == "flux":
+            tokenizers[name] = FluxPromptTokenizer.for_model(read_flux_model_files(spec.path))
+        else:
+            tokenizers[name] = PromptTokenizer.for_model(read_model_files(spec.path))
+    return tokenizers
 
 
 class KilnServer:

@@ -46,9 +46,10 @@ from kiln_server.imaging import EncodedImage, encode_image
 from kiln_server.lora.listing import LoraCatalog
 from kiln_server.metrics import UNKNOWN_MODEL, ServerMetrics
 from kiln_server.models.registry import ModelRegistry
+from kiln_server.pipeline.families import scheduler_names_for
+from kiln_server.pipeline.flux_prompts import FluxPromptTokenizer
 from kiln_server.pipeline.params import GenerationParams
 from kiln_server.pipeline.prompts import PromptTokenizer
-from kiln_server.pipeline.schedulers import scheduler_names
 from kiln_server.validation import (
     FieldViolation,
     LoraMissing,
@@ -178,7 +179,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.metrics = metrics or ServerMetrics()
         self.core: EngineCoreClient | None = None
         self.served: dict[str, ServedModel] = {}
-        self.tokenizers: dict[str, PromptTokenizer] = {}
+        self.tokenizers: dict[str, PromptTokenizer | FluxPromptTokenizer] = {}
         self._streams = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -204,7 +205,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self,
         core: EngineCoreClient,
         served: dict[str, ServedModel],
-        tokenizers: dict[str, PromptTokenizer],
+        tokenizers: dict[str, PromptTokenizer | FluxPromptTokenizer],
     ) -> None:
         """Go live on a ready engine core (called once every model is loaded and warm)."""
         self.tokenizers = tokenizers
@@ -261,7 +262,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     max_num_outputs=limits.outputs_for(spec.default_guidance_scale),
                     max_guidance_scale=spec.max_guidance_scale,
                     max_prompt_tokens=self._max_tokens(spec.name) if served else 0,
-                    schedulers=scheduler_names(),
+                    schedulers=scheduler_names_for(spec.family),
                     device=served.placement if served else "",
                     backend_reason=served.reason if served else "",
                     max_batch_rows=served.max_batch_rows if served else 0,

@@ -29,8 +29,8 @@ from kiln_server.lora import policy as lora_policy
 from kiln_server.lora.errors import LoraNotFound
 from kiln_server.lora.folders import LORA_SUFFIX, LoraFolders
 from kiln_server.models.registry import ModelRegistry, ModelSpec
+from kiln_server.pipeline.families import scheduler_names_for
 from kiln_server.pipeline.params import GenerationParams, LoraUse, PreviewParams
-from kiln_server.pipeline.schedulers import scheduler_names
 from kiln_server.user_text import quoted, shorten
 
 MAX_PROMPT_CHARS = 4096
@@ -124,6 +124,9 @@ class RequestBudget:
     max_loras: int = DEFAULT_MAX_LORAS
 
 
+_NO_LIMITS = EngineLimits(size_multiple=8)
+
+
 @dataclass(frozen=True)
 class ServedLimits:
     """The sizes and outputs a served model admits: its own limits within its engines'.
@@ -143,13 +146,21 @@ class ServedLimits:
     preview_methods: tuple[str, ...] = (PREVIEW_LATENT_RGB,)
     image_inputs: bool = True
     inpainting: bool = False
+    family: str = "sdxl"
+    distilled_guidance: bool = False
 
     @classmethod
     def of(cls, spec: ModelSpec, engines: EngineLimits | None) -> ServedLimits:
         """`spec`'s limits narrowed by the loaded engines' declaration (None: none loaded)."""
         if engines is None:
             return cls(
-                8, spec.min_size, spec.max_size, spec.min_size, spec.max_size, spec.max_num_outputs
+                8,
+                spec.min_size,
+                spec.max_size,
+                spec.min_size,
+                spec.max_size,
+                spec.max_num_outputs,
+                family=spec.family,
             )
         multiple = math.lcm(8, engines.size_multiple)
 
@@ -173,6 +184,8 @@ class ServedLimits:
             engines.preview_methods,
             engines.image_inputs,
             engines.inpainting,
+            spec.family,
+            engines.distilled_guidance,
         )
 
     def size_range(self, axis: str) -> tuple[int, int]:
@@ -181,12 +194,21 @@ class ServedLimits:
             return self.min_width, self.max_width
         return self.min_height, self.max_height
 
-    def outputs_for(self, guidance_scale: float) -> int:
+    def rows_per_image(self, guidance_scale: float, negative_prompt: bool = False) -> int:
+        """Denoiser rows one image takes per step: two under classifier-free guidance
+        (SDXL above guidance 1; a FLUX model without distilled guidance only with a
+        negative prompt, as true CFG), else one."""
+        if self.family == "flux":
+            cfg = not self.distilled_guidance and negative_prompt and guidance_scale > 1.0
+            return 2 if cfg else 1
+        return 2 if guidance_scale > 1.0 else 1
+
+    def outputs_for(self, guidance_scale: float, negative_prompt: bool = False) -> int:
         """Most outputs one request may ask for at `guidance_scale`: the model's maximum,
-        and no more than one UNet call takes (two rows per image under guidance)."""
+        and no more than one denoiser call takes (`rows_per_image` each)."""
         if self.max_unet_rows is None:
             return self.max_num_outputs
-        per_image = 2 if guidance_scale > 1.0 else 1
+        per_image = self.rows_per_image(guidance_scale, negative_prompt)
         return min(self.max_num_outputs, self.max_unet_rows // per_image)
 
 
@@ -480,6 +502,8 @@ def validate_request(
     errors: list[FieldViolation] = []
     token_limit = max_tokens(spec.name)
     budget = budget or RequestBudget()
+    if spec.family == "flux" and any(lora.scale != 0.0 for lora in request.loras):
+        raise LorasUnsupported(f"loras: FLUX models serve no LoRAs yet; {spec.name!r} is one")
     if request.loras:
         served_by = backend(spec.name)
         refusal = lora_policy.refusal_for_backend(served_by) if served_by else None
@@ -492,7 +516,20 @@ def validate_request(
         problem = _check_prompt("prompt", request.prompt, spec, count_tokens, token_limit)
         if problem:
             errors.append(problem)
-    if request.negative_prompt:
+    negative = bool(request.negative_prompt)
+    if (
+        negative
+        and spec.family == "flux"
+        and (engine_limits(spec.name) or _NO_LIMITS).distilled_guidance
+    ):
+        errors.append(
+            FieldViolation(
+                "negative_prompt",
+                f"model {spec.name!r} embeds distilled guidance (guidance_scale) and takes no "
+                "negative prompt; leave it unset",
+            )
+        )
+    elif negative:
         problem = _check_prompt(
             "negative_prompt", request.negative_prompt, spec, count_tokens, token_limit
         )
@@ -536,7 +573,7 @@ def validate_request(
                 "num_outputs", f"must be between 1 and {spec.max_num_outputs}, got {num_outputs}"
             )
         )
-    elif math.isfinite(guidance) and limits.outputs_for(guidance) == 0:
+    elif math.isfinite(guidance) and limits.outputs_for(guidance, negative) == 0:
         errors.append(
             FieldViolation(
                 "guidance_scale",
@@ -545,23 +582,25 @@ def validate_request(
                 f"per image; got {guidance:g}",
             )
         )
-    elif math.isfinite(guidance) and num_outputs > limits.outputs_for(guidance):
+    elif math.isfinite(guidance) and num_outputs > limits.outputs_for(guidance, negative):
         errors.append(
             FieldViolation(
                 "num_outputs",
-                f"must be at most {limits.outputs_for(guidance)} at guidance_scale {guidance:g}: "
+                f"must be at most {limits.outputs_for(guidance, negative)} at guidance_scale "
+                f"{guidance:g}: "
                 f"this model's engines run at most {limits.max_unet_rows} UNet rows per call, "
                 f"two per image under guidance; got {num_outputs}",
             )
         )
 
     scheduler = request.scheduler or spec.default_scheduler
-    if scheduler not in scheduler_names():
+    schedulers = scheduler_names_for(spec.family)
+    if scheduler not in schedulers:
         errors.append(
             FieldViolation(
                 "scheduler",
-                f"unknown scheduler {quoted(scheduler)}; choose one of "
-                f"{', '.join(scheduler_names())}",
+                f"unknown scheduler {quoted(scheduler)} for a {spec.family} model; choose "
+                f"one of {', '.join(schedulers)}",
             )
         )
 

@@ -36,6 +36,8 @@ class EngineLimits:
     `preview_decoder_images` the most images one call of it takes. `image_inputs` says
     whether the set has a VAE encoder (image conditioning needs one) and `inpainting`
     whether its UNet is an inpainting UNet (it runs only requests with image and mask).
+    `distilled_guidance` says that guidance_scale is an input of the denoiser (FLUX-dev)
+    rather than classifier-free guidance over two rows.
     """
 
     size_multiple: int
@@ -51,6 +53,9 @@ class EngineLimits:
     preview_decoder_images: int | None = None
     image_inputs: bool = False
     inpainting: bool = False
+    # FLUX-dev style: guidance_scale feeds a guidance embedding (one row per image)
+    # instead of classifier-free guidance.
+    distilled_guidance: bool = False
 
     @property
     def preview_methods(self) -> tuple[str, ...]:
@@ -166,5 +171,8 @@ def declared_limits(engines: EngineSet, dims: ModelDims) -> EngineLimits:
         preview_decoder_images=max_batch(engines.preview_decoder),
         image_inputs=engines.vae_encoder is not None,
         inpainting=dims.inpainting,
-        **bounds,
+        min_width=bounds["min_width"],
+        max_width=bounds["max_width"],
+        min_height=bounds["min_height"],
+        max_height=bounds["max_height"],
     )

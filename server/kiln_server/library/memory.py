@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kiln_server.engines.base import EngineSet
+from kiln_server.engines.flux_engines import FluxEngineSet
 
 
 def _module_bytes(module: torch.nn.Module, seen: set[int]) -> int:
@@ -49,17 +50,22 @@ def engine_bytes(engine: Any, seen: set[int]) -> int:
     return int(getattr(engine, "device_memory_size", 0) or 0)
 
 
-def engine_set_bytes(engines: EngineSet) -> int:
+# The engine fields of either family's engine set (SDXL's UNet, FLUX's transformer).
+_ENGINE_FIELDS = (
+    "text_encoder",
+    "text_encoder_2",
+    "unet",
+    "transformer",
+    "vae_decoder",
+    "vae_encoder",
+    "preview_decoder",
+)
+
+
+def engine_set_bytes(engines: EngineSet | FluxEngineSet) -> int:
     """Bytes every engine of the set holds, storages shared between engines counted once."""
     seen: set[int] = set()
-    parts = (
-        engines.text_encoder,
-        engines.text_encoder_2,
-        engines.unet,
-        engines.vae_decoder,
-        engines.vae_encoder,
-        engines.preview_decoder,
-    )
+    parts = [getattr(engines, name, None) for name in _ENGINE_FIELDS]
     return sum(engine_bytes(engine, seen) for engine in parts if engine is not None)
 
 

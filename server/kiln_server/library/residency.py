@@ -43,7 +43,7 @@ from kiln_server.library.budget import Resident, choose_evictions, fits_alone
 from kiln_server.library.memory import engine_set_bytes, release_memory
 from kiln_server.library.state import LibraryStatus, ModelState, ModelStatus
 from kiln_server.models.registry import ModelRegistry
-from kiln_server.pipeline.sdxl import SDXLPipeline
+from kiln_server.pipeline.kinds import Pipeline
 from kiln_server.runtime import (
     LoadedModel,
     batch_row_limit,
@@ -76,7 +76,7 @@ class ResidencyChanges:
     room.
     """
 
-    installed: dict[str, SDXLPipeline] = field(default_factory=dict)
+    installed: dict[str, Pipeline] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     blocked: set[str] = field(default_factory=set)

@@ -15,12 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from kiln_server.models.sdxl_base_arch import SDXL_BASE_ARCH_NAME, ensure_sdxl_base_arch
+from kiln_server.models.tiny_flux import ensure_tiny_flux, tiny_flux_name
 from kiln_server.models.tiny_sdxl import TINY_SDXL_NAME, ensure_tiny_sdxl
 from kiln_server.pipeline.params import GenerationParams
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SHIPPED_MODEL_NAME = "kiln-shapes"
-BUILTIN_MODELS = (SHIPPED_MODEL_NAME, TINY_SDXL_NAME, SDXL_BASE_ARCH_NAME)
+TINY_FLUX_DEV_NAME = tiny_flux_name(guidance=True)
+TINY_FLUX_SCHNELL_NAME = tiny_flux_name(guidance=False)
+BUILTIN_MODELS = (
+    SHIPPED_MODEL_NAME,
+    TINY_SDXL_NAME,
+    SDXL_BASE_ARCH_NAME,
+    TINY_FLUX_DEV_NAME,
+    TINY_FLUX_SCHNELL_NAME,
+)
 
 
 class RegistryError(ValueError):
@@ -117,6 +126,8 @@ def builtin_model_path(name: str, cache_dir: Path) -> Path:
         return ensure_tiny_sdxl(cache_dir / "models")
     if name == SDXL_BASE_ARCH_NAME:
         return ensure_sdxl_base_arch(cache_dir / "models")
+    if name in (TINY_FLUX_DEV_NAME, TINY_FLUX_SCHNELL_NAME):
+        return ensure_tiny_flux(cache_dir / "models", guidance=name == TINY_FLUX_DEV_NAME)
     raise RegistryError(f"unknown built-in model {name!r}; built-ins are {list(BUILTIN_MODELS)}")
 
 
@@ -142,14 +153,47 @@ def _folder_defaults(path: Path) -> dict[str, Any]:
     }
 
 
+def _family_defaults(name: str, path: Path, checkpoint: Any) -> dict[str, Any]:
+    """The family of the folder (from its model_index.json; a folder without one, or a
+    single-file checkpoint, is SDXL) and that family's serving defaults: FLUX.1-dev's for
+    a FLUX model with a guidance embedding (28 steps, distilled guidance 3.5), schnell's
+    without one (4 steps, guidance 1: off), both FLOW_MATCH_EULER."""
+    if checkpoint is not None or not (path / "model_index.json").is_file():
+        return {}
+    from kiln_server.models.family import model_family
+    from kiln_server.models.loader import ModelFolderError, read_json
+
+    try:
+        family = model_family(path)
+        if family != "flux":
+            return {"family": family}
+        transformer = read_json(path / "transformer" / "config.json")
+    except ModelFolderError as exc:
+        raise RegistryError(f"model {name!r}: {exc}") from exc
+    distilled = bool(transformer.get("guidance_embeds", False))
+    return {
+        "family": "flux",
+        "default_scheduler": "FLOW_MATCH_EULER",
+        "default_num_inference_steps": 28 if distilled else 4,
+        "default_guidance_scale": 3.5 if distilled else 1.0,
+        "max_num_inference_steps": 50,
+        "max_guidance_scale": 10.0,
+    }
+
+
 def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
-    """A ModelSpec from the folder's kiln.json and explicit overrides (overrides win)."""
+    """A ModelSpec from the family's defaults, the folder's kiln.json and explicit
+    overrides (later ones win)."""
     unknown = set(overrides) - SPEC_KEYS
     if unknown:
         raise RegistryError(
             f"model {name!r}: unknown setting(s) {sorted(unknown)}; known: {sorted(SPEC_KEYS)}"
         )
-    values = {**_folder_defaults(path), **overrides}
+    values = {
+        **_family_defaults(name, path, overrides.get("checkpoint")),
+        **_folder_defaults(path),
+        **overrides,
+    }
     own_loras = path / "loras"
     lora_dirs = tuple(values.pop("lora_dirs", ()))
     if own_loras.is_dir() and own_loras not in lora_dirs:

@@ -183,6 +183,11 @@ class SDXLPipeline:
         """Name of the runtime executing the engines."""
         return self.engines.backend
 
+    def rows_for(self, params: GenerationParams) -> int:
+        """UNet rows a request adds to each step it shares: two per image under
+        classifier-free guidance, else one."""
+        return params.num_outputs * (2 if params.do_classifier_free_guidance else 1)
+
     def prepare(self, params: GenerationParams) -> DenoiseState:
         """Encode prompts, seed latents and set up a scheduler for one request.
 

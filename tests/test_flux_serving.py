@@ -1,0 +1,194 @@
+"""FLUX models served beside SDXL by one `kiln serve`: ListModels, generation equal to the
+pipeline run alone, both families at once, and the family's own refusals.
+
+The server serves the tiny SDXL model and the tiny FLUX dev-style (guidance embedding) and
+schnell-style models (kiln_server.models.tiny_flux), all on the torch backend.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from e2e_support import field_violations, kinds
+from PIL import Image
+
+from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
+from kiln_client.proto.kiln.v1 import generation_service_pb2_grpc as pb_grpc
+from kiln_server.models.registry import ModelRegistry
+from kiln_server.pipeline.params import GenerationParams
+from kiln_server.runtime import load_flux_pipeline
+
+CONFIG = """
+[server]
+default_model = "sdxl"
+
+[[models]]
+name = "sdxl"
+path = "{tiny_sdxl}"
+default_num_inference_steps = 2
+
+[[models]]
+name = "flux-dev"
+builtin = "kiln-tiny-flux-dev"
+default_num_inference_steps = 3
+
+[[models]]
+name = "flux-schnell"
+builtin = "kiln-tiny-flux-schnell"
+"""
+
+
+@pytest.fixture(scope="module")
+def config_text(tiny_model_path: Path) -> str:
+    return CONFIG.format(tiny_sdxl=tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def flux_server(
+    tmp_path_factory: pytest.TempPathFactory, kiln_cache_dir: Path, config_text: str
+) -> Iterator[Any]:
+    from conftest import start_server
+
+    server = start_server(
+        tmp_path_factory.mktemp("flux-serving"),
+        kiln_cache_dir,
+        "--backend",
+        "torch",
+        config=config_text,
+    )
+    yield server
+    server.terminate()
+
+
+@pytest.fixture(scope="module")
+def stub(flux_server: Any) -> Iterator[pb_grpc.GenerationServiceStub]:
+    channel = grpc.insecure_channel(flux_server.address)
+    yield pb_grpc.GenerationServiceStub(channel)
+    channel.close()
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _images(stub: pb_grpc.GenerationServiceStub, **fields: Any) -> list[np.ndarray]:
+    events = list(stub.Generate(pb.GenerateRequest(**fields), timeout=120))
+    assert kinds(events)[-1] == "completed"
+    return [_pixels(e.image.data) for e in events if e.HasField("image")]
+
+
+def test_list_models_reports_the_flux_family_and_its_limits(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
+    assert models["sdxl"].family == "sdxl"
+    for name in ("flux-dev", "flux-schnell"):
+        info = models[name]
+        assert info.family == "flux"
+        assert list(info.schedulers) == ["FLOW_MATCH_EULER"]
+        assert info.default_scheduler == "FLOW_MATCH_EULER"
+        assert info.size_multiple == 16
+        assert info.backend == "torch"
+        assert list(info.preview_methods) == ["latent_rgb"]
+    assert models["flux-dev"].default_guidance_scale == pytest.approx(3.5)
+    assert models["flux-dev"].default_num_inference_steps == 3  # the config's
+    assert models["flux-schnell"].default_num_inference_steps == 4
+    assert "K_EULER" in models["sdxl"].schedulers
+
+
+def test_a_flux_image_equals_the_pipeline_run_alone(
+    stub: pb_grpc.GenerationServiceStub, config_text: str, kiln_cache_dir: Path, tmp_path: Path
+) -> None:
+    served = _images(stub, model="flux-dev", prompt="a red circle", seed=11, num_outputs=2)
+    registry = ModelRegistry.from_config(
+        {**_toml(config_text), "_config_dir": str(tmp_path)}, kiln_cache_dir
+    )
+    spec = registry.models["flux-dev"]
+    pipeline = load_flux_pipeline(spec, "torch", None)
+    params = GenerationParams(
+        prompt="a red circle",
+        width=spec.default_width,
+        height=spec.default_height,
+        num_outputs=2,
+        num_inference_steps=spec.default_num_inference_steps,
+        guidance_scale=spec.default_guidance_scale,
+        scheduler=spec.default_scheduler,
+        seed=11,
+        model=spec.name,
+    )
+    alone = pipeline.generate(params)
+    assert len(served) == 2
+    for image, reference in zip(served, alone, strict=True):
+        assert np.array_equal(image, reference)
+
+
+def test_both_families_at_once_all_complete_each_as_alone(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
+    requests = [
+        {"model": "flux-dev", "prompt": "a blue square", "seed": 5},
+        {"model": "sdxl", "prompt": "a blue square", "seed": 5},
+        {"model": "flux-schnell", "prompt": "a blue square", "seed": 5},
+        # true classifier-free guidance: two rows per image on the schnell-style model
+        {
+            "model": "flux-schnell",
+            "prompt": "a blue square",
+            "negative_prompt": "green",
+            "guidance_scale": 3.0,
+            "seed": 5,
+        },
+        {"model": "flux-dev", "prompt": "a yellow cross", "seed": 6, "width": 96},
+    ]
+    alone = [_images(stub, **fields) for fields in requests]
+    with ThreadPoolExecutor(len(requests) * 2) as pool:
+        together = list(pool.map(lambda fields: _images(stub, **fields), requests * 2))
+    for index, images in enumerate(together):
+        reference = alone[index % len(requests)]
+        for image, ref in zip(images, reference, strict=True):
+            # A batch of other rows changes the float summation order: within 1 level.
+            assert np.abs(image.astype(int) - ref.astype(int)).max() <= 1
+
+
+def _refusal(stub: pb_grpc.GenerationServiceStub, **fields: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Generate(pb.GenerateRequest(**fields), timeout=60))
+    return caught.value
+
+
+def test_flux_refusals_name_the_field(stub: pb_grpc.GenerationServiceStub) -> None:
+    cases = [
+        ({"model": "flux-dev", "negative_prompt": "blur"}, "negative_prompt", "distilled"),
+        ({"model": "flux-dev", "width": 72}, "width", "multiple of 16"),
+        ({"model": "flux-schnell", "scheduler": "K_EULER"}, "scheduler", "FLOW_MATCH_EULER"),
+    ]
+    for fields, field, words in cases:
+        error = _refusal(stub, prompt="a red circle", **fields)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert words in field_violations(error)[field]
+
+
+def test_flux_image_inputs_and_loras_are_refused(stub: pb_grpc.GenerationServiceStub) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, "PNG")
+    error = _refusal(stub, model="flux-dev", prompt="a red circle", image=buffer.getvalue())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image" in field_violations(error)
+    error = _refusal(
+        stub, model="flux-dev", prompt="a red circle", loras=[pb.LoraWeight(name="x", scale=1)]
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "FLUX models serve no LoRAs" in (error.details() or "")
+
+
+def _toml(text: str) -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads(text)
