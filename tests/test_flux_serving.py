@@ -175,12 +175,29 @@ def test_flux_refusals_name_the_field(stub: pb_grpc.GenerationServiceStub) -> No
         assert words in field_violations(error)[field]
 
 
-def test_flux_image_inputs_and_loras_are_refused(stub: pb_grpc.GenerationServiceStub) -> None:
+def test_flux_img2img_is_served_and_masks_and_loras_are_refused(
+    stub: pb_grpc.GenerationServiceStub,
+) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(buffer, "PNG")
-    error = _refusal(stub, model="flux-dev", prompt="a red circle", image=buffer.getvalue())
+    photo = buffer.getvalue()
+    events = list(
+        stub.Generate(
+            pb.GenerateRequest(
+                model="flux-dev", prompt="a red circle", image=photo, strength=0.5, seed=2
+            ),
+            timeout=120,
+        )
+    )
+    assert kinds(events)[-1] == "completed"
+    started = next(e.started for e in events if e.HasField("started"))
+    assert started.mode == "image_to_image" and started.strength == pytest.approx(0.5)
+    progress = [e.progress for e in events if e.HasField("progress")]
+    # 3 steps at strength 0.5 start at int(3 - 1.5) = 1: two steps run.
+    assert progress[-1].total_steps == 2
+    error = _refusal(stub, model="flux-dev", prompt="a red circle", image=photo, mask=photo)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "image" in field_violations(error)
+    assert "no mask yet" in field_violations(error)["mask"]
     error = _refusal(
         stub, model="flux-dev", prompt="a red circle", loras=[pb.LoraWeight(name="x", scale=1)]
     )

@@ -293,6 +293,15 @@ def _decode_photo(
             )
         )
         return photo
+    if request.mask and limits.family == "flux":
+        errors.append(
+            FieldViolation(
+                "mask",
+                f"model {spec.name!r} is a FLUX model: it takes image-to-image (image, "
+                "strength) but no mask yet; send no mask",
+            )
+        )
+        return photo
     if not request.mask:
         for name in ("keep_unmasked", "mask_crop_padding"):
             if given[name]:

@@ -79,7 +79,7 @@ def flux_declared_limits(engines: FluxEngineSet, dims: FluxDims) -> EngineLimits
         vae_decoder_images=max_batch(engines.vae_decoder),
         vae_encoder_images=max_batch(engines.vae_encoder),
         text_encoder_prompts=min(text_rows) if text_rows else None,
-        image_inputs=False,
+        image_inputs=engines.vae_encoder is not None,
         distilled_guidance=dims.guidance_embeds,
         min_width=bounds["min_width"],
         max_width=bounds["max_width"],

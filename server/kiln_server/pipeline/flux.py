@@ -38,7 +38,7 @@ from kiln_server.pipeline.flux_prompts import (
     FluxPromptTokenizer,
 )
 from kiln_server.pipeline.flux_schedulers import make_flux_scheduler
-from kiln_server.pipeline.params import GenerationParams, PreviewParams
+from kiln_server.pipeline.params import GenerationParams, ImageConditioning, PreviewParams
 from kiln_server.pipeline.previews import EncodedPreview
 from kiln_server.pipeline.sdxl import StepResult, decode_in_chunks, to_uint8_pixels
 
@@ -57,6 +57,13 @@ def unpack_latents(tokens: torch.Tensor, latent_height: int, latent_width: int) 
     c = values // (PACK * PACK)
     patches = tokens.view(b, latent_height // PACK, latent_width // PACK, c, PACK, PACK)
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, latent_height, latent_width)
+
+
+def image_start(steps: int, strength: float) -> int:
+    """The first schedule index an img2img request of `strength` runs from, as diffusers'
+    FLUX img2img computes it: int(steps - steps x strength) (in floating point, so 4 steps
+    at strength 0.6 start at index 1, where SDXL's rounding starts at 2)."""
+    return int(max(steps - min(steps * strength, steps), 0))
 
 
 def latent_image_ids(token_rows: int, token_columns: int, device: torch.device) -> torch.Tensor:
@@ -89,6 +96,8 @@ class FluxDenoiseState:
     img_ids: torch.Tensor
     step_index: int = 0
     denoised: torch.Tensor | None = None
+    # Where `timesteps` start in the scheduler's schedule (img2img skips the first ones).
+    offset: int = 0
 
     @property
     def total_steps(self) -> int:
@@ -156,7 +165,12 @@ class FluxPipeline:
                     f"image sides are multiples of {multiple} (8x VAE, 2x2 latent packing)"
                 )
         if params.image is not None:
-            raise ValueError("image: FLUX models serve text-to-image only; send no image")
+            if params.image.mask is not None:
+                raise ValueError(
+                    "mask: FLUX models take image-to-image (image, strength) but no mask yet"
+                )
+            if self.engines.vae_encoder is None:
+                raise ValueError("image: this FLUX model is served without a VAE encoder")
         if any(use.scale != 0.0 for use in params.loras):
             raise ValueError("loras: this model serves no LoRAs")
         if self.dims.guidance_embeds and params.negative_prompt is not None:
@@ -191,11 +205,20 @@ class FluxPipeline:
         if self.dims.guidance_embeds:
             guidance = torch.full((1,), params.guidance_scale, dtype=torch.float32)
             guidance = guidance.to(self.device)
+        timesteps, offset = scheduler.timesteps, 0
+        if params.image is None:
+            latents = self._noise(params, generators)
+        else:
+            offset = image_start(params.num_inference_steps, params.image.strength)
+            timesteps = timesteps[offset:]
+            scheduler.set_begin_index(offset)
+            latents = self._photo_latents(params, params.image, scheduler, timesteps, generators)
         return FluxDenoiseState(
             params=params,
             scheduler=scheduler,
-            timesteps=scheduler.timesteps,
-            latents=pack_latents(self._noise(params, generators)),
+            timesteps=timesteps,
+            offset=offset,
+            latents=pack_latents(latents),
             generators=generators,
             positive=positive,
             negative=negative,
@@ -211,6 +234,34 @@ class FluxPipeline:
         return torch.cat(
             [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
         ).to(self.device)
+
+    def _photo_latents(
+        self,
+        params: GenerationParams,
+        conditioning: ImageConditioning,
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        generators: list[torch.Generator],
+    ) -> torch.Tensor:
+        """An img2img request's first latents (unpacked), in diffusers' order of draws:
+        the photo's latent sample from the first generator (shared by every output), then
+        each output's noise from its own; the photo is noised to the first timestep run
+        (`scale_noise`: sigma x noise + (1 - sigma) x photo)."""
+        assert self.engines.vae_encoder is not None, "check() refuses images without one"
+        # As diffusers' VaeImageProcessor: levels / 255 in float32, then to [-1, 1].
+        levels = torch.from_numpy(conditioning.image).permute(2, 0, 1)[None].float() / 255.0
+        pixels = (2.0 * levels - 1.0).to(self.device)
+        parameters = self.engines.vae_encoder.infer({"images": pixels})["latent_parameters"]
+        mean, logvar = parameters.float().chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        sample = torch.randn(mean.shape, generator=generators[0], dtype=torch.float32)
+        photo = mean + std * sample.to(self.device)
+        photo = (photo - self.files.vae_shift_factor) * self.files.vae_scaling_factor
+        photo = photo.expand(params.num_outputs, -1, -1, -1)
+        noise = self._noise(params, generators)
+        start = timesteps[:1].repeat(params.num_outputs)
+        latents: torch.Tensor = scheduler.scale_noise(photo, start, noise)
+        return latents
 
     def _transformer_inputs(self, states: list[FluxDenoiseState]) -> dict[str, torch.Tensor]:
         """Stack every state's rows: per state [negative x N, positive x N] under true CFG."""
@@ -266,7 +317,7 @@ class FluxPipeline:
                 negative, positive = prediction.chunk(2)
                 prediction = negative + state.params.guidance_scale * (positive - negative)
             t = state.timesteps[state.step_index]
-            sigma = state.scheduler.sigmas[state.step_index]
+            sigma = state.scheduler.sigmas[state.offset + state.step_index]
             state.denoised = state.latents - sigma.to(state.latents.device) * prediction
             state.latents = state.scheduler.step(prediction, t, state.latents, return_dict=False)[0]
             state.step_index += 1

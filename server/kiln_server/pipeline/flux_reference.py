@@ -4,7 +4,8 @@ Kiln's FluxPipeline promises the pixels this produces for the same request and s
 reference loads the folder with `FluxPipeline.from_pretrained(folder, local_files_only=True)`
 (independently of Kiln's loader) and maps a GenerationParams onto its arguments: the
 served T5 length as `max_sequence_length`, `guidance_scale` as the distilled guidance, and
-on a schnell-style model with a negative prompt `true_cfg_scale = guidance_scale`.
+on a schnell-style model with a negative prompt `true_cfg_scale = guidance_scale`; a
+request with an image runs diffusers' FluxImg2ImgPipeline over the same components.
 """
 
 from __future__ import annotations
@@ -32,11 +33,21 @@ class FluxDiffusersReference:
     def generate(self, params: GenerationParams) -> np.ndarray:
         """uint8 [N, H, W, 3] for the request; image i is seeded seed + i, as in Kiln."""
         kwargs: dict[str, Any] = {}
+        pipeline = self.pipeline
+        if params.image is not None:
+            from diffusers import FluxImg2ImgPipeline
+            from PIL import Image
+
+            # The same components, as diffusers' image-to-image FLUX pipeline.
+            pipeline = FluxImg2ImgPipeline(**self.pipeline.components)
+            pipeline.set_progress_bar_config(disable=True)
+            kwargs["image"] = Image.fromarray(params.image.image)
+            kwargs["strength"] = params.image.strength
         if params.negative_prompt is not None:
             kwargs["negative_prompt"] = params.negative_prompt
             kwargs["true_cfg_scale"] = params.guidance_scale
         with torch.inference_mode():
-            images = self.pipeline(
+            images = pipeline(
                 prompt=params.prompt,
                 width=params.width,
                 height=params.height,
