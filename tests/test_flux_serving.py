@@ -99,6 +99,8 @@ def test_list_models_reports_the_flux_family_and_its_limits(
         assert info.backend == "torch"
         assert list(info.preview_methods) == ["latent_rgb"]
     assert models["flux-dev"].default_guidance_scale == pytest.approx(3.5)
+    assert models["flux-dev"].distilled_guidance
+    assert not models["flux-schnell"].distilled_guidance and not models["sdxl"].distilled_guidance
     assert models["flux-dev"].default_num_inference_steps == 3  # the config's
     assert models["flux-schnell"].default_num_inference_steps == 4
     assert "K_EULER" in models["sdxl"].schedulers

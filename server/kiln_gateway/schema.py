@@ -3,7 +3,9 @@
 One table (`input_fields`) declares every input: it drives validation, the OpenAPI
 `openapi_schema` each model version reports, and the translation to Kiln's request. Its
 limits and defaults come from the Kiln model itself (`ModelInfo` from ListModels), so a
-script sees the same numbers the server enforces.
+script sees the same numbers the server enforces. A model of family "flux" gets Replicate's
+FLUX schemas instead (`kiln_gateway.flux_schema`), checked here the same way and translated
+to this module's names before the request is built.
 
 Fields fall in five groups:
 - generation: `prompt`, `negative_prompt`, `width`, `height`, `num_outputs`, `scheduler`
@@ -12,11 +14,12 @@ Fields fall in five groups:
   keeps) and `prompt_strength` (Kiln's `strength`, only sent with an image);
 - LoRAs: Replicate SDXL's `replicate_weights` at `lora_scale` (default 0.6), and the
   FLUX-style `lora_weights` at `lora_scale` (default 1) and `extra_lora` at
-  `extra_lora_scale` (default 1), for any model (FLUX models themselves come with issue
-  #13). Each is the name of a LoRA the model lists (ModelInfo.loras), or a URL (http(s),
-  or a file uploaded with POST /v1/files) of a .safetensors file or of a .tar holding one:
-  `ParsedInput.lora_urls` lists those for `kiln_gateway.loras` to import into the Kiln
-  server's LoRA cache, and `ParsedInput.attach_loras` adds the names it gets back;
+  `extra_lora_scale` (default 1), for SDXL models (the FLUX schema refuses the LoRA inputs
+  while the server applies no LoRAs to FLUX models). Each is the name of a LoRA the model
+  lists (ModelInfo.loras), or a URL (http(s), or a file uploaded with POST /v1/files) of a
+  .safetensors file or of a .tar holding one: `ParsedInput.lora_urls` lists those for
+  `kiln_gateway.loras` to import into the Kiln server's LoRA cache, and
+  `ParsedInput.attach_loras` adds the names it gets back;
 - not available yet, answered with a validation error naming the field: `refine` other
   than `no_refiner`;
 - accepted and documented as no-ops: `high_noise_frac`, `refine_steps` (they only act with
@@ -116,6 +119,8 @@ class InputField:
     nullable: bool = False
     unsupported_reason: str = ""
     items: dict[str, Any] | None = None
+    required: bool = False
+    """The input must be given (Replicate's FLUX `prompt`); listed in the schema's `required`."""
 
     def schema(self, order: int) -> dict[str, Any]:
         """This field as a JSON-schema property (with Cog's `x-order`)."""
@@ -189,7 +194,18 @@ def _number(value: float) -> float | int:
 
 
 def input_fields(info: pb.ModelInfo) -> list[InputField]:
-    """Every input of the SDXL schema with this Kiln model's defaults and limits, in order."""
+    """Every input of the model's schema with its defaults and limits, in order: Replicate's
+    FLUX schemas (`kiln_gateway.flux_schema`) for a model of ListModels family "flux",
+    else the SDXL one."""
+    if info.family == "flux":
+        # flux_schema builds on this module's InputField and SDXL fields: imported here.
+        from kiln_gateway.flux_schema import flux_input_fields
+
+        return flux_input_fields(info, _sdxl_input_fields(info))
+    return _sdxl_input_fields(info)
+
+
+def _sdxl_input_fields(info: pb.ModelInfo) -> list[InputField]:
     steps_max = info.max_num_inference_steps or 500
     size_min, size_max = info.min_size or 64, info.max_size or 2048
     schedulers = tuple(info.schedulers) or None
@@ -436,6 +452,7 @@ def _image_limits(info: pb.ModelInfo) -> str:
 def openapi_schema(info: pb.ModelInfo) -> dict[str, Any]:
     """The OpenAPI document a model version reports (Cog's layout: Input and Output schemas)."""
     fields = input_fields(info)
+    required = [f.name for f in fields if f.required]
     return {
         "openapi": "3.0.2",
         "info": {"title": "Kiln", "version": "0.1.0"},
@@ -446,6 +463,7 @@ def openapi_schema(info: pb.ModelInfo) -> dict[str, Any]:
                     "type": "object",
                     "title": "Input",
                     "properties": {f.name: f.schema(i) for i, f in enumerate(fields)},
+                    **({"required": required} if required else {}),
                 },
                 "Output": {
                     "type": "array",
@@ -540,7 +558,8 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
     """Check `raw` against the schema of Kiln model `info` and build its GenerateRequest.
 
     Absent fields take the Kiln model's defaults (resolved by the server), except `prompt`,
-    which defaults to Replicate's SDXL example prompt as it does on Replicate.
+    which defaults to Replicate's SDXL example prompt as it does on Replicate (the FLUX
+    schemas require it, as Replicate's do).
 
     Raises:
         InputInvalid: listing every invalid field, each named `input.<name>`.
@@ -578,6 +597,11 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
     unknown = sorted(set(raw) - set(specs))
     if unknown:
         notes.append(_unknown_note(unknown))
+    problems += [
+        InvalidField(type="required", field=f"input.{name}", description=f"{name} is required")
+        for name, spec in specs.items()
+        if spec.required and name not in values and raw.get(name) is None
+    ]
     problems += _conditioning_problems(values, info)
     loras, lora_urls, lora_problems = _lora_inputs(values, info)
     problems += lora_problems
@@ -585,6 +609,10 @@ def parse_input(raw: Any, info: pb.ModelInfo) -> ParsedInput:
     if problems:
         raise InputInvalid(problems)
     notes += _conditioning_notes(values, specs)
+    if info.family == "flux":
+        from kiln_gateway.flux_schema import flux_request_values  # see input_fields
+
+        values = flux_request_values(values, info)
     output_format = values.get("output_format", "png")
     try:
         request = build_request(

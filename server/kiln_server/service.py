@@ -278,6 +278,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                         for lora in loras
                     ],
                     max_loras_per_request=self.budget.max_loras,
+                    distilled_guidance=limits.distilled_guidance,
                 )
             )
         return pb.ListModelsResponse(models=infos, default_model=self.registry.default_model)

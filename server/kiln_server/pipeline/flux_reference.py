@@ -33,7 +33,7 @@ class FluxDiffusersReference:
     def generate(self, params: GenerationParams) -> np.ndarray:
         """uint8 [N, H, W, 3] for the request; image i is seeded seed + i, as in Kiln."""
         kwargs: dict[str, Any] = {}
-        pipeline = self.pipeline
+        pipeline: Any = self.pipeline
         if params.image is not None:
             from diffusers import FluxImg2ImgPipeline
             from PIL import Image

@@ -617,6 +617,7 @@ class ModelInfo(_message.Message):
     INPAINTING_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     MAX_LORAS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    DISTILLED_GUIDANCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     family: _builtins.str
     """Architecture family, e.g. "sdxl"."""
@@ -657,6 +658,12 @@ class ModelInfo(_message.Message):
     """
     max_loras_per_request: _builtins.int
     """Most entries one GenerateRequest.loras may hold."""
+    distilled_guidance: _builtins.bool
+    """True for a FLUX-dev style model: guidance_scale feeds its guidance embedding (distilled
+    guidance, one row per image) and it takes no negative_prompt. False for SDXL and for
+    FLUX-schnell style models, where guidance above 1 is classifier-free guidance (on
+    FLUX-schnell only with a negative_prompt).
+    """
     @_builtins.property
     def schedulers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -703,10 +710,11 @@ class ModelInfo(_message.Message):
         inpainting: _builtins.bool = ...,
         loras: _abc.Iterable[Global___LoraInfo] | None = ...,
         max_loras_per_request: _builtins.int = ...,
+        distilled_guidance: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_preview_method", b"default_preview_method", "default_scheduler", b"default_scheduler", "default_strength", b"default_strength", "default_width", b"default_width", "description", b"description", "device", b"device", "family", b"family", "inpainting", b"inpainting", "loras", b"loras", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_loras_per_request", b"max_loras_per_request", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "preview_methods", b"preview_methods", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "backend_reason", b"backend_reason", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_preview_method", b"default_preview_method", "default_scheduler", b"default_scheduler", "default_strength", b"default_strength", "default_width", b"default_width", "description", b"description", "device", b"device", "distilled_guidance", b"distilled_guidance", "family", b"family", "inpainting", b"inpainting", "loras", b"loras", "max_batch_rows", b"max_batch_rows", "max_guidance_scale", b"max_guidance_scale", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_loras_per_request", b"max_loras_per_request", "max_num_inference_steps", b"max_num_inference_steps", "max_num_outputs", b"max_num_outputs", "max_prompt_tokens", b"max_prompt_tokens", "max_size", b"max_size", "min_size", b"min_size", "name", b"name", "preview_methods", b"preview_methods", "schedulers", b"schedulers", "size_multiple", b"size_multiple"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
