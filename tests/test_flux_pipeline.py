@@ -263,6 +263,7 @@ def test_loader_reads_the_folder_offline(variant: Variant, monkeypatch: pytest.M
         t5_hidden_size=32,
         t5_tokens=T5_TOKENS,
         guidance_embeds=dev_style,
+        t5_vocab_size=len(files.tokenizer_2),
     )
     assert files.dims.token_channels == 64 and files.dims.size_multiple == 16
     assert (files.vae_scaling_factor, files.vae_shift_factor) == (0.3611, 0.1159)

@@ -159,6 +159,8 @@ class ComponentSpec:
     dims: ModelDims
     image_sized: bool = True
     lora: LoraInputs | None = None
+    # Token ids an `input_ids` input takes are below this (None: CLIP's vocabulary).
+    vocab_size: int | None = None
 
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:

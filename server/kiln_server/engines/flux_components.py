@@ -46,6 +46,7 @@ class FluxDims:
     t5_tokens: int = 512
     guidance_embeds: bool = False
     image_channels: int = 3
+    t5_vocab_size: int = 32128
 
     @property
     def token_channels(self) -> int:
@@ -108,6 +109,7 @@ def t5_encoder_spec(dims: FluxDims) -> FluxComponentSpec:
         ),
         dims=dims.vae_dims(),
         image_sized=False,
+        vocab_size=dims.t5_vocab_size,
         flux=dims,
     )
 

@@ -25,8 +25,12 @@ NUM_TRAIN_TIMESTEPS = 1000
 LORA_WEIGHT_SCALE = 0.05
 
 
-def _token_ids(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+def _token_ids(
+    shape: tuple[int, ...], generator: torch.Generator, vocab_size: int | None = None
+) -> torch.Tensor:
     rows, length = shape
+    if vocab_size is not None:  # not CLIP's (T5): any ids of its vocabulary, no BOS
+        return torch.randint(0, vocab_size, (rows, length), generator=generator)
     ids = torch.full((rows, length), EOS_TOKEN_ID, dtype=torch.int64)
     ids[:, 0] = BOS_TOKEN_ID
     for row in range(rows):
@@ -55,7 +59,7 @@ def sample_inputs(
         shape = spec.shape(tensor.name, request)
         dtype = getattr(torch, tensor.dtype)
         if tensor.name == "input_ids":
-            value = _token_ids(shape, generator)
+            value = _token_ids(shape, generator, spec.vocab_size)
         elif tensor.name == "timestep":
             value = torch.rand(shape, generator=generator) * (NUM_TRAIN_TIMESTEPS - 1)
         elif tensor.name == "time_ids":

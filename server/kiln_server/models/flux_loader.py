@@ -179,6 +179,7 @@ def read_flux_model_files(path: Path) -> FluxModelFiles:
         t5_tokens=_t5_tokens(path, kiln_config, guidance, int(tokenizer_2.model_max_length)),
         guidance_embeds=guidance,
         image_channels=int(vae_config.get("out_channels", 3)),
+        t5_vocab_size=int(t5_config["vocab_size"]),
     )
     return FluxModelFiles(
         path=path,
