@@ -92,7 +92,11 @@ def test_first_use_numbers_are_measured_and_consistent(
     for name in SUMMARIES:
         summary = first[name]
         assert summary["count"] == FIRST_USES, name
-        assert 0 < summary["median"] <= summary["max"], name
+        assert summary["median"] <= summary["max"], name
+        # A difference of two timings may be negative: a first use is now within noise of
+        # a resident LoRA. Every other number is a duration.
+        if name != "extra_over_resident":
+            assert summary["median"] > 0, name
     for kind in ("none", "resident", "first_use"):
         for statistic in ("median", "max"):
             started = first[f"{kind}_to_started"][statistic]
