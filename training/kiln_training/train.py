@@ -316,16 +316,18 @@ def fit_latent_rgb(
 ) -> tuple[list[list[float]], list[float]]:
     """Least-squares map from scaled latents to RGB in [-1, 1] (for step previews).
 
-    Returns (factors 4x3, bias 3) with rgb ≈ latent·factors + bias, where `latent` is what
-    the denoising loop holds (the VAE's latent times its scaling factor) and each latent
-    pixel is compared with the mean colour of the 8x8 image patch above it.
+    Returns (factors Cx3 for C latent channels, bias 3) with rgb ≈ latent·factors + bias,
+    where `latent` is what the denoising loop holds (the VAE's latent times its scaling
+    factor) and each latent pixel is compared with the mean colour of the 8x8 image patch
+    above it.
     """
-    latents = (pool.mean * scaling_factor).permute(0, 2, 3, 1).reshape(-1, 4).double()
+    channels = pool.mean.shape[1]
+    latents = (pool.mean * scaling_factor).permute(0, 2, 3, 1).reshape(-1, channels).double()
     rgb = pool.images_small.permute(0, 2, 3, 1).reshape(-1, 3).double()
     design = torch.cat([latents, torch.ones(len(latents), 1, dtype=torch.float64)], dim=1)
     solution = torch.linalg.lstsq(design, rgb).solution
-    factors = [[round(float(v), 6) for v in row] for row in solution[:4]]
-    bias = [round(float(v), 6) for v in solution[4]]
+    factors = [[round(float(v), 6) for v in row] for row in solution[:channels]]
+    bias = [round(float(v), 6) for v in solution[channels]]
     return factors, bias
 
 

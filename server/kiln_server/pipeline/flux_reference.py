@@ -1,11 +1,12 @@
 """diffusers' own FluxPipeline over a FLUX folder: the reference for Kiln's FLUX pipeline.
 
 Kiln's FluxPipeline promises the pixels this produces for the same request and seeds. The
-reference loads the folder with `FluxPipeline.from_pretrained(folder, local_files_only=True)`
-(independently of Kiln's loader) and maps a GenerationParams onto its arguments: the
-served T5 length as `max_sequence_length`, `guidance_scale` as the distilled guidance, and
-on a schnell-style model with a negative prompt `true_cfg_scale = guidance_scale`; a
-request with an image runs diffusers' FluxImg2ImgPipeline over the same components.
+reference loads the folder in float32 with `FluxPipeline.from_pretrained(folder,
+local_files_only=True)` (independently of Kiln's loader) and maps a GenerationParams onto
+its arguments: the served T5 length as `max_sequence_length`, `guidance_scale` as the
+distilled guidance, and on a schnell-style model with a negative prompt
+`true_cfg_scale = guidance_scale`; a request with an image runs diffusers'
+FluxImg2ImgPipeline over the same components.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class FluxDiffusersReference:
     def __init__(self, folder: Path, max_sequence_length: int) -> None:
         from diffusers import FluxPipeline
 
-        pipeline: Any = FluxPipeline.from_pretrained(folder, local_files_only=True)
+        pipeline: Any = FluxPipeline.from_pretrained(
+            folder, local_files_only=True, torch_dtype=torch.float32
+        )
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline
         self.max_sequence_length = max_sequence_length

@@ -1,0 +1,108 @@
+"""Generate images from a FLUX model folder through Kiln's own FluxPipeline, and judge them.
+
+`FluxSampler` is the FLUX counterpart of sampling.KilnSampler (same `Sampler` protocol, so
+benchmarks/adherence.py's `measure` takes it as it is): Kiln's FluxPipeline on the torch
+backend, every request advanced together, one transformer call per step. Unset settings
+come from the model's kiln.json. On a model without a guidance embedding a guidance scale
+above 1 is true classifier-free guidance against kiln.json's `default_negative_prompt`
+(the empty prompt), as the server serves it. `flux_adherence` scores a prompt set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln_training.dataset import caption, prompt_set
+from kiln_training.evaluate import Adherence, Score, adherence, score
+from kiln_training.sampling import _Settings
+
+FLUX_DEFAULT_SCHEDULER = "FLOW_MATCH_EULER"
+
+
+class FluxSampler:
+    """Kiln's FluxPipeline over a FLUX model folder, torch backend, fp32 on the CPU."""
+
+    def __init__(self, folder: Path) -> None:
+        from kiln_server.engines.flux_torch import load_flux_torch_engines
+        from kiln_server.models.flux_loader import load_flux_modules, read_flux_model_files
+        from kiln_server.pipeline.flux import FluxPipeline
+
+        self.folder = Path(folder)
+        files = read_flux_model_files(self.folder)
+        self.defaults: dict[str, Any] = {
+            "default_scheduler": FLUX_DEFAULT_SCHEDULER,
+            **files.kiln_config,
+        }
+        engines = load_flux_torch_engines(load_flux_modules(self.folder), files.dims)
+        self.pipeline = FluxPipeline(files, engines)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        size: int | None = None,
+    ) -> list[np.ndarray]:
+        """One RGB uint8 image (H, W, 3) per (prompt, seed) pair, each equal (up to float
+        rounding) to what a lone request with that prompt and seed gets."""
+        from kiln_server.pipeline.params import GenerationParams
+
+        if len(prompts) != len(seeds):
+            raise ValueError(
+                f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}"
+            )
+        settings = _Settings(self.defaults, steps, guidance_scale, scheduler, size)
+        negative = self.defaults.get("default_negative_prompt")
+        requests = [
+            GenerationParams(
+                prompt=prompt,
+                negative_prompt=negative,
+                width=settings.size,
+                height=settings.size,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                scheduler=settings.scheduler,
+                seed=int(seed),
+            )
+            for prompt, seed in zip(prompts, seeds, strict=True)
+        ]
+        with torch.no_grad():
+            states = [self.pipeline.prepare(params) for params in requests]
+            while not all(state.finished for state in states):
+                self.pipeline.denoise_step([s for s in states if not s.finished])
+            return [self.pipeline.decode(state)[0].cpu().numpy() for state in states]
+
+
+def flux_adherence(
+    sampler: FluxSampler,
+    *,
+    prompts: int = 48,
+    seeds: int = 2,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    batch: int = 32,
+) -> Adherence:
+    """Judge `prompts` x `seeds` images of the fixed prompt set (dataset.prompt_set; image
+    seeds 1000·(k+1) + i as benchmarks/adherence.py draws them) at the given settings (None:
+    the model's defaults)."""
+    scenes = prompt_set(prompts)
+    jobs = [(scene, 1000 * (k + 1) + i) for k in range(seeds) for i, scene in enumerate(scenes)]
+    scores: list[Score] = []
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start : start + batch]
+        images = sampler.generate(
+            [caption(scene) for scene, _ in chunk],
+            [seed for _, seed in chunk],
+            steps=steps,
+            guidance_scale=guidance_scale,
+        )
+        scores.extend(score(image, scene) for image, (scene, _) in zip(images, chunk, strict=True))
+    return adherence(scores)
