@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,13 @@ default_num_inference_steps = 3
 [[models]]
 name = "flux-schnell"
 builtin = "kiln-tiny-flux-schnell"
+
+# Guidance as true CFG against the empty prompt by default, as kiln-flux-shapes serves it.
+[[models]]
+name = "flux-cfg"
+builtin = "kiln-tiny-flux-schnell"
+default_guidance_scale = 3.0
+default_negative_prompt = ""
 """
 
 
@@ -130,6 +138,39 @@ def test_a_flux_image_equals_the_pipeline_run_alone(
     assert len(served) == 2
     for image, reference in zip(served, alone, strict=True):
         assert np.array_equal(image, reference)
+
+
+def test_a_default_negative_prompt_turns_guidance_into_true_cfg(
+    stub: pb_grpc.GenerationServiceStub, config_text: str, kiln_cache_dir: Path, tmp_path: Path
+) -> None:
+    served = _images(stub, model="flux-cfg", prompt="a red circle", seed=4)
+    registry = ModelRegistry.from_config(
+        {**_toml(config_text), "_config_dir": str(tmp_path)}, kiln_cache_dir
+    )
+    spec = registry.models["flux-cfg"]
+    assert spec.default_negative_prompt == ""
+    pipeline = load_flux_pipeline(spec, "torch", None)
+    request = spec.default_request("a red circle", seed=4)
+    assert pipeline.true_cfg(request)  # two rows per image against the empty prompt
+    assert np.array_equal(served[0], pipeline.generate(request)[0])
+    plain = pipeline.generate(replace(request, negative_prompt=None))[0]
+    assert not np.array_equal(served[0], plain)
+    # A request's own negative prompt replaces the default.
+    own = _images(stub, model="flux-cfg", prompt="a red circle", negative_prompt="blue", seed=4)
+    assert not np.array_equal(own[0], served[0])
+
+
+def test_a_default_negative_prompt_on_a_distilled_model_is_refused(
+    kiln_cache_dir: Path, tmp_path: Path
+) -> None:
+    from kiln_server.models.registry import RegistryError
+
+    config = {
+        "models": [{"name": "dev", "builtin": "kiln-tiny-flux-dev", "default_negative_prompt": ""}],
+        "_config_dir": str(tmp_path),
+    }
+    with pytest.raises(RegistryError, match="embeds distilled guidance and takes no negative"):
+        ModelRegistry.from_config(config, kiln_cache_dir)
 
 
 def test_both_families_at_once_all_complete_each_as_alone(

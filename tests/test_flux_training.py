@@ -174,3 +174,18 @@ def test_shipped_model_follows_prompts_at_its_defaults() -> None:
     result = flux_adherence(FluxSampler(SHIPPED_MODEL), prompts=16, seeds=1)
     assert result.images == 16
     assert result.colours >= 0.9
+
+
+def test_the_shipped_model_is_a_builtin_with_its_cfg_defaults(kiln_cache_dir: Path) -> None:
+    """`builtin = "kiln-flux-shapes"` serves the shipped folder with its kiln.json defaults:
+    guidance 3 as true CFG against the empty prompt, as it was trained and is measured."""
+    from kiln_server.models.registry import ModelRegistry
+
+    config = {"models": [{"name": "shapes", "builtin": "kiln-flux-shapes"}]}
+    spec = ModelRegistry.from_config(config, kiln_cache_dir).models["shapes"]
+    assert spec.path.resolve() == SHIPPED_MODEL.resolve()
+    assert (spec.family, spec.default_scheduler) == ("flux", "FLOW_MATCH_EULER")
+    assert (spec.default_num_inference_steps, spec.default_guidance_scale) == (4, 3.0)
+    assert spec.default_negative_prompt == ""
+    request = spec.default_request("a red circle on a blue background", seed=1)
+    assert request.negative_prompt == "" and request.guidance_scale == 3.0

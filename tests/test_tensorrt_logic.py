@@ -237,7 +237,7 @@ def test_engine_names_never_collide_across_machines() -> None:
 def test_precision_is_fp16_except_the_vae() -> None:
     from kiln_build.tensorrt_build import precision_for
 
-    assert {c: precision_for(c) for c in COMPONENT_NAMES} == {
+    assert {c: precision_for(SDXL[c]) for c in COMPONENT_NAMES} == {
         "text_encoder": "fp16",
         "text_encoder_2": "fp16",
         "unet": "fp16",
@@ -381,6 +381,7 @@ class FakeTensorRT:
 
     class BuilderFlag:
         FP16 = "FP16"
+        BF16 = "BF16"
         REFIT = "REFIT"
 
     class MemoryPoolType:

@@ -30,13 +30,9 @@ from kiln_build.profiles import (
     component_profiles,
     resolve_plan,
 )
+from kiln_build.targets import BuildTarget
 from kiln_server.engines.base import EngineError
-from kiln_server.engines.components import (
-    ComponentSpec,
-    LoraInputs,
-    ShapeRequest,
-    sdxl_component_specs,
-)
+from kiln_server.engines.components import ComponentSpec
 from kiln_server.engines.manifest import (
     MANIFEST_NAME,
     CheckContext,
@@ -165,37 +161,29 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     elif options.fmt != "onnx":
         raise EngineError(f"--format {options.fmt!r}: choose onnx or tensorrt")
 
-    from kiln_server.engines.loading import default_request
-    from kiln_server.models.loader import ModelFolderError, model_content_hash, read_model_files
+    from kiln_build.targets import read_target
+    from kiln_server.models.loader import model_content_hash
 
-    try:
-        files = read_model_files(
-            options.model_path, options.preview_decoder, checkpoint=options.checkpoint
-        )
-    except ModelFolderError as exc:
-        raise EngineError(str(exc)) from exc
-    default = default_request(files)
-    if options.default_size is not None:
-        default = ShapeRequest(1, *options.default_size)
-    multiple = files.dims.graph_size_multiple
+    target = read_target(
+        options.model_path,
+        preview_decoder=options.preview_decoder,
+        checkpoint=options.checkpoint,
+        lora=options.lora,
+        default_size=options.default_size,
+    )
+    specs, default = target.specs, target.default
     plan: ProfilePlan | None = None
     if trt is not None:
         limits = options.limits or _folder_limits(options)
-        plan = resolve_plan(options.flags, default, limits, multiple)
-    # The preview decoder is exported when the model has one, like every other component.
-    specs = sdxl_component_specs(
-        files.dims,
-        preview_decoder=files.preview_decoder_path is not None,
-        lora=model_lora_inputs(options.model_path, options.lora),
-    )
+        plan = resolve_plan(options.flags, default, limits, target.size_multiple)
     model_hash = model_content_hash(options.model_path, checkpoint=options.checkpoint)
     out_dir = options.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = CheckContext(out_dir, model_hash, files.source, options.model_name)
+    ctx = CheckContext(out_dir, model_hash, target.source, options.model_name)
     manifest = _existing_manifest(out_dir, model_hash, report) or Manifest(
-        model=ModelRecord(options.model_name, str(files.source), model_hash)
+        model=ModelRecord(options.model_name, str(target.source), model_hash)
     )
-    manifest.model = ModelRecord(options.model_name, str(files.source), model_hash)
+    manifest.model = ModelRecord(options.model_name, str(target.source), model_hash)
     manifest.config = options.config
     previous_lora, manifest.lora = manifest.lora, options.lora
     summary = BuildSummary(manifest_path=out_dir / MANIFEST_NAME)
@@ -208,7 +196,7 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
         summary.reused_onnx = True
         report(f"reusing the ONNX graphs in {out_dir} (same model, opset {options.opset})")
     else:
-        _onnx_stages(options, files, specs, default, multiple, model_hash, manifest, summary)
+        _onnx_stages(options, target, model_hash, manifest, summary)
         write_manifest(out_dir, manifest)
 
     for name, entry in manifest.onnx.items():
@@ -225,22 +213,6 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     return summary
 
 
-def model_lora_inputs(model_path: Path, record: LoraRecord | None) -> LoraInputs | None:
-    """The UNet graph's LoRA inputs for the model folder's UNet and `record` (None: none).
-
-    The layers are those the torch backend's per-row LoRA layers wrap, read from the
-    UNet's config (no weights are loaded), so the server derives the same declaration.
-    """
-    if record is None:
-        return None
-    from kiln_server.lora.graph import lora_inputs, shape_only_unet, unet_config_of
-
-    unet = shape_only_unet(unet_config_of(model_path))
-    return lora_inputs(
-        unet.layers, slots=record.slots, max_rank=record.max_rank, max_loras=record.max_loras
-    )
-
-
 def _folder_limits(options: BuildOptions) -> ModelLimits:
     """The model's request limits as `kiln serve` would read them from its folder alone."""
     from kiln_server.models.registry import make_spec
@@ -251,10 +223,7 @@ def _folder_limits(options: BuildOptions) -> ModelLimits:
 
 def _onnx_stages(
     options: BuildOptions,
-    files: Any,
-    specs: dict[str, ComponentSpec],
-    default: Any,
-    size_multiple: int,
+    target: BuildTarget,
     model_hash: str,
     manifest: Manifest,
     summary: BuildSummary,
@@ -262,18 +231,9 @@ def _onnx_stages(
     from kiln_build.export import export_component, export_request
     from kiln_build.graph_cleanup import cleanup_graph
     from kiln_build.validate import validate_graph, validation_requests
-    from kiln_server.engines.torch_modules import component_module
-    from kiln_server.models.loader import load_modules
 
-    modules = load_modules(
-        options.model_path, preview_decoder=files.preview_decoder_path, checkpoint=files.checkpoint
-    )
-    torch_modules = {name: component_module(spec, modules) for name, spec in specs.items()}
-    unet_lora = specs["unet"].lora
-    if unet_lora is not None:
-        from kiln_server.lora.graph import LoraUNetModule
-
-        torch_modules["unet"] = LoraUNetModule(torch_modules["unet"], unet_lora).eval()
+    specs, default = target.specs, target.default
+    torch_modules = target.modules()
     names = list(specs)  # COMPONENT_NAMES order, the optional ones only when present
     out_dir = options.out_dir
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
@@ -281,13 +241,14 @@ def _onnx_stages(
         cleaned: dict[str, Any] = {}
         start = time.perf_counter()
         for name in _stage(names, "export", options.progress, len(names)):
-            raw = export_component(
-                specs[name],
-                torch_modules[name],
-                staging / "raw" / name / f"{name}.onnx",
-                request=export_request(default),
-                opset=options.opset,
-            )
+            with target.trace_context(name):
+                raw = export_component(
+                    specs[name],
+                    torch_modules[name],
+                    staging / "raw" / name / f"{name}.onnx",
+                    request=export_request(default),
+                    opset=options.opset,
+                )
             cleaned[name] = cleanup_graph(specs[name], raw.path, staging / f"{name}.onnx")
             summary.node_counts[name] = (cleaned[name].nodes_before, cleaned[name].nodes_after)
         summary.export_seconds = time.perf_counter() - start
@@ -300,7 +261,7 @@ def _onnx_stages(
                     specs[name],
                     torch_modules[name],
                     cleaned[name].path,
-                    validation_requests(specs[name], default, size_multiple),
+                    validation_requests(specs[name], default, target.size_multiple),
                     rtol=options.rtol,
                 )
                 checks[name] = [c.to_json() for c in results]
@@ -310,17 +271,17 @@ def _onnx_stages(
             del manifest.onnx[stale]  # e.g. a preview decoder the model no longer names
         for name in names:
             report = cleaned[name]
-            target = out_dir / f"{name}.onnx"
+            graph = out_dir / f"{name}.onnx"
             external = None
             if report.external_data is not None:
                 external = out_dir / report.external_data.name
                 os.replace(report.external_data, external)
-            os.replace(report.path, target)
+            os.replace(report.path, graph)
             manifest.onnx[name] = OnnxComponent(
                 name=name,
-                file=target.name,
-                sha256=file_sha256(target),
-                size_bytes=target.stat().st_size,
+                file=graph.name,
+                sha256=file_sha256(graph),
+                size_bytes=graph.stat().st_size,
                 opset=options.opset,
                 model_content_hash=model_hash,
                 inputs=tensor_entries(specs[name].inputs),

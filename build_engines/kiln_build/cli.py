@@ -91,7 +91,7 @@ def resolve_model(name: str | None, path: Path | None, config: Path | None) -> R
     known = sorted({*registry.models, *BUILTIN_MODELS})
     raise RegistryError(
         f"unknown model {name!r}: known models are {', '.join(known)}; pass --config FILE "
-        "for models defined there, or --model-path DIR for a diffusers SDXL folder"
+        "for models defined there, or --model-path DIR for a diffusers SDXL or FLUX folder"
     )
 
 
@@ -144,10 +144,10 @@ def register(subparsers: Any) -> None:
         "build-engines",
         help="export a model to ONNX (and TensorRT engines on a GPU host)",
         description=(
-            "Export every component of an SDXL model to ONNX, clean and validate the graphs "
-            "against torch, and with --format tensorrt build TensorRT engines for this GPU "
-            "and check each against onnxruntime. Writes the engines and a manifest.json "
-            "into OUT/<model name>/."
+            "Export every component of an SDXL or FLUX model to ONNX, clean and validate the "
+            "graphs against torch, and with --format tensorrt build TensorRT engines for this "
+            "GPU (SDXL: fp16, VAE fp32; FLUX: bf16) and check each against onnxruntime. "
+            "Writes the engines and a manifest.json into OUT/<model name>/."
         ),
         epilog=PROFILE_NOTE,
     )
@@ -160,7 +160,7 @@ def register(subparsers: Any) -> None:
         "--model-path",
         metavar="DIR",
         type=Path,
-        help="build this diffusers SDXL folder (as --model NAME, default the folder's name)",
+        help="build this diffusers SDXL or FLUX folder (as --model NAME; default: its name)",
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path, help="the server's TOML config naming the models"
@@ -184,8 +184,9 @@ def register(subparsers: Any) -> None:
         metavar="N,N",
         type=_batch_sizes,
         help=(
-            "TensorRT: images per UNet call to support; the largest sets the UNet profile "
-            "(2 rows per image under guidance; default: the model's max_num_outputs, e.g. "
+            "TensorRT: images per UNet (FLUX: transformer) call to support; the largest sets "
+            "its profile (2 rows per image under guidance, 1 with FLUX's distilled guidance; "
+            "default: the model's max_num_outputs, e.g. "
             "8 images = 16 rows); requests for more images are refused"
         ),
     )

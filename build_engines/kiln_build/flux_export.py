@@ -9,8 +9,8 @@ the rotary embedding for an equal one that reshapes with `unflatten`. Both compu
 diffusers computes; the graph then runs at any image size. The other components (CLIP
 pooled, T5, the 16-channel VAE) export as they are.
 
-Serving these graphs (onnxruntime and TensorRT engines for FLUX) is not wired yet: FLUX
-models are served on the torch backend.
+`kiln build-engines` exports FLUX models through these (kiln_build.targets), and the
+server serves the graphs on onnxruntime and their TensorRT engines.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 from kiln_build.export import ExportResult, export_component, export_request
 from kiln_server.engines.components import ShapeRequest
-from kiln_server.engines.flux_components import flux_component_specs
+from kiln_server.engines.flux_components import FluxDims, flux_component_specs
 from kiln_server.engines.flux_torch import flux_component_module
 from kiln_server.models.flux_loader import load_flux_modules, read_flux_model_files
 
@@ -89,28 +89,46 @@ def traceable_rotary_embedding() -> Iterator[None]:
         patched.apply_rotary_emb = original
 
 
+def flux_export_modules(folder: Path, dims: FluxDims) -> dict[str, nn.Module]:
+    """The torch module of every FLUX component of the model in `folder` (fp32), the
+    transformer's RMSNorms already decomposed; trace the transformer inside
+    `flux_trace_context("transformer")`."""
+    modules = load_flux_modules(folder, dtype=torch.float32)
+    wrapped = {
+        name: flux_component_module(spec, modules)
+        for name, spec in flux_component_specs(dims).items()
+    }
+    onnx_ready_transformer(wrapped["transformer"])
+    return wrapped
+
+
+def flux_trace_context(component: str) -> contextlib.AbstractContextManager[None]:
+    """What tracing `component` runs inside: the traceable rotary embedding for the
+    transformer, nothing for the other components."""
+    if component == "transformer":
+        return traceable_rotary_embedding()
+    return contextlib.nullcontext()
+
+
 def export_flux_model(
     folder: Path, out_dir: Path, *, size: tuple[int, int] | None = None
 ) -> dict[str, ExportResult]:
     """Export every declared component of the FLUX model in `folder` to
-    `out_dir/<component>.onnx` (fp32), traced at `size` (width, height; default 64x64 or
-    the model's own default from kiln.json). Raises EngineError naming a component that
-    fails to export."""
+    `out_dir/<component>.onnx` (fp32, uncleaned), traced at `size` (width, height; default
+    64x64 or the model's own default from kiln.json). Raises EngineError naming a component
+    that fails to export. `kiln build-engines` exports through kiln_build.targets instead,
+    and also cleans and validates the graphs."""
     files = read_flux_model_files(folder)
-    modules = load_flux_modules(folder, dtype=torch.float32)
     width, height = size or (
         int(files.kiln_config.get("default_width", 64)),
         int(files.kiln_config.get("default_height", 64)),
     )
     request = export_request(ShapeRequest(batch=1, height=height, width=width))
+    modules = flux_export_modules(folder, files.dims)
     results = {}
     for name, spec in flux_component_specs(files.dims).items():
-        module = flux_component_module(spec, modules)
-        path = out_dir / f"{name}.onnx"
-        if name == "transformer":
-            onnx_ready_transformer(module)
-            with traceable_rotary_embedding():
-                results[name] = export_component(spec, module, path, request=request)
-        else:
-            results[name] = export_component(spec, module, path, request=request)
+        with flux_trace_context(name):
+            results[name] = export_component(
+                spec, modules[name], out_dir / f"{name}.onnx", request=request
+            )
     return results

@@ -5,8 +5,9 @@ profile through `ComponentSpec.profile`, and the runtime picks among them per ca
 server serving the engines refuses, before any work, every request outside these ranges,
 so the defaults cover every request the model's own limits allow:
 
-- UNet: up to the model's `max_num_outputs` images per call, two rows each under
-  classifier-free guidance (16 rows for SDXL's default of 8 images);
+- UNet (SDXL) or transformer (FLUX): up to the model's `max_num_outputs` images per call,
+  two rows each under classifier-free guidance (16 rows for SDXL's default of 8 images),
+  one each for a FLUX model with distilled guidance;
 - text encoders: one request's prompts per call (prompt and negative prompt: 2 rows);
 - VAE decoder and encoder, and the learned preview decoder: `--vae-batch` images per call
   (default 1); the pipeline decodes larger requests (and previews) in chunks of that many;
@@ -27,9 +28,12 @@ from dataclasses import dataclass
 
 from kiln_server.engines.buffers import ROWS_PER_IMAGE
 from kiln_server.engines.components import ComponentSpec, ShapeRange, ShapeRequest
+from kiln_server.engines.flux_components import FluxComponentSpec
 
 # UNet rows per image: classifier-free guidance runs the prompt and the negative prompt.
 UNET_ROWS_PER_IMAGE = ROWS_PER_IMAGE["unet"]
+# The components that denoise: SDXL's UNet, FLUX's transformer.
+DENOISERS = ("unet", "transformer")
 # Rows one text-encoder call gets at most: a request's prompt and its negative prompt,
 # encoded once per request whatever its number of images (today one text per call).
 TEXT_ROWS_PER_REQUEST = 2
@@ -149,11 +153,22 @@ def resolve_plan(
     )
 
 
-def max_rows(component: str, plan: ProfilePlan) -> int:
-    """The most rows one call of `component` takes under `plan`."""
-    if component == "unet":
-        return plan.images * UNET_ROWS_PER_IMAGE
-    if component.startswith("text_encoder"):
+def rows_per_image(spec: ComponentSpec) -> int:
+    """Denoiser rows one image takes: two under classifier-free guidance (SDXL's UNet, and
+    a FLUX transformer without a guidance embedding, which serves guidance as true CFG),
+    one for a FLUX transformer with distilled guidance; 1 for every other component."""
+    if spec.name == "unet":
+        return UNET_ROWS_PER_IMAGE
+    if isinstance(spec, FluxComponentSpec) and spec.name == "transformer":
+        return 1 if spec.flux.guidance_embeds else UNET_ROWS_PER_IMAGE
+    return 1
+
+
+def max_rows(spec: ComponentSpec, plan: ProfilePlan) -> int:
+    """The most rows one call of `spec`'s component takes under `plan`."""
+    if spec.name in DENOISERS:
+        return plan.images * rows_per_image(spec)
+    if spec.name.startswith("text_encoder"):
         return TEXT_ROWS_PER_REQUEST
     return plan.vae_images
 
@@ -161,18 +176,17 @@ def max_rows(component: str, plan: ProfilePlan) -> int:
 def component_profiles(spec: ComponentSpec, plan: ProfilePlan) -> list[ShapeRange]:
     """The profiles to build for `spec`: static default first, then the dynamic range.
 
-    The static profile is one image at the default size (2 UNet rows under guidance, 1 VAE
-    image); the dynamic one spans 1 row to `max_rows` and min_size to max_size on both
-    sides, with the static shape as its optimum. Text encoders get one profile of 1 to
-    TEXT_ROWS_PER_REQUEST rows.
+    The static profile is one image at the default size (its denoiser rows: 2 under
+    guidance; 1 VAE image); the dynamic one spans 1 row to `max_rows` and min_size to
+    max_size on both sides, with the static shape as its optimum. Text encoders get one
+    profile of 1 to TEXT_ROWS_PER_REQUEST rows.
     """
     default = plan.default
-    top = max_rows(spec.name, plan)
+    top = max_rows(spec, plan)
     if not spec.image_sized:
         opt = ShapeRequest(top, default.height, default.width)
         return [ShapeRange(min=ShapeRequest(1, default.height, default.width), opt=opt, max=opt)]
-    opt_rows = UNET_ROWS_PER_IMAGE if spec.name == "unet" else 1
-    opt = ShapeRequest(min(opt_rows, top), default.height, default.width)
+    opt = ShapeRequest(min(rows_per_image(spec), top), default.height, default.width)
     static = ShapeRange(min=opt, opt=opt, max=opt)
     dynamic = ShapeRange(
         min=ShapeRequest(1, plan.min_size, plan.min_size),

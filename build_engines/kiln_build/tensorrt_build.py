@@ -1,8 +1,9 @@
 """TensorRT 10 engine builds from the cleaned ONNX graphs, one engine file per component.
 
-Precision: the UNet and text encoders build in fp16 (TensorRT picks fp16 kernels where they
-are faster; inputs and outputs stay fp32 as declared); the VAE stays fp32, because SDXL's VAE
-overflows fp16 and decodes black images. Engines are refittable (weights, e.g. a LoRA's,
+Precision: SDXL's UNet and text encoders build in fp16 (TensorRT picks fp16 kernels where
+they are faster; inputs and outputs stay fp32 as declared); its VAE stays fp32, because
+SDXL's VAE overflows fp16 and decodes black images. FLUX components build in bf16 (its
+transformer overflows fp16). Engines are refittable (weights, e.g. a LoRA's,
 can be swapped in later without a rebuild) only when asked for: keeping weights replaceable
 rules out some of TensorRT's weight-dependent optimizations, so such engines can be slower.
 Each engine uses the optimization profiles from `profiles.py`, and reads and extends one
@@ -25,6 +26,7 @@ from typing import Any
 from kiln_server.atomic_files import write_atomic
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import ComponentSpec, ShapeRange
+from kiln_server.engines.flux_components import FluxComponentSpec
 from kiln_server.engines.manifest import MachineInfo, cuda_major
 
 PRECISION = {
@@ -36,12 +38,24 @@ PRECISION = {
     # TAESD-style decoders are fp16-safe, and a preview is an approximation anyway.
     "preview_decoder": "fp16",
 }
+# FLUX: bf16 throughout, as NVIDIA's FLUX demo builds it in its bf16 mode. The transformer's
+# activations overflow fp16, T5's are known to as well, and bf16 keeps fp32's range.
+FLUX_PRECISION = {
+    "text_encoder": "bf16",
+    "text_encoder_2": "bf16",
+    "transformer": "bf16",
+    "vae_decoder": "bf16",
+    "vae_encoder": "bf16",
+}
+BUILDER_FLAGS = {"fp16": "FP16", "bf16": "BF16", "fp32": None}
 DEFAULT_WORKSPACE_BYTES = 8 << 30
 
 
-def precision_for(component: str) -> str:
-    """ "fp16" or "fp32" for a component (fp32 for anything not listed: the safe choice)."""
-    return PRECISION.get(component, "fp32")
+def precision_for(spec: ComponentSpec) -> str:
+    """ "fp16", "bf16" or "fp32" for a component of its family (fp32 for anything not
+    listed: the safe choice)."""
+    table = FLUX_PRECISION if isinstance(spec, FluxComponentSpec) else PRECISION
+    return table.get(spec.name, "fp32")
 
 
 def machine_tag(machine: MachineInfo) -> str:
@@ -98,7 +112,7 @@ def build_engine(
     BuilderFlag.REFIT (weights replaceable later; off by default, as it can cost speed).
     Raises EngineError with TensorRT's parser or builder errors when the build fails.
     """
-    precision = precision_for(spec.name)
+    precision = precision_for(spec)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10 networks are always explicit-batch
@@ -111,8 +125,10 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+    flag = BUILDER_FLAGS[precision]
+    if flag is not None:
+        # Weakly typed: TensorRT may pick this precision's kernels; I/O stays as declared.
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     for shape_range in profiles:
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in spec.profile(shape_range).items():

@@ -7,13 +7,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from kiln_server.engines.base import EngineSet
 from kiln_server.engines.components import ShapeRequest
 from kiln_server.engines.device import Placement, bind_thread
+from kiln_server.engines.flux_engines import FluxEngineSet
 from kiln_server.engines.sample_inputs import sample_inputs
 from kiln_server.engines.torch_engine import TorchEngine
+from kiln_server.models.flux_loader import FluxModelFiles, read_flux_model_files
 from kiln_server.models.loader import SDXLModelFiles, read_model_files
 from kiln_server.models.registry import ModelSpec
 from kiln_server.pipeline.flux import FluxPipeline
@@ -42,6 +44,7 @@ def model_engines_dir(engines_root: Path | None, model_name: str) -> Path | None
     return engines_root / model_name
 
 
+@overload
 def load_engines(
     backend: str | None,
     files: SDXLModelFiles,
@@ -50,21 +53,51 @@ def load_engines(
     config: Path | None = None,
     threads: int | None = None,
     placement: Placement | None = None,
-) -> EngineSet:
-    """Load one model's engines on the requested (or fastest available) backend."""
-    from kiln_server.engines.loading import choose_backend, load_engine_set
+) -> EngineSet: ...
+
+
+@overload
+def load_engines(
+    backend: str | None,
+    files: FluxModelFiles,
+    engines_dir: Path | None,
+    model_name: str,
+    config: Path | None = None,
+    threads: int | None = None,
+    placement: Placement | None = None,
+) -> FluxEngineSet: ...
+
+
+def load_engines(
+    backend: str | None,
+    files: SDXLModelFiles | FluxModelFiles,
+    engines_dir: Path | None,
+    model_name: str,
+    config: Path | None = None,
+    threads: int | None = None,
+    placement: Placement | None = None,
+) -> EngineSet | FluxEngineSet:
+    """Load one model's engines (either family, by its files) on the requested (or
+    fastest available) backend."""
+    from kiln_server.engines.loading import (
+        choose_backend,
+        load_engine_set,
+        load_flux_engine_set,
+    )
 
     device = placement.device if placement is not None else None
     choice = choose_backend(backend, engines_dir, device)
-    engines = load_engine_set(
-        choice.backend,
-        files,
-        engines_dir,
-        model_name=model_name,
-        config=config,
-        threads=threads,
-        placement=placement,
-    )
+    options: dict[str, Any] = {
+        "model_name": model_name,
+        "config": config,
+        "threads": threads,
+        "placement": placement,
+    }
+    engines: EngineSet | FluxEngineSet
+    if isinstance(files, FluxModelFiles):
+        engines = load_flux_engine_set(choice.backend, files, engines_dir, **options)
+    else:
+        engines = load_engine_set(choice.backend, files, engines_dir, **options)
     engines.reason = choice.reason
     return engines
 
@@ -81,7 +114,7 @@ def load_model(
     started = time.perf_counter()
     pipeline: Pipeline
     if spec.family == "flux":
-        pipeline = load_flux_pipeline(spec, backend, placement)
+        pipeline = load_flux_pipeline(spec, backend, engines_root, config, threads, placement)
         engines: Any = pipeline.engines
     else:
         files = read_model_files(spec.path, spec.preview_decoder, checkpoint=spec.checkpoint)
@@ -104,29 +137,18 @@ def load_model(
 
 
 def load_flux_pipeline(
-    spec: ModelSpec, backend: str | None, placement: Placement | None
+    spec: ModelSpec,
+    backend: str | None,
+    engines_root: Path | None = None,
+    config: Path | None = None,
+    threads: int | None = None,
+    placement: Placement | None = None,
 ) -> FluxPipeline:
-    """A FLUX model's pipeline on the torch backend (its exported and TensorRT engines are
-    not served yet: another backend raises EngineError naming the fix)."""
-    import torch
-
-    from kiln_server.engines.base import EngineError
-    from kiln_server.engines.flux_torch import load_flux_torch_engines
-    from kiln_server.models.flux_loader import load_flux_modules, read_flux_model_files
-
-    if backend not in (None, "torch"):
-        raise EngineError(
-            f"model {spec.name!r} is a FLUX model, which Kiln serves on the torch backend "
-            f"only for now; serve it with --backend torch (or leave --backend unset), not "
-            f"{backend}"
-        )
+    """A FLUX model's pipeline on the requested (or fastest available) backend: its
+    engines in <engines root>/<model name>/ as SDXL's (`kiln build-engines`)."""
     files = read_flux_model_files(spec.path)
-    dtype = placement.dtype if placement is not None else torch.float32
-    modules = load_flux_modules(spec.path, dtype=dtype)
-    engines = load_flux_torch_engines(
-        modules, files.dims, placement, vae_upcast=files.vae_force_upcast
-    )
-    engines.reason = "FLUX models run on torch"
+    engines_dir = model_engines_dir(engines_root, spec.name)
+    engines = load_engines(backend, files, engines_dir, spec.name, config, threads, placement)
     return FluxPipeline(files, engines)
 
 
@@ -145,7 +167,8 @@ def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
     model serves, so its preview decoder too) runs every engine once (the VAE encoder
     separately): the first call allocates buffers and selects kernels, and the second call
     of a shape is the one TensorRT captures a CUDA graph on, hence two steps. `unet_rows`
-    lists further UNet batch sizes to run at the default size: with torch.compile or CUDA
+    lists further denoiser (UNet or FLUX transformer) batch sizes to run at the default
+    size: with torch.compile or CUDA
     graphs each new shape compiles or captures, so the batch sizes the batcher forms are
     paid for here, not by a user's request.
     """
@@ -164,11 +187,11 @@ def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
             pipeline.preview(state, replace(params.preview, method=method))
     pipeline.decode(state).cpu()
     engines = pipeline.engines
-    calls = []
-    if isinstance(engines, EngineSet):  # SDXL: further UNet batch sizes, the VAE encoder
-        calls = [(engines.unet, rows) for rows in unet_rows]
-        if engines.vae_encoder is not None:  # for image inputs; the loop above skips it
-            calls.append((engines.vae_encoder, 1))
+    # Further batch sizes of the denoiser (SDXL's UNet, FLUX's transformer), the VAE encoder.
+    denoiser = engines.unet if isinstance(engines, EngineSet) else engines.transformer
+    calls = [(denoiser, rows) for rows in unet_rows]
+    if engines.vae_encoder is not None:  # for image inputs; the loop above skips it
+        calls.append((engines.vae_encoder, 1))
     for engine, rows in calls:
         request = ShapeRequest(rows, spec.default_height, spec.default_width)
         inputs = sample_inputs(engine.spec, request)

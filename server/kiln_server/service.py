@@ -259,7 +259,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     max_size=min(limits.max_width, limits.max_height),
                     size_multiple=limits.size_multiple,
                     max_num_inference_steps=spec.max_num_inference_steps,
-                    max_num_outputs=limits.outputs_for(spec.default_guidance_scale),
+                    max_num_outputs=limits.outputs_for(
+                        spec.default_guidance_scale, spec.default_negative_prompt is not None
+                    ),
                     max_guidance_scale=spec.max_guidance_scale,
                     max_prompt_tokens=self._max_tokens(spec.name) if served else 0,
                     schedulers=scheduler_names_for(spec.family),

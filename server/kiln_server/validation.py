@@ -525,12 +525,11 @@ def validate_request(
         problem = _check_prompt("prompt", request.prompt, spec, count_tokens, token_limit)
         if problem:
             errors.append(problem)
-    negative = bool(request.negative_prompt)
-    if (
-        negative
-        and spec.family == "flux"
-        and (engine_limits(spec.name) or _NO_LIMITS).distilled_guidance
-    ):
+    negative_prompt = request.negative_prompt or None
+    distilled = (
+        spec.family == "flux" and (engine_limits(spec.name) or _NO_LIMITS).distilled_guidance
+    )
+    if negative_prompt is not None and distilled:
         errors.append(
             FieldViolation(
                 "negative_prompt",
@@ -538,12 +537,16 @@ def validate_request(
                 "negative prompt; leave it unset",
             )
         )
-    elif negative:
+    elif negative_prompt is not None:
         problem = _check_prompt(
             "negative_prompt", request.negative_prompt, spec, count_tokens, token_limit
         )
         if problem:
             errors.append(problem)
+    elif not distilled:
+        # The model's own default (kiln.json), e.g. the empty prompt its CFG was trained on.
+        negative_prompt = spec.default_negative_prompt
+    negative = negative_prompt is not None
 
     limits = ServedLimits.of(spec, engine_limits(spec.name))
     photo = _decode_photo(request, spec, limits, budget.images, errors)
@@ -683,7 +686,7 @@ def validate_request(
         raise LoraMissing(missing)
     return GenerationParams(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
+        negative_prompt=negative_prompt,
         width=width,
         height=height,
         num_outputs=num_outputs,

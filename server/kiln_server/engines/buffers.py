@@ -100,17 +100,14 @@ def request_from_shapes(spec: ComponentSpec, shapes: Mapping[str, Sequence[int]]
                 )
     if "batch" not in values:
         raise EngineError(f"{spec.name}: no input carries the batch dimension")
-    scale = spec.dims.vae_scale_factor
-    height = values.get("image_height", values.get("latent_height", 0) * scale)
-    width = values.get("image_width", values.get("latent_width", 0) * scale)
-    request = ShapeRequest(batch=values["batch"], height=height, width=width)
+    request = spec.request_for(values["batch"], values)
     # Latent and image sizes must agree when a component declares both.
     resolved = spec.dim_values(request)
     for name, size in values.items():
         if resolved[name] != size:
             raise EngineError(
                 f"{spec.name}: {name}={size} does not match the image size "
-                f"{request.height}x{request.width} (scale factor {scale})"
+                f"{request.height}x{request.width} (scale factor {spec.dims.vae_scale_factor})"
             )
     return request
 

@@ -185,6 +185,15 @@ class ComponentSpec:
             "latent_width": request.width // scale,
         }
 
+    def request_for(self, batch: int, values: Mapping[str, int]) -> ShapeRequest:
+        """The call of `batch` rows whose symbolic dims take `values` (solved from a call's
+        input shapes): the image size from `image_*` or `latent_*` dims, 0 for components
+        whose shapes do not depend on the image."""
+        scale = self.dims.vae_scale_factor
+        height = values.get("image_height", values.get("latent_height", 0) * scale)
+        width = values.get("image_width", values.get("latent_width", 0) * scale)
+        return ShapeRequest(batch=batch, height=height, width=width)
+
     def shape(self, name: str, request: ShapeRequest) -> tuple[int, ...]:
         """Concrete shape of tensor `name` for a call."""
         values = self.dim_values(request)

@@ -8,10 +8,10 @@ the ratio meaningless; the worst output and shape decide.
 
 Tolerances follow the engine's precision: fp16 engines round every activation to 11
 significant bits, and TensorRT's fp32 engines may use TF32 for convolutions and matrix
-products (10-bit mantissas, on by default), so both land around 1e-3 on SDXL; the
-tolerances leave room for that and still catch what matters (an fp16 overflow that turns
-outputs into inf or NaN, a wrongly parsed layer, a broken profile), whose errors are of
-order 1.
+products (10-bit mantissas, on by default), so both land around 1e-3 on SDXL; bf16 keeps 8
+bits, so its tolerance is wider. The tolerances leave room for rounding and still catch
+what matters (an fp16 overflow that turns outputs into inf or NaN, a wrongly parsed layer,
+a broken profile), whose errors are of order 1.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kiln_server.engines.components import ShapeRequest
 
 NUMERICS_REFERENCE = "onnxruntime"
 # Largest scale-relative error a passing engine may show, by engine precision.
-TOLERANCES = {"fp16": 2e-2, "fp32": 1e-2}
+TOLERANCES = {"fp16": 2e-2, "bf16": 5e-2, "fp32": 1e-2}
 
 
 def tolerance_for(precision: str) -> float:

@@ -11,6 +11,8 @@ the dims ComponentSpec knows.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kiln_server.engines.components import (
@@ -26,6 +28,8 @@ from kiln_server.engines.components import (
 PACK = 2
 # Positions per token id: (unused, row, column) for images, zeros for text.
 ID_AXES = 3
+# Symbolic dims that name an image side (ComponentSpec.dim_values).
+IMAGE_DIMS = frozenset({"image_height", "image_width", "latent_height", "latent_width"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,16 @@ class FluxComponentSpec(ComponentSpec):
         values = super().dim_values(request)
         values["image_tokens"] = self.flux.image_tokens(request.height, request.width)
         return values
+
+    def request_for(self, batch: int, values: Mapping[str, int]) -> ShapeRequest:
+        """ComponentSpec's request, except for a call whose only image-sized dim is
+        `image_tokens` (the transformer): the token count fixes every shape but not the
+        sides, so the request is the one-token-wide image of that many tokens, which has
+        the same shapes as every other image of that token count."""
+        if "image_tokens" in values and not values.keys() & IMAGE_DIMS:
+            side = self.flux.size_multiple
+            return ShapeRequest(batch=batch, height=side * values["image_tokens"], width=side)
+        return super().request_for(batch, values)
 
 
 def clip_pooled_spec(dims: FluxDims) -> FluxComponentSpec:
@@ -160,6 +174,13 @@ def flux_component_specs(dims: FluxDims) -> dict[str, ComponentSpec]:
         "text_encoder": clip_pooled_spec(dims),
         "text_encoder_2": t5_encoder_spec(dims),
         "transformer": flux_transformer_spec(dims),
-        "vae_decoder": vae_decoder_spec(vae),
-        "vae_encoder": vae_encoder_spec(vae),
+        "vae_decoder": _of_flux(vae_decoder_spec(vae), dims),
+        "vae_encoder": _of_flux(vae_encoder_spec(vae), dims),
     }
+
+
+def _of_flux(spec: ComponentSpec, dims: FluxDims) -> FluxComponentSpec:
+    """`spec` as a FluxComponentSpec, so every FLUX declaration says its family (the
+    TensorRT build picks precisions by it)."""
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
+    return FluxComponentSpec(**fields, flux=dims)

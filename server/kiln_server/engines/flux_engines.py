@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kiln_server.engines.base import Engine
+from kiln_server.engines.base import Engine, EngineError
 from kiln_server.engines.flux_components import FluxDims
 from kiln_server.engines.limits import EngineLimits, engine_shape_ranges, max_batch, merge
 
@@ -43,15 +43,11 @@ def flux_declared_limits(engines: FluxEngineSet, dims: FluxDims) -> EngineLimits
 
     Sizes are multiples of 16 (8x VAE, 2x2 packing) on every backend: the transformer has
     no downsampling of its own. Size bounds come from the VAE engines' optimization
-    profiles when they have any (TensorRT); a transformer with profiles is not served yet,
-    so one raises NotImplementedError rather than admitting sizes it cannot run.
-    `unet_rows` is the most transformer rows per call.
+    profiles when they have any (TensorRT). A transformer's profiles bound its token count
+    only, so they must cover every size the VAE bounds admit: engines built from one plan
+    do, and others raise EngineError naming the rebuild. `unet_rows` is the most
+    transformer rows per call.
     """
-    if engine_shape_ranges(engines.transformer) is not None:
-        raise NotImplementedError(
-            "FLUX transformer engines with optimization profiles (TensorRT) are not served "
-            "yet: their size bounds are not derived"
-        )
     bounds: dict[str, int | None] = {
         "min_width": None,
         "max_width": None,
@@ -70,6 +66,7 @@ def flux_declared_limits(engines: FluxEngineSet, dims: FluxDims) -> EngineLimits
             ("max_height", max(high.height for _, high in ranges), min),
         ):
             bounds[key] = merge(bounds[key], value, pick)
+    _check_transformer_tokens(engines.transformer, dims, bounds)
     text_rows = [
         r for r in (max_batch(engines.text_encoder), max_batch(engines.text_encoder_2)) if r
     ]
@@ -86,3 +83,32 @@ def flux_declared_limits(engines: FluxEngineSet, dims: FluxDims) -> EngineLimits
         min_height=bounds["min_height"],
         max_height=bounds["max_height"],
     )
+
+
+def _check_transformer_tokens(
+    transformer: Engine, dims: FluxDims, bounds: dict[str, int | None]
+) -> None:
+    """EngineError unless the transformer's profiles (if any) take the token count of every
+    image size within `bounds` (the VAE's)."""
+    ranges = engine_shape_ranges(transformer)
+    if ranges is None:
+        return
+    # A transformer call's request is a one-token-wide image (FluxComponentSpec.request_for).
+    low_tokens = min(low.height for low, _ in ranges) // dims.size_multiple
+    high_tokens = max(high.height for _, high in ranges) // dims.size_multiple
+    sides = (bounds["min_height"], bounds["min_width"], bounds["max_height"], bounds["max_width"])
+    if any(side is None for side in sides):
+        raise EngineError(
+            "the FLUX transformer engine has optimization profiles but its VAE engines have "
+            "none, so the image sizes it runs are unknown; rebuild every engine with "
+            "`kiln build-engines --format tensorrt`"
+        )
+    min_h, min_w, max_h, max_w = (int(side or 0) for side in sides)
+    need_low, need_high = dims.image_tokens(min_h, min_w), dims.image_tokens(max_h, max_w)
+    if need_low < low_tokens or need_high > high_tokens:
+        raise EngineError(
+            f"the FLUX transformer engine runs {low_tokens}-{high_tokens} image tokens but the "
+            f"VAE engines' sizes ({min_w}x{min_h} to {max_w}x{max_h}) need "
+            f"{need_low}-{need_high}: the engines were built from different profiles; "
+            "rebuild them together with `kiln build-engines --format tensorrt`"
+        )

@@ -9,14 +9,14 @@ generation then pays the first-call costs before it reports SERVING).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kiln_server.engines.base import BACKENDS, Engine, EngineError, EngineSet
-from kiln_server.engines.components import ShapeRequest, sdxl_component_specs
+from kiln_server.engines.components import ComponentSpec, ShapeRequest, sdxl_component_specs
 from kiln_server.engines.device import Placement
 from kiln_server.engines.manifest import (
     MANIFEST_NAME,
@@ -29,6 +29,8 @@ from kiln_server.engines.manifest import (
 )
 
 if TYPE_CHECKING:
+    from kiln_server.engines.flux_engines import FluxEngineSet
+    from kiln_server.models.flux_loader import FluxModelFiles
     from kiln_server.models.loader import SDXLModelFiles
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 # The pipeline cannot run without these; the VAE encoder (img2img) and the learned preview
 # decoder are loaded when present.
 REQUIRED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+FLUX_REQUIRED_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
 
 
 def _manifest_if_present(engines_dir: Path | None) -> Manifest | None:
@@ -156,6 +159,91 @@ def load_engine_set(
             checkpoint=files.checkpoint,
         )
         return load_torch_engines(modules, files.dims, placement, vae_upcast=files.vae_force_upcast)
+    opened = _open_compiled(backend, engines_dir, placement, model_name, config)
+    manifest, device = opened.manifest, opened.device
+    lora_layers = None
+    if manifest.lora is not None:
+        from kiln_server.lora.graph import lora_inputs, shape_only_unet, unet_config_of
+
+        # The layers the graph's LoRA inputs belong to, derived as the build did; their
+        # adapter stacks will live where the graphs run.
+        lora_layers = shape_only_unet(unet_config_of(files.path), device)
+        record = manifest.lora
+        specs = sdxl_component_specs(
+            files.dims,
+            preview_decoder=has_preview_decoder,
+            lora=lora_inputs(
+                lora_layers.layers,
+                slots=record.slots,
+                max_rank=record.max_rank,
+                max_loras=record.max_loras,
+            ),
+        )
+    from kiln_server.models.loader import model_content_hash
+
+    ctx = CheckContext(
+        engines_dir=opened.engines_dir,
+        model_hash=model_content_hash(files.path, checkpoint=files.checkpoint),
+        model_path=files.source,
+        model_name=model_name,
+    )
+    engines = _load_compiled(opened, specs, required, ctx, verify_hashes, threads)
+    device = opened.device
+    from kiln_server.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from kiln_server.engines.tensorrt_engine import TensorRTEngine
+
+    unet = engines["unet"]
+    if isinstance(unet, OnnxRuntimeEngine | TensorRTEngine):
+        from kiln_server.lora.graph_feed import CompiledLora, GraphLoraFeed
+
+        # The rebuild command without the manifest's LoRA flags: the server adds its own.
+        rebuild = ctx.fix(replace(manifest, lora=None), opened.fmt)
+        feed = None
+        if lora_layers is not None and unet.spec.lora is not None:
+            feed = GraphLoraFeed(unet.spec.lora, lora_layers.layers, device)
+        unet.lora = CompiledLora(
+            backend, rebuild, feed, lora_layers.config if lora_layers is not None else None
+        )
+    return EngineSet(
+        device=device,
+        placement=opened.description,
+        backend=backend,
+        text_encoder=engines["text_encoder"],
+        text_encoder_2=engines["text_encoder_2"],
+        unet=engines["unet"],
+        vae_decoder=engines["vae_decoder"],
+        vae_encoder=engines.get("vae_encoder"),
+        preview_decoder=engines.get("preview_decoder"),
+    )
+
+
+@dataclass
+class _Compiled:
+    """A compiled backend opened for one engines directory: its checked manifest, where
+    the engines will run, and what loading them needs. `_load_compiled` fills `device`
+    (TensorRT's runtime names its GPU) and `description` once the engines are loaded."""
+
+    backend: str
+    fmt: str
+    engines_dir: Path
+    manifest: Manifest
+    device: torch.device
+    placement: Placement
+    machine: Any = None
+    providers: list[Any] = field(default_factory=list)
+    description: str = ""
+
+
+def _open_compiled(
+    backend: str,
+    engines_dir: Path | None,
+    placement: Placement,
+    model_name: str | None,
+    config: Path | None,
+) -> _Compiled:
+    """Check that `backend` (onnxruntime or tensorrt) can serve from `engines_dir` here and
+    read its manifest; EngineError naming the fix otherwise. Missing TensorRT or CUDA, and
+    a CPU device for TensorRT, are reported before the manifest is read."""
     if placement.compile or placement.cuda_graphs:
         raise EngineError(
             f"--compile and --cuda-graphs apply to the torch backend, not {backend} "
@@ -167,8 +255,6 @@ def load_engine_set(
             f"the {backend} backend serves prebuilt engines: pass --engines DIR (build them "
             f"with `kiln build-engines --format {fmt} --out DIR`)"
         )
-    from kiln_server.models.loader import model_content_hash
-
     machine = None
     if backend == "tensorrt":
         from kiln_server.engines.machine import probe_machine
@@ -199,80 +285,97 @@ def load_engine_set(
                 "onnxruntime has no CUDA provider here (install the `gpu` extra, "
                 "onnxruntime-gpu): its graphs run on the CPU"
             )
-    lora_layers = None
-    if manifest.lora is not None:
-        from kiln_server.lora.graph import lora_inputs, shape_only_unet, unet_config_of
+    return _Compiled(backend, fmt, engines_dir, manifest, device, placement, machine, providers)
 
-        # The layers the graph's LoRA inputs belong to, derived as the build did; their
-        # adapter stacks will live where the graphs run.
-        lora_layers = shape_only_unet(unet_config_of(files.path), device)
-        record = manifest.lora
-        specs = sdxl_component_specs(
-            files.dims,
-            preview_decoder=has_preview_decoder,
-            lora=lora_inputs(
-                lora_layers.layers,
-                slots=record.slots,
-                max_rank=record.max_rank,
-                max_loras=record.max_loras,
-            ),
-        )
-    ctx = CheckContext(
-        engines_dir=engines_dir,
-        model_hash=model_content_hash(files.path, checkpoint=files.checkpoint),
-        model_path=files.source,
-        model_name=model_name,
-    )
+
+def _load_compiled(
+    opened: _Compiled,
+    specs: dict[str, ComponentSpec],
+    required: tuple[str, ...],
+    ctx: CheckContext,
+    verify_hashes: bool,
+    threads: int | None,
+) -> dict[str, Engine]:
+    """Check the manifest's engines against `specs` and this machine, then load every one
+    (`required` must be present; the others are loaded when they are)."""
     from kiln_server.engines.onnxruntime_engine import OnnxRuntimeEngine
-    from kiln_server.engines.tensorrt_engine import TensorRTEngine
 
     engines: dict[str, Engine] = {}
-    description = "tensorrt engines' own precision"
-    if backend == "onnxruntime":
+    if opened.backend == "onnxruntime":
         paths = check_onnx_engines(
-            manifest, specs, ctx, required=required, verify_hash=verify_hashes
+            opened.manifest, specs, ctx, required=required, verify_hash=verify_hashes
         )
         for name, path in paths.items():
             engines[name] = OnnxRuntimeEngine(
-                specs[name], path, providers=providers, threads=threads
+                specs[name], path, providers=opened.providers, threads=threads
             )
-        description = f"{device} fp32"
-    else:
-        from kiln_server.engines.tensorrt_engine import TensorRTRuntime
+        opened.description = f"{opened.device} fp32"
+        return engines
+    from kiln_server.engines.tensorrt_engine import TensorRTRuntime
 
-        assert machine is not None
-        found = check_tensorrt_engines(
-            manifest, specs, ctx, machine, required=required, verify_hash=verify_hashes
-        )
-        runtime = TensorRTRuntime(placement.device.index or 0)
-        for name, (path, _) in found.items():
-            engines[name] = runtime.load(specs[name], path)
-        size = runtime.share_device_memory()
-        log.info("TensorRT engines share %.1f MiB of device scratch memory", size / 2**20)
-        device = runtime.device
-        description = f"{device}, precision per engine (manifest)"
-    unet = engines["unet"]
-    if isinstance(unet, OnnxRuntimeEngine | TensorRTEngine):
-        from kiln_server.lora.graph_feed import CompiledLora, GraphLoraFeed
+    found = check_tensorrt_engines(
+        opened.manifest, specs, ctx, opened.machine, required=required, verify_hash=verify_hashes
+    )
+    runtime = TensorRTRuntime(opened.placement.device.index or 0)
+    for name, (path, _) in found.items():
+        engines[name] = runtime.load(specs[name], path)
+    size = runtime.share_device_memory()
+    log.info("TensorRT engines share %.1f MiB of device scratch memory", size / 2**20)
+    opened.device = runtime.device
+    opened.description = f"{runtime.device}, precision per engine (manifest)"
+    return engines
 
-        # The rebuild command without the manifest's LoRA flags: the server adds its own.
-        rebuild = ctx.fix(replace(manifest, lora=None), fmt)
-        feed = None
-        if lora_layers is not None and unet.spec.lora is not None:
-            feed = GraphLoraFeed(unet.spec.lora, lora_layers.layers, device)
-        unet.lora = CompiledLora(
-            backend, rebuild, feed, lora_layers.config if lora_layers is not None else None
+
+def load_flux_engine_set(
+    backend: str,
+    files: FluxModelFiles,
+    engines_dir: Path | None,
+    *,
+    model_name: str | None = None,
+    config: Path | None = None,
+    verify_hashes: bool = True,
+    threads: int | None = None,
+    placement: Placement | None = None,
+) -> FluxEngineSet:
+    """`load_engine_set` for a FLUX model: every engine of the model in `files` on
+    `backend`, once, after the same manifest checks (onnxruntime and tensorrt; the
+    rebuild command in their errors is `kiln build-engines` for this model). torch loads
+    the diffusers modules in `placement`'s dtype (its VAE in fp32 when the VAE config
+    asks, as FLUX.1's does). The VAE encoder is loaded when the engines have it."""
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from kiln_server.engines.flux_components import flux_component_specs
+    from kiln_server.engines.flux_engines import FluxEngineSet
+
+    placement = placement or Placement(torch.device("cpu"), torch.float32)
+    if backend == "torch":
+        from kiln_server.engines.flux_torch import load_flux_torch_engines
+        from kiln_server.models.flux_loader import load_flux_modules
+
+        modules = load_flux_modules(files.path, dtype=placement.dtype)
+        return load_flux_torch_engines(
+            modules, files.dims, placement, vae_upcast=files.vae_force_upcast
         )
-    return EngineSet(
-        device=device,
-        placement=description,
+    from kiln_server.models.loader import model_content_hash
+
+    opened = _open_compiled(backend, engines_dir, placement, model_name, config)
+    ctx = CheckContext(
+        engines_dir=opened.engines_dir,
+        model_hash=model_content_hash(files.path),
+        model_path=files.path,
+        model_name=model_name,
+    )
+    specs = flux_component_specs(files.dims)
+    engines = _load_compiled(opened, specs, FLUX_REQUIRED_COMPONENTS, ctx, verify_hashes, threads)
+    return FluxEngineSet(
         backend=backend,
         text_encoder=engines["text_encoder"],
         text_encoder_2=engines["text_encoder_2"],
-        unet=engines["unet"],
+        transformer=engines["transformer"],
         vae_decoder=engines["vae_decoder"],
         vae_encoder=engines.get("vae_encoder"),
-        preview_decoder=engines.get("preview_decoder"),
+        device=opened.device,
+        placement=opened.description,
     )
 
 

@@ -21,10 +21,14 @@ from kiln_server.pipeline.params import GenerationParams
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SHIPPED_MODEL_NAME = "kiln-shapes"
+# The FLUX-architecture model trained by the project, shipped beside kiln-shapes.
+SHIPPED_FLUX_MODEL_NAME = "kiln-flux-shapes"
+SHIPPED_MODELS = (SHIPPED_MODEL_NAME, SHIPPED_FLUX_MODEL_NAME)
 TINY_FLUX_DEV_NAME = tiny_flux_name(guidance=True)
 TINY_FLUX_SCHNELL_NAME = tiny_flux_name(guidance=False)
 BUILTIN_MODELS = (
     SHIPPED_MODEL_NAME,
+    SHIPPED_FLUX_MODEL_NAME,
     TINY_SDXL_NAME,
     SDXL_BASE_ARCH_NAME,
     TINY_FLUX_DEV_NAME,
@@ -55,6 +59,10 @@ class ModelSpec:
     default_num_inference_steps: int = 30
     default_guidance_scale: float = 7.5
     default_scheduler: str = "K_EULER"
+    # The negative prompt a request without one gets (None: none). On a FLUX model without
+    # distilled guidance a negative prompt turns guidance_scale into true CFG, so a model
+    # trained for CFG against the empty prompt sets "" here (kiln-flux-shapes does).
+    default_negative_prompt: str | None = None
     min_size: int = 256
     max_size: int = 2048
     max_num_inference_steps: int = 150
@@ -89,6 +97,7 @@ class ModelSpec:
             num_inference_steps=self.default_num_inference_steps,
             guidance_scale=self.default_guidance_scale,
             scheduler=self.default_scheduler,
+            negative_prompt=self.default_negative_prompt,
             model=self.name,
         )
         return replace(params, **overrides)
@@ -102,10 +111,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KILN_CACHE_DIR", "~/.cache/kiln")).expanduser()
 
 
-def shipped_model_dir() -> Path:
-    """Folder of the trained model shipped in the repository ($KILN_MODELS_DIR overrides)."""
+def shipped_model_dir(name: str = SHIPPED_MODEL_NAME) -> Path:
+    """Folder of a trained model shipped in the repository, kiln-shapes by default
+    ($KILN_MODELS_DIR overrides the folder they are in)."""
     base = Path(os.environ.get("KILN_MODELS_DIR", REPO_ROOT / "models"))
-    return base / SHIPPED_MODEL_NAME
+    return base / name
 
 
 def builtin_model_path(name: str, cache_dir: Path) -> Path:
@@ -114,12 +124,13 @@ def builtin_model_path(name: str, cache_dir: Path) -> Path:
     `kiln-sdxl-base-arch` (SDXL base 1.0's full architecture, ~7 GB) takes minutes to
     generate on a CPU; it is generated once and reused while current.
     """
-    if name == SHIPPED_MODEL_NAME:
-        folder = shipped_model_dir()
+    if name in SHIPPED_MODELS:
+        folder = shipped_model_dir(name)
         if not (folder / "model_index.json").is_file():
+            trainer = "flux_train" if name == SHIPPED_FLUX_MODEL_NAME else "train"
             raise RegistryError(
-                f"the shipped model {SHIPPED_MODEL_NAME} is missing from {folder}; "
-                "train it with `python -m kiln_training.train` (see training/README.md)"
+                f"the shipped model {name} is missing from {folder}; "
+                f"train it with `python -m kiln_training.{trainer}` (see training/README.md)"
             )
         return folder
     if name == TINY_SDXL_NAME:
@@ -202,6 +213,14 @@ def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
     for size_field in ("default_width", "default_height", "min_size", "max_size"):
         if getattr(spec, size_field) % 8:
             raise RegistryError(f"model {name!r}: {size_field} must be a multiple of 8")
+    if spec.family == "flux" and spec.default_negative_prompt is not None:
+        from kiln_server.models.loader import read_json
+
+        if read_json(path / "transformer" / "config.json").get("guidance_embeds"):
+            raise RegistryError(
+                f"model {name!r}: default_negative_prompt is set, but the model embeds "
+                "distilled guidance and takes no negative prompt; remove the setting"
+            )
     return spec
 
 
