@@ -23,11 +23,13 @@ adherence" section.
 FLUX (`--tables flux`): the same prompts, seeds and judge on the FLUX-architecture model
 `--flux-model` (default models/kiln-flux-shapes) through Kiln's FluxPipeline on torch
 (kiln_training.flux_sampling.FluxSampler): its kiln.json defaults (4 steps, guidance 3.0
-as true classifier-free guidance, FLOW_MATCH_EULER), a guidance sweep including 1.0 (no
-guidance) and a steps sweep, each row with its image count and seconds, and a PASS/FAIL
-verdict on issue 13's bar (both colours right in at least 90% of images at the defaults).
-The table goes into the "Prompt adherence: kiln-flux-shapes" section. All three tables are
-the default; other sections of RESULTS.md are kept as they are.
+as true classifier-free guidance, FLOW_MATCH_EULER) on torch, on onnxruntime (graphs built
+by Kiln's build path) and through diffusers' FluxPipeline as the reference, then a
+guidance sweep including 1.0 (no guidance) and a steps sweep on torch, each row with its
+image count and seconds, and a PASS/FAIL verdict on issue 13's bar (both colours right in
+at least 90% of images at the defaults). The table goes into the "Prompt adherence:
+kiln-flux-shapes" section. All three tables are the default; other sections of RESULTS.md
+are kept as they are.
 
 Style LoRA (`--lora NAME`, e.g. `--lora closeup`): runs the same prompts and seeds through
 diffusers' StableDiffusionXLPipeline with `<model>/loras/NAME.safetensors` loaded
@@ -58,7 +60,7 @@ from results_file import cpu_name, write_section
 from kiln_server.pipeline.schedulers import SCHEDULERS
 from kiln_training.dataset import SHAPES, caption, prompt_set
 from kiln_training.evaluate import Adherence, Score, adherence, score, style_present
-from kiln_training.flux_sampling import FluxSampler
+from kiln_training.flux_sampling import FluxDiffusersSampler, FluxSampler
 from kiln_training.image_tasks import (
     CLEAN_SHARE,
     RIM,
@@ -248,7 +250,9 @@ def render_flux_section(
         "",
         f"Model `{_shown(args.flux_model)}` (FLUX architecture, no guidance embedding) "
         "through Kiln's FluxPipeline on torch (`kiln_training.flux_sampling.FluxSampler`, "
-        f"up to {args.batch} requests per transformer call); {args.prompts} prompts × "
+        f"up to {args.batch} requests per transformer call), its defaults also on "
+        "onnxruntime (graphs from `kiln build-engines`) and through diffusers' FluxPipeline "
+        f"(one request at a time); {args.prompts} prompts × "
         f"{args.seeds} seeds = {args.prompts * args.seeds} images per row at {size}×{size}, "
         "the same prompts, seeds and pixel judge (`kiln_training.evaluate`) as the "
         "kiln-shapes table. Guidance above 1 is true classifier-free guidance against the "
@@ -565,7 +569,13 @@ def main(argv: list[str] | None = None) -> int:
     if "flux" in tables:
         began = time.perf_counter()
         flux = FluxSampler(args.flux_model)
-        rows = measure_flux_table(flux, args)
+        with tempfile.TemporaryDirectory() as tmp:
+            engines = build_onnx_engines(args.flux_model, Path(tmp) / "kiln-flux-shapes")
+            others: list[tuple[Sampler, str]] = [
+                (FluxSampler(args.flux_model, engines), "Kiln FluxPipeline, onnxruntime"),
+                (FluxDiffusersSampler(args.flux_model), "diffusers FluxPipeline"),
+            ]
+            rows = measure_flux_table(flux, others, args)
         size = int(flux.defaults["default_width"])
         seconds = time.perf_counter() - began
         section = render_flux_section(rows, args, command, size, seconds)
@@ -665,12 +675,16 @@ def measure_text_table(
     return measure_plan(plan, args)
 
 
-def measure_flux_table(sampler: FluxSampler, args: argparse.Namespace) -> list[Row]:
-    """The FLUX rows: the model's defaults, the guidance sweep and the steps sweep, all
-    through Kiln's FluxPipeline on torch (the defaults row first)."""
+def measure_flux_table(
+    sampler: FluxSampler, others: list[tuple[Sampler, str]], args: argparse.Namespace
+) -> list[Row]:
+    """The FLUX rows: the model's defaults through Kiln's FluxPipeline on torch (first), then
+    through each of `others` ((sampler, runner): onnxruntime, diffusers), then the guidance
+    and steps sweeps on torch."""
     runner = "Kiln FluxPipeline, torch"
     base = default_settings(sampler.defaults)
     plan: Plan = [(sampler, runner, "default settings", base)]
+    plan += [(other, name, "default settings", base) for other, name in others]
     plan += guidance_sweep(sampler, runner, FLUX_GUIDANCE_SWEEP)
     plan += [(sampler, runner, "steps", {**base, "steps": n}) for n in FLUX_STEPS_SWEEP]
     return measure_plan(plan, args)

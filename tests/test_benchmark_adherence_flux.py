@@ -23,7 +23,8 @@ RESULTS = BENCHMARKS / "RESULTS.md"
 HEADING = "## Prompt adherence: kiln-flux-shapes (benchmarks/adherence.py --tables flux)"
 PERCENT = r"\d{1,3}%"
 ROW = re.compile(
-    rf"^\| (default settings|guidance|steps) \| Kiln FluxPipeline, torch \| FLOW_MATCH_EULER "
+    rf"^\| (default settings|guidance|steps) \| (?:Kiln FluxPipeline, torch|Kiln FluxPipeline, "
+    rf"onnxruntime|diffusers FluxPipeline) \| FLOW_MATCH_EULER "
     rf"\| (\d+) \| ([\d.]+) \| ({PERCENT}) \| ({PERCENT}) \| ({PERCENT}) \| (\d+) \| [\d.]+ \|$"
 )
 
@@ -65,11 +66,18 @@ def test_flux_table_writes_its_section(tmp_path: Path) -> None:
     assert len(matched) == len(rows) - 1  # every table line but the header
     settings = [(group, int(steps), float(guidance)) for group, steps, guidance, *_ in matched]
     assert settings == [
-        ("default settings", 4, 3.0),
+        *(("default settings", 4, 3.0) for _ in range(3)),
         *(("guidance", 4, value) for value in (1.0, 2.0, 3.0, 5.0)),
         *(("steps", value, 3.0) for value in (1, 2, 4, 8)),
     ]
     assert all(row[-1] == "2" for row in matched)  # images per row
+    # The defaults on every runner: torch, onnxruntime (built graphs), diffusers.
+    runners = [line.split(" | ")[1] for line in section.splitlines() if line.startswith("| def")]
+    assert runners == [
+        "Kiln FluxPipeline, torch",
+        "Kiln FluxPipeline, onnxruntime",
+        "diffusers FluxPipeline",
+    ]
     assert re.search(
         r"^Bar \(issue 13\): both colours right in ≥ 90% of images at the model's defaults "
         r"\(4 steps, guidance 3, FLOW_MATCH_EULER\)\. \*\*(PASS|FAIL)\*\*: [\d.]+% of 2 images\.$",

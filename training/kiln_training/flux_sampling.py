@@ -2,7 +2,8 @@
 
 `FluxSampler` is the FLUX counterpart of sampling.KilnSampler (same `Sampler` protocol, so
 benchmarks/adherence.py's `measure` takes it as it is): Kiln's FluxPipeline on the torch
-backend, every request advanced together, one transformer call per step. Unset settings
+or onnxruntime backend, every request advanced together, one transformer call per step;
+`FluxDiffusersSampler` runs diffusers' FluxPipeline on the same folder. Unset settings
 come from the model's kiln.json. On a model without a guidance embedding a guidance scale
 above 1 is true classifier-free guidance against kiln.json's `default_negative_prompt`
 (the empty prompt), as the server serves it. `flux_adherence` scores a prompt set.
@@ -19,17 +20,19 @@ import torch
 
 from kiln_training.dataset import caption, prompt_set
 from kiln_training.evaluate import Adherence, Score, adherence, score
-from kiln_training.sampling import _Settings
+from kiln_training.sampling import RequestSettings
 
 FLUX_DEFAULT_SCHEDULER = "FLOW_MATCH_EULER"
 
 
 class FluxSampler:
-    """Kiln's FluxPipeline over a FLUX model folder, torch backend, fp32 on the CPU."""
+    """Kiln's FluxPipeline over a FLUX model folder, fp32 on the CPU: the torch backend, or
+    onnxruntime over the graphs in `engines_dir` (built from this folder by
+    `kiln_training.sampling.build_onnx_engines`)."""
 
-    def __init__(self, folder: Path) -> None:
-        from kiln_server.engines.flux_torch import load_flux_torch_engines
-        from kiln_server.models.flux_loader import load_flux_modules, read_flux_model_files
+    def __init__(self, folder: Path, engines_dir: Path | None = None) -> None:
+        from kiln_server.engines.loading import load_flux_engine_set
+        from kiln_server.models.flux_loader import read_flux_model_files
         from kiln_server.pipeline.flux import FluxPipeline
 
         self.folder = Path(folder)
@@ -38,7 +41,8 @@ class FluxSampler:
             "default_scheduler": FLUX_DEFAULT_SCHEDULER,
             **files.kiln_config,
         }
-        engines = load_flux_torch_engines(load_flux_modules(self.folder), files.dims)
+        self.backend = "torch" if engines_dir is None else "onnxruntime"
+        engines = load_flux_engine_set(self.backend, files, engines_dir)
         self.pipeline = FluxPipeline(files, engines)
 
     def generate(
@@ -53,32 +57,77 @@ class FluxSampler:
     ) -> list[np.ndarray]:
         """One RGB uint8 image (H, W, 3) per (prompt, seed) pair, each equal (up to float
         rounding) to what a lone request with that prompt and seed gets."""
-        from kiln_server.pipeline.params import GenerationParams
-
-        if len(prompts) != len(seeds):
-            raise ValueError(
-                f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}"
-            )
-        settings = _Settings(self.defaults, steps, guidance_scale, scheduler, size)
-        negative = self.defaults.get("default_negative_prompt")
-        requests = [
-            GenerationParams(
-                prompt=prompt,
-                negative_prompt=negative,
-                width=settings.size,
-                height=settings.size,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance_scale,
-                scheduler=settings.scheduler,
-                seed=int(seed),
-            )
-            for prompt, seed in zip(prompts, seeds, strict=True)
-        ]
+        requests = flux_requests(
+            self.defaults,
+            prompts,
+            seeds,
+            RequestSettings(self.defaults, steps, guidance_scale, scheduler, size),
+        )
         with torch.no_grad():
             states = [self.pipeline.prepare(params) for params in requests]
             while not all(state.finished for state in states):
                 self.pipeline.denoise_step([s for s in states if not s.finished])
             return [self.pipeline.decode(state)[0].cpu().numpy() for state in states]
+
+
+class FluxDiffusersSampler:
+    """diffusers' own FluxPipeline over the same folder (kiln_server.pipeline.flux_reference),
+    one request at a time: the reference Kiln's rows are compared with."""
+
+    def __init__(self, folder: Path) -> None:
+        from kiln_server.models.flux_loader import read_flux_model_files
+        from kiln_server.pipeline.flux_reference import FluxDiffusersReference
+
+        files = read_flux_model_files(Path(folder))
+        self.defaults: dict[str, Any] = {
+            "default_scheduler": FLUX_DEFAULT_SCHEDULER,
+            **files.kiln_config,
+        }
+        self.reference = FluxDiffusersReference(Path(folder), files.max_sequence_length)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        scheduler: str | None = None,
+        size: int | None = None,
+    ) -> list[np.ndarray]:
+        """One RGB uint8 image (H, W, 3) per (prompt, seed) pair."""
+        settings = RequestSettings(self.defaults, steps, guidance_scale, scheduler, size)
+        requests = flux_requests(self.defaults, prompts, seeds, settings)
+        return [self.reference.generate(params)[0] for params in requests]
+
+
+def flux_requests(
+    defaults: dict[str, Any],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    settings: RequestSettings,
+) -> list[Any]:
+    """One GenerationParams per (prompt, seed) pair at `settings`, with the model's
+    `default_negative_prompt` (kiln.json), as the server fills it in."""
+    from kiln_server.pipeline.params import GenerationParams
+
+    if len(prompts) != len(seeds):
+        raise ValueError(
+            f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}"
+        )
+    return [
+        GenerationParams(
+            prompt=prompt,
+            negative_prompt=defaults.get("default_negative_prompt"),
+            width=settings.size,
+            height=settings.size,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            scheduler=settings.scheduler,
+            seed=int(seed),
+        )
+        for prompt, seed in zip(prompts, seeds, strict=True)
+    ]
 
 
 def flux_adherence(

@@ -367,8 +367,7 @@ def write_flux_folder(
     with fp16 safetensors and kiln.json, atomically."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from kiln_server.models.layout import staged_folder
-    from kiln_server.models.tiny_flux import _model_index
+    from kiln_server.models.layout import staged_folder, write_flux_model_index
 
     with staged_folder(folder) as staging:
         modules = {
@@ -384,7 +383,7 @@ def write_flux_folder(
         FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).save_pretrained(
             staging / "scheduler"
         )
-        (staging / "model_index.json").write_text(json.dumps(_model_index(), indent=2) + "\n")
+        write_flux_model_index(staging)
         (staging / "kiln.json").write_text(json.dumps(kiln_config, indent=2) + "\n")
     return folder
 

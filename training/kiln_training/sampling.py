@@ -43,7 +43,7 @@ class Sampler(Protocol):
         ...
 
 
-class _Settings:
+class RequestSettings:
     """Request settings with the model's defaults filled in."""
 
     def __init__(
@@ -103,7 +103,7 @@ class KilnSampler:
 
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
-        settings = _Settings(self.defaults, steps, guidance_scale, scheduler, size)
+        settings = RequestSettings(self.defaults, steps, guidance_scale, scheduler, size)
         return self.run(
             [
                 GenerationParams(
@@ -160,7 +160,7 @@ class DiffusersSampler:
 
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
-        settings = _Settings(self.defaults, steps, guidance_scale, scheduler, size)
+        settings = RequestSettings(self.defaults, steps, guidance_scale, scheduler, size)
         self.pipe.scheduler = make_scheduler(settings.scheduler, self._scheduler_config)
         with torch.no_grad():
             result = self.pipe(

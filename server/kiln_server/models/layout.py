@@ -51,3 +51,19 @@ def write_model_index(folder: Path) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_flux_model_index(folder: Path) -> None:
+    """Write the model_index.json that marks `folder` as a FluxPipeline, as FLUX.1's own."""
+    index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": "0.30.0.dev0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))

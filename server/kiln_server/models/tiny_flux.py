@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kiln_server.models.clip_vocabulary import sdxl_tokenizers
-from kiln_server.models.layout import staged_folder
+from kiln_server.models.layout import staged_folder, write_flux_model_index
 from kiln_server.models.t5_vocabulary import project_t5_tokenizer
 from kiln_server.models.tiny_sdxl import TEXT_ENCODER_CONFIG as SDXL_TEXT_ENCODER_CONFIG
 
@@ -153,21 +153,6 @@ def config_fingerprint(guidance: bool) -> str:
     return hashlib.sha256(f"{TINY_FLUX_REVISION}:{blob}".encode()).hexdigest()[:12]
 
 
-def _model_index() -> dict[str, Any]:
-    """model_index.json of a FluxPipeline folder, as FLUX.1's own."""
-    return {
-        "_class_name": "FluxPipeline",
-        "_diffusers_version": "0.30.0.dev0",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-
-
 def write_tiny_flux(folder: Path, *, guidance: bool) -> Path:
     """Build one variant with seeded weights and save it to `folder` in diffusers' FLUX
     layout. The same revision always yields the same weights; the folder appears only
@@ -198,7 +183,7 @@ def write_tiny_flux(folder: Path, *, guidance: bool) -> Path:
         FlowMatchEulerDiscreteScheduler.from_config(scheduler).save_pretrained(
             staging / "scheduler"
         )
-        (staging / "model_index.json").write_text(json.dumps(_model_index(), indent=2))
+        write_flux_model_index(staging)
         defaults = {**KILN_DEFAULTS, **(DEV_DEFAULTS if guidance else SCHNELL_DEFAULTS)}
         (staging / "kiln.json").write_text(
             json.dumps({**defaults, "fingerprint": config_fingerprint(guidance)}, indent=2)
