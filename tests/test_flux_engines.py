@@ -16,9 +16,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 from test_flux_pipeline import _photo
 from test_flux_serving import _images
-from test_tensorrt_logic import H100, FakeTensorRT
+from test_tensorrt_logic import H100, FakeContext, FakeCudaEngine, FakeRuntime, FakeTensorRT, _view
 
 from kiln_build.profiles import (
     ModelLimits,
@@ -325,3 +326,45 @@ def test_flux_tensorrt_build_records_bf16_engines(
     assert transformer[0].opt == ShapeRequest(2, 64, 64)
     assert transformer[1].min == ShapeRequest(1, 32, 32)
     assert transformer[1].max == ShapeRequest(16, 64, 64)
+
+
+class FluxFakeContext(FakeContext):
+    """The fake TensorRT context, computing noise_pred = 2 * hidden_states + 1."""
+
+    def set_tensor_address(self, name: str, pointer: int) -> None:
+        self.addresses[name] = pointer
+
+    def compute(self, addresses: dict[str, int], shapes: dict[str, tuple[int, ...]]) -> None:
+        count = int(np.prod(shapes["hidden_states"]))
+        hidden = _view(addresses["hidden_states"], np.dtype("float32"), count)
+        _view(addresses["noise_pred"], np.dtype("float32"), count)[:] = 2 * hidden + 1
+
+
+class FluxFakeCudaEngine(FakeCudaEngine):
+    def create_execution_context(self, strategy: str) -> FakeContext:
+        self.context = FluxFakeContext(self)
+        return self.context
+
+
+def test_a_tensorrt_transformer_runs_any_size_of_its_token_range() -> None:
+    """The server's TensorRT runtime drives a FLUX transformer engine (a fake one): calls
+    resolve to token counts, one buffer set serves every size of one token count, and a
+    count outside the profiles is refused naming the rebuild."""
+    from kiln_server.engines.sample_inputs import sample_inputs
+    from kiln_server.engines.tensorrt_engine import TensorRTEngine
+
+    dims = FluxDims(clip_hidden_size=8, t5_hidden_size=8, t5_tokens=4, guidance_embeds=True)
+    spec = flux_component_specs(dims)["transformer"]
+    plan = resolve_plan(ProfileFlags(), ShapeRequest(1, 64, 64), ModelLimits(32, 64, 2), 16)
+    ranges = component_profiles(spec, plan)
+    fake = FluxFakeCudaEngine(spec, ranges)
+    engine = TensorRTEngine(spec, fake, FakeRuntime(fake), cuda_graphs=False)  # type: ignore[arg-type]
+    engine.set_device_memory(0, 1024)
+    assert engine.max_batch == 2
+    for size in ((64, 32), (32, 64)):  # 8 tokens either way: one buffer set
+        inputs = sample_inputs(spec, ShapeRequest(2, *size), seed=1)
+        out = engine.infer(inputs)["noise_pred"]
+        assert torch.equal(out, 2 * inputs["hidden_states"] + 1)
+    assert len(engine._buffers._entries) == 1
+    with pytest.raises(EngineError, match="no profile for batch 1 of 36 image tokens"):
+        engine.infer(sample_inputs(spec, ShapeRequest(1, 96, 96), seed=2))

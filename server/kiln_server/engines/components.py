@@ -194,6 +194,13 @@ class ComponentSpec:
         width = values.get("image_width", values.get("latent_width", 0) * scale)
         return ShapeRequest(batch=batch, height=height, width=width)
 
+    def describe_call(self, request: ShapeRequest) -> str:
+        """A call's size for messages, e.g. 'batch 2 at 1024x768' ('batch 2' when the
+        component's shapes do not depend on the image)."""
+        if not self.image_sized:
+            return f"batch {request.batch}"
+        return f"batch {request.batch} at {request.width}x{request.height}"
+
     def shape(self, name: str, request: ShapeRequest) -> tuple[int, ...]:
         """Concrete shape of tensor `name` for a call."""
         values = self.dim_values(request)

@@ -98,6 +98,14 @@ class FluxComponentSpec(ComponentSpec):
             return ShapeRequest(batch=batch, height=side * values["image_tokens"], width=side)
         return super().request_for(batch, values)
 
+    def describe_call(self, request: ShapeRequest) -> str:
+        """ComponentSpec's description; the transformer's names its token count (its
+        requests are one token wide, see `request_for`)."""
+        if self.name == "transformer":
+            tokens = self.flux.image_tokens(request.height, request.width)
+            return f"batch {request.batch} of {tokens} image tokens"
+        return super().describe_call(request)
+
 
 def clip_pooled_spec(dims: FluxDims) -> FluxComponentSpec:
     """CLIP text encoder (CLIP-L on FLUX.1): token ids to its pooled output (the hidden

@@ -245,8 +245,8 @@ class TensorRTEngine:
         profile = select_profile(self.profiles, shapes)
         if profile is None:
             raise EngineError(
-                f"the TensorRT engine for {self.spec.name} has no profile for batch "
-                f"{request.batch} at {request.width}x{request.height} (profiles: "
+                f"the TensorRT engine for {self.spec.name} has no profile for "
+                f"{self.spec.describe_call(request)} (profiles: "
                 f"{describe_profiles(self.profiles)}); rebuild it with wider ranges: "
                 "`kiln build-engines --format tensorrt` without --batch-sizes, --min-size, "
                 "--max-size or --vae-batch covers every request the model allows"
