@@ -200,6 +200,52 @@ def test_both_families_at_once_all_complete_each_as_alone(
             assert np.abs(image.astype(int) - ref.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize(
+    ("long", "short"),
+    [
+        ({"model": "sdxl", "num_inference_steps": 150}, {"model": "flux-dev"}),
+        (
+            {
+                "model": "flux-dev",
+                "num_inference_steps": 50,
+                "width": 256,
+                "height": 256,
+                "num_outputs": 4,
+            },
+            {"model": "sdxl"},
+        ),
+    ],
+    ids=["flux beside a long sdxl request", "sdxl beside a long flux request"],
+)
+def test_a_short_request_is_not_held_behind_a_long_one_of_the_other_family(
+    stub: pb_grpc.GenerationServiceStub, long: dict[str, Any], short: dict[str, Any]
+) -> None:
+    """The families take turns step by step: a short request of one family, sent while a
+    long one of the other runs, finishes first, and the long one still completes."""
+    import threading
+    import time
+
+    running = threading.Event()
+    finished: dict[str, float] = {}
+
+    def run_long() -> None:
+        for event in stub.Generate(pb.GenerateRequest(prompt="a red circle", **long), timeout=120):
+            if event.HasField("progress"):
+                running.set()
+        finished["long"] = time.monotonic()
+
+    thread = threading.Thread(target=run_long)
+    thread.start()
+    try:
+        assert running.wait(60), "the long request never made progress"
+        assert len(_images(stub, prompt="a blue square", **short)) == 1
+        finished["short"] = time.monotonic()
+    finally:
+        thread.join(120)
+    assert "long" in finished, "the long request did not complete"
+    assert finished["short"] < finished["long"], finished
+
+
 def _refusal(stub: pb_grpc.GenerationServiceStub, **fields: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Generate(pb.GenerateRequest(**fields), timeout=60))
