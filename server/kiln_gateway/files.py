@@ -22,20 +22,25 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
+from kiln_client.image_formats import (
+    IMAGE_FORMATS,
+    format_for_extension,
+    format_for_mime_type,
+)
 from kiln_gateway.errors import ApiError, ProblemDetail
 from kiln_gateway.state import GatewayState, gateway_state
+from kiln_server.atomic_files import write_atomic
 
 __all__ = ["FileStore", "data_uri", "extension_for", "router"]
 
-_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
-_MIME_TYPES = {ext: mime for mime, ext in _EXTENSIONS.items()}
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _NAME = re.compile(r"^out-[0-9]{1,4}\.(png|jpg|webp)$")
 
 
 def extension_for(mime_type: str) -> str:
-    """File extension for an image MIME type ("bin" when unknown)."""
-    return _EXTENSIONS.get(mime_type, "bin")
+    """File extension for an image MIME type, without its dot ("bin" when unknown)."""
+    found = format_for_mime_type(mime_type)
+    return found.extension.lstrip(".") if found is not None else "bin"
 
 
 def data_uri(data: bytes, mime_type: str) -> str:
@@ -61,7 +66,8 @@ class FileStore:
         """Write one output and return its URL path (`/files/<token>/out-<index>.<ext>`)."""
         name = f"out-{index}.{extension_for(mime_type)}"
         folder = self.root / token
-        await asyncio.to_thread(_write, folder, name, data)
+        # A reader sees the whole file or none (files are served while predictions run).
+        await asyncio.to_thread(write_atomic, folder / name, data)
         return f"/files/{token}/{name}"
 
     def path_of(self, token: str, name: str) -> Path | None:
@@ -96,13 +102,6 @@ class FileStore:
         ]
 
 
-def _write(folder: Path, name: str, data: bytes) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{name}.partial"
-    partial.write_bytes(data)
-    partial.replace(folder / name)
-
-
 router = APIRouter(tags=["files"])
 
 
@@ -110,7 +109,7 @@ router = APIRouter(tags=["files"])
     "/files/{token}/{name}",
     response_class=Response,
     responses={
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        200: {"content": {f.mime_type: {} for f in IMAGE_FORMATS}},
         404: {"model": ProblemDetail},
     },
 )
@@ -128,6 +127,11 @@ async def get_file(
         )
     return Response(
         data,
-        media_type=_MIME_TYPES.get(Path(name).suffix.lstrip("."), "application/octet-stream"),
+        media_type=_media_type(name),
         headers={"Cache-Control": f"private, max-age={int(state.settings.retention_seconds)}"},
     )
+
+
+def _media_type(name: str) -> str:
+    found = format_for_extension(Path(name).suffix)
+    return found.mime_type if found is not None else "application/octet-stream"

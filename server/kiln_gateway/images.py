@@ -7,9 +7,11 @@ reaches Kiln.
 
 from __future__ import annotations
 
+from kiln_client.image_formats import IMAGE_FORMATS
+
 __all__ = ["IMAGE_TYPES", "IMAGE_TYPES_TEXT", "sniff_image_type"]
 
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+IMAGE_TYPES = tuple(f.mime_type for f in IMAGE_FORMATS)
 """MIME types of the accepted input formats."""
 IMAGE_TYPES_TEXT = "PNG, JPEG or WebP"
 """The accepted formats as error messages name them."""

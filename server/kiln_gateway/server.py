@@ -12,6 +12,7 @@ import uvicorn
 from kiln_gateway.app import create_app
 from kiln_gateway.database import Database
 from kiln_gateway.settings import GatewaySettings
+from kiln_server.atomic_files import write_atomic
 
 __all__ = ["bind_socket", "build_server", "serve"]
 
@@ -78,5 +79,5 @@ async def serve(settings: GatewaySettings, *, port_file: Path | None = None) -> 
             extra={"port": port},
         )
         if port_file is not None:
-            port_file.write_text(f"{port}\n")
+            write_atomic(port_file, f"{port}\n")
     await task

@@ -36,6 +36,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
+from kiln_client.image_formats import IMAGE_FORMATS
 from kiln_gateway.auth import caller_owner, require_token
 from kiln_gateway.errors import ApiError, InvalidField, ProblemDetail, input_invalid, shorten
 from kiln_gateway.forms import BodyTooLarge, FormError, parse_form, read_body
@@ -351,7 +352,7 @@ async def get_file(file_id: str, request: Request, state: StateDep, owner: Owner
     "/files/{file_id}/download",
     response_class=FileResponse,
     responses={
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        200: {"content": {f.mime_type: {} for f in IMAGE_FORMATS}},
         **_errors,
     },
 )

@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_server import admin_service
+from kiln_server.atomic_files import write_atomic
 from kiln_server.auth import AuthInterceptor, NoAdminInterceptor, TlsFiles
 from kiln_server.core.client import EngineCoreClient
 from kiln_server.image_inputs import ImageInputLimits
@@ -292,7 +293,7 @@ async def run_server(
         loop.add_signal_handler(signum, stop.set)
     port = await server.start()
     if port_file is not None:
-        port_file.write_text(str(port))
+        write_atomic(port_file, str(port))
     loader = asyncio.create_task(server.load())
     stopper = asyncio.create_task(stop.wait())
     lost = asyncio.create_task(server.core_lost.wait())

@@ -32,6 +32,7 @@ from kiln_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from kiln_client.image_formats import format_for_extension, format_named
 from kiln_client.image_input import MAX_IMAGE_BYTES, ImageInputError
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 from kiln_client.requests import build_request, strength_value
@@ -57,8 +58,6 @@ EXIT_INVALID = 2
 SERVER_ENV = "KILN_SERVER"
 
 # Extension (lower case, with dot) → --format value it implies.
-_FORMAT_BY_EXTENSION = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
-_EXTENSION_BY_FORMAT = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
 # GenerateRequest field → the flag that sets it, to point users at what to change.
 _FLAG_BY_FIELD = {
@@ -418,7 +417,8 @@ def choose_format(format_flag: str | None, out: str | None) -> str:
     """
     implied = None
     if out is not None and not _is_directory_target(out):
-        implied = _FORMAT_BY_EXTENSION.get(Path(out).suffix.lower())
+        found = format_for_extension(Path(out).suffix) if Path(out).suffix else None
+        implied = found.name if found is not None else None
     if format_flag is None:
         return implied or "png"
     if implied is not None and implied != format_flag:
@@ -440,13 +440,14 @@ def output_path(out: str | None, image: GeneratedImage, format_name: str = "png"
     `<stem>-<index><ext>` for the others; `<ext>` is --out's image extension if it has one,
     else the extension of `format_name`.
     """
-    fallback = _EXTENSION_BY_FORMAT.get(format_name, ".png")
+    named = format_named(format_name)
+    fallback = named.extension if named is not None else ".png"
     extension = extension_for_mime_type(image.mime_type, fallback)
     if out is None or _is_directory_target(out):
         directory = Path(out) if out is not None else Path()
         return directory / f"kiln-{image.seed}{extension}"
     base = Path(out)
-    if base.suffix.lower() in _FORMAT_BY_EXTENSION:
+    if base.suffix and format_for_extension(base.suffix) is not None:
         extension = base.suffix
         base = base.with_suffix("")
     name = base.name if image.index == 0 else f"{base.name}-{image.index}"

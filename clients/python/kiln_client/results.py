@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from kiln_client.errors import KilnError
+from kiln_client.image_formats import format_for_mime_type
 from kiln_client.proto.kiln.v1 import generation_service_pb2 as pb
 
 if TYPE_CHECKING:  # Pillow is an optional extra
@@ -28,13 +29,6 @@ __all__ = [
     "Timings",
     "extension_for_mime_type",
 ]
-
-_EXTENSIONS = {
-    "image/png": ".png",
-    "image/jpeg": ".jpg",
-    "image/jpg": ".jpg",
-    "image/webp": ".webp",
-}
 
 
 def _float32_decimal(value: float) -> float:
@@ -49,7 +43,8 @@ def _float32_decimal(value: float) -> float:
 
 def extension_for_mime_type(mime_type: str, default: str = ".bin") -> str:
     """The usual file extension (with its dot) for an image MIME type, `default` if unknown."""
-    return _EXTENSIONS.get(mime_type.split(";")[0].strip().lower(), default)
+    found = format_for_mime_type(mime_type)
+    return found.extension if found is not None else default
 
 
 @dataclass(frozen=True)
