@@ -26,12 +26,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kiln_server.engines.buffers import ROWS_PER_IMAGE
 from kiln_server.engines.components import ComponentSpec, ShapeRange, ShapeRequest
 from kiln_server.engines.flux_components import FluxComponentSpec
+from kiln_server.pipeline.families import most_rows_per_image
 
-# UNet rows per image: classifier-free guidance runs the prompt and the negative prompt.
-UNET_ROWS_PER_IMAGE = ROWS_PER_IMAGE["unet"]
 # The components that denoise: SDXL's UNet, FLUX's transformer.
 DENOISERS = ("unet", "transformer")
 # Rows one text-encoder call gets at most: a request's prompt and its negative prompt,
@@ -157,11 +155,11 @@ def rows_per_image(spec: ComponentSpec) -> int:
     """Denoiser rows one image takes: two under classifier-free guidance (SDXL's UNet, and
     a FLUX transformer without a guidance embedding, which serves guidance as true CFG),
     one for a FLUX transformer with distilled guidance; 1 for every other component."""
-    if spec.name == "unet":
-        return UNET_ROWS_PER_IMAGE
-    if isinstance(spec, FluxComponentSpec) and spec.name == "transformer":
-        return 1 if spec.flux.guidance_embeds else UNET_ROWS_PER_IMAGE
-    return 1
+    if spec.name not in DENOISERS:
+        return 1
+    if isinstance(spec, FluxComponentSpec):
+        return most_rows_per_image("flux", distilled_guidance=spec.flux.guidance_embeds)
+    return most_rows_per_image("sdxl", distilled_guidance=False)
 
 
 def max_rows(spec: ComponentSpec, plan: ProfilePlan) -> int:

@@ -29,7 +29,7 @@ from kiln_server.lora import policy as lora_policy
 from kiln_server.lora.errors import LoraNotFound
 from kiln_server.lora.folders import LORA_SUFFIX, LoraFolders
 from kiln_server.models.registry import ModelRegistry, ModelSpec
-from kiln_server.pipeline.families import scheduler_names_for
+from kiln_server.pipeline.families import rows_per_image, scheduler_names_for
 from kiln_server.pipeline.params import GenerationParams, LoraUse, PreviewParams
 from kiln_server.user_text import quoted, shorten
 
@@ -198,10 +198,12 @@ class ServedLimits:
         """Denoiser rows one image takes per step: two under classifier-free guidance
         (SDXL above guidance 1; a FLUX model without distilled guidance only with a
         negative prompt, as true CFG), else one."""
-        if self.family == "flux":
-            cfg = not self.distilled_guidance and negative_prompt and guidance_scale > 1.0
-            return 2 if cfg else 1
-        return 2 if guidance_scale > 1.0 else 1
+        return rows_per_image(
+            self.family,
+            distilled_guidance=self.distilled_guidance,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+        )
 
     def outputs_for(self, guidance_scale: float, negative_prompt: bool = False) -> int:
         """Most outputs one request may ask for at `guidance_scale`: the model's maximum,

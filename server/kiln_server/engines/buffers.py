@@ -24,10 +24,6 @@ ProfileShapes = Mapping[str, tuple[Shape, Shape, Shape]]
 
 T = TypeVar("T")
 
-# Rows per generated image each component sees at default settings: classifier-free
-# guidance doubles the UNet batch, and prompt and negative prompt may be encoded together.
-ROWS_PER_IMAGE = {"text_encoder": 2, "text_encoder_2": 2, "unet": 2}
-
 
 @dataclass(frozen=True)
 class BufferSpec:

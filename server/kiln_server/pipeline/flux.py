@@ -31,6 +31,7 @@ from kiln_server.engines.flux_components import PACK
 from kiln_server.engines.flux_engines import FluxEngineSet, flux_declared_limits
 from kiln_server.engines.limits import PREVIEW_LATENT_RGB
 from kiln_server.models.flux_loader import FluxModelFiles
+from kiln_server.pipeline.families import rows_per_image
 from kiln_server.pipeline.flux_previews import flux_previewer
 from kiln_server.pipeline.flux_prompts import (
     FluxPromptEmbedding,
@@ -145,15 +146,20 @@ class FluxPipeline:
     def true_cfg(self, params: GenerationParams) -> bool:
         """Whether `params` runs true classifier-free guidance (two rows per image): on a
         schnell-style model, with a negative prompt and guidance_scale above 1."""
-        return (
-            not self.dims.guidance_embeds
-            and params.negative_prompt is not None
-            and params.guidance_scale > 1.0
+        return self.rows_per_image(params) > 1
+
+    def rows_per_image(self, params: GenerationParams) -> int:
+        """Transformer rows one image of `params` takes (pipeline.families counts them)."""
+        return rows_per_image(
+            "flux",
+            distilled_guidance=self.dims.guidance_embeds,
+            guidance_scale=params.guidance_scale,
+            negative_prompt=params.negative_prompt is not None,
         )
 
     def rows_for(self, params: GenerationParams) -> int:
         """Transformer rows a request adds to each step it shares."""
-        return params.num_outputs * (2 if self.true_cfg(params) else 1)
+        return params.num_outputs * self.rows_per_image(params)
 
     def check(self, params: GenerationParams) -> None:
         """ValueError naming the field and the fix when this pipeline cannot run `params`."""

@@ -30,6 +30,7 @@ import torch
 from kiln_server.engines.base import Engine, EngineSet
 from kiln_server.engines.limits import PREVIEW_LATENT_RGB, declared_limits
 from kiln_server.models.loader import SDXLModelFiles
+from kiln_server.pipeline.families import rows_per_image
 from kiln_server.pipeline.params import (
     GenerationParams,
     ImageConditioning,
@@ -139,8 +140,7 @@ class DenoiseState:
     @property
     def rows(self) -> int:
         """Rows this request adds to a UNet batch (doubled under guidance)."""
-        factor = 2 if self.params.do_classifier_free_guidance else 1
-        return self.params.num_outputs * factor
+        return self.params.num_outputs * _sdxl_rows_per_image(self.params)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class SDXLPipeline:
     def rows_for(self, params: GenerationParams) -> int:
         """UNet rows a request adds to each step it shares: two per image under
         classifier-free guidance, else one."""
-        return params.num_outputs * (2 if params.do_classifier_free_guidance else 1)
+        return params.num_outputs * _sdxl_rows_per_image(params)
 
     def prepare(self, params: GenerationParams) -> DenoiseState:
         """Encode prompts, seed latents and set up a scheduler for one request.
@@ -477,3 +477,12 @@ class SDXLPipeline:
             if self.loras is not None:
                 self.loras.assign([])
         return list(self.decode(state).cpu().numpy())
+
+
+def _sdxl_rows_per_image(params: GenerationParams) -> int:
+    return rows_per_image(
+        "sdxl",
+        distilled_guidance=False,
+        guidance_scale=params.guidance_scale,
+        negative_prompt=params.negative_prompt is not None,
+    )
