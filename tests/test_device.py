@@ -212,3 +212,28 @@ def test_device_settings_come_from_flags_env_and_config(tmp_path: Path) -> None:
     )
     with pytest.raises(SettingsError, match="unknown dtype 'half'"):
         load_settings({}, {"KILN_DTYPE": "half"})
+
+
+@pytest.mark.parametrize(
+    ("bf16", "requested", "family", "expected"),
+    [
+        (True, None, "flux", torch.bfloat16),  # FLUX overflows fp16: its own bf16
+        (False, None, "flux", torch.float32),  # no bf16 on the GPU: fp32, not fp16
+        (True, "fp16", "flux", torch.float16),  # asked for: kept (the server warns)
+        (True, None, "sdxl", torch.float16),  # SDXL keeps the GPU default
+    ],
+)
+def test_flux_on_a_gpu_defaults_to_bf16(
+    two_gpus: None,
+    monkeypatch: pytest.MonkeyPatch,
+    bf16: bool,
+    requested: str | None,
+    family: str,
+    expected: torch.dtype,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    placement = Placement.resolve("cuda:1", requested)
+    assert placement.dtype == torch.float16
+    assert placement.for_family(family).dtype == expected
+    # The CPU default (fp32) is every family's.
+    assert Placement.resolve("cpu", None).for_family(family).dtype == torch.float32

@@ -53,7 +53,8 @@ def register(subparsers: Any) -> None:
         "--dtype",
         choices=("fp16", "bf16", "fp32"),
         help="torch backend precision of the UNet and text encoders (default: fp16 on a GPU, "
-        "fp32 on the CPU); SDXL's VAE decodes in fp32 unless the model ships an fp16-safe VAE",
+        "bf16 for FLUX models, whose activations overflow fp16; fp32 on the CPU); SDXL's VAE "
+        "decodes in fp32 unless the model ships an fp16-safe VAE",
     )
     parser.add_argument(
         "--compile",

@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, overload
 
+import torch
+
 from kiln_server.engines.base import EngineSet
 from kiln_server.engines.components import ShapeRequest
 from kiln_server.engines.device import Placement, bind_thread
@@ -114,6 +116,14 @@ def load_model(
     started = time.perf_counter()
     pipeline: Pipeline
     if spec.family == "flux":
+        if placement is not None:
+            placement = placement.for_family("flux")
+            if placement.dtype == torch.float16 and placement.device.type == "cuda":
+                logger.warning(
+                    "FLUX in fp16 (--dtype fp16) can overflow to NaN, black images; "
+                    "bf16 is FLUX's own precision",
+                    extra={"model": spec.name},
+                )
         pipeline = load_flux_pipeline(spec, backend, engines_root, config, threads, placement)
         engines: Any = pipeline.engines
     else:
@@ -257,7 +267,6 @@ def engine_placement(settings: ServerSettings) -> tuple[Placement, int]:
     thread to the device, and set torch's intra-op threads; return the placement and the
     thread count (`settings.intra_op_threads`, 0 meaning `default_engine_threads()`).
     Raises EngineError when the device settings cannot run here."""
-    import torch
 
     placement = Placement.resolve(
         settings.device,

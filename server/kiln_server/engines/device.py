@@ -9,7 +9,7 @@ message naming the flag and the fix, before any model is loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -109,6 +109,8 @@ class Placement:
     dtype: torch.dtype
     compile: bool = False
     cuda_graphs: bool = False
+    # Whether `dtype` was asked for (--dtype), rather than the device's default.
+    dtype_requested: bool = False
 
     @classmethod
     def resolve(
@@ -126,7 +128,23 @@ class Placement:
                 "--cuda-graphs needs a GPU: CUDA graphs replay GPU work; drop the flag or "
                 "serve with --device cuda"
             )
-        return cls(resolved, resolve_dtype(dtype, resolved), compile, cuda_graphs)
+        dtype_requested = bool(dtype)
+        return cls(resolved, resolve_dtype(dtype, resolved), compile, cuda_graphs, dtype_requested)
+
+    def for_family(self, family: str) -> Placement:
+        """This placement for a model of `family`. FLUX on a GPU gets bf16 (fp32 where the
+        GPU lacks bf16) instead of the fp16 default: FLUX's activations overflow fp16's
+        range and give NaN (black) images, which is why FLUX.1 ships in bf16. A --dtype
+        asked for explicitly is kept."""
+        if (
+            family != "flux"
+            or self.dtype_requested
+            or self.device.type != "cuda"
+            or self.dtype != torch.float16
+        ):
+            return self
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return replace(self, dtype=dtype)
 
     def describe(self) -> str:
         """E.g. 'cuda:0 fp16, compiled, CUDA graphs' for logs and ListModels."""
