@@ -63,6 +63,11 @@ from kiln_server.validation import (
 from kiln_server.wire import MalformedRequest, add_lenient_service
 
 logger = logging.getLogger(__name__)
+# A client whose deadline passes cancels the call itself, and its deadline started before
+# the server's copy of it (sent as a timeout, counted from arrival), so the server sees the
+# cancellation slightly ahead of its own deadline: a cancellation this close to the deadline
+# is the deadline's.
+DEADLINE_SLACK_SECONDS = 0.5
 
 
 def status_details(code: int, message: str, *details: Any) -> grpc.Status:
@@ -310,7 +315,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         except (asyncio.CancelledError, GeneratorExit):
             remaining = context.time_remaining()
             ending.outcome = (
-                "deadline_exceeded" if remaining is not None and remaining <= 0 else "cancelled"
+                "deadline_exceeded"
+                if remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+                else "cancelled"
             )
             raise
         finally:
