@@ -395,7 +395,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[Phase], Build
         print("building the FLUX model's ONNX engines", flush=True)
         build = build_flux_engines(args, workdir / "engines")
         plan = [("flux alone", {"flux": args.clients})]
-        engines = ("--engines", str(workdir / "engines"))
+        # Asked for: on a GPU host the automatic choice for FLUX would be torch on CUDA.
+        engines = ("--backend", "onnxruntime", "--engines", str(workdir / "engines"))
         phases += run_server(workdir / "onnxruntime", args, "onnxruntime", plan, *engines)
     return phases, build
 

@@ -218,7 +218,7 @@ def test_device_settings_come_from_flags_env_and_config(tmp_path: Path) -> None:
     ("bf16", "requested", "family", "expected"),
     [
         (True, None, "flux", torch.bfloat16),  # FLUX overflows fp16: its own bf16
-        (False, None, "flux", torch.float32),  # no bf16 on the GPU: fp32, not fp16
+        (False, None, "flux", torch.float32),  # bf16 only emulated (pre-Ampere): fp32
         (True, "fp16", "flux", torch.float16),  # asked for: kept (the server warns)
         (True, None, "sdxl", torch.float16),  # SDXL keeps the GPU default
     ],
@@ -231,7 +231,8 @@ def test_flux_on_a_gpu_defaults_to_bf16(
     family: str,
     expected: torch.dtype,
 ) -> None:
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    capability = (8, 0) if bf16 else (7, 5)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     placement = Placement.resolve("cuda:1", requested)
     assert placement.dtype == torch.float16
     assert placement.for_family(family).dtype == expected

@@ -230,7 +230,7 @@ def test_build_engines_passes_model_limits_and_flags_to_the_build(
 ) -> None:
     import kiln_build.build
     from kiln_build.build import BuildOptions, BuildSummary
-    from kiln_build.profiles import ModelLimits, ProfileFlags
+    from kiln_build.profiles import ProfileFlags
     from kiln_client.cli import main
 
     seen: list[BuildOptions] = []
@@ -249,7 +249,9 @@ def test_build_engines_passes_model_limits_and_flags_to_the_build(
     out = str(tmp_path / "engines")
     common = ["build-engines", "--config", str(config), "--out", out, "--quiet"]
     assert main(common) == 0
-    assert seen[-1].limits == ModelLimits(min_size=48, max_size=400, max_num_outputs=3)
+    limits = seen[-1].limits
+    assert limits is not None
+    assert (limits.min_size, limits.max_size, limits.max_num_outputs) == (48, 400, 3)
     assert (seen[-1].refittable, seen[-1].numerics_check) == (False, True)
     assert seen[-1].flags == ProfileFlags()
     flags = ["--vae-batch", "2", "--refittable", "--skip-numerics-check", "--max-size", "256"]

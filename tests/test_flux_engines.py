@@ -206,10 +206,29 @@ def test_one_server_serves_flux_on_onnxruntime_beside_torch(onnx_server: Any) ->
 # ------------------------------------------------------------------ TensorRT, without TensorRT
 
 
-def _plan(dims: FluxDims, **flags: Any) -> Any:
-    return resolve_plan(
-        ProfileFlags(**flags), ShapeRequest(1, 1024, 1024), ModelLimits(256, 2048, 4), 16
-    )
+def _plan(dims: FluxDims, limits: ModelLimits | None = None, **flags: Any) -> Any:
+    limits = limits or ModelLimits(256, 2048, 4)
+    return resolve_plan(ProfileFlags(**flags), ShapeRequest(1, 1024, 1024), limits, 16)
+
+
+@pytest.mark.parametrize(
+    ("dims", "guidance", "negative", "rows"),
+    [
+        (SCHNELL, 1.0, False, 1),
+        (SCHNELL, 3.0, True, 2),
+        (SCHNELL, 3.0, False, 1),
+        (DEV, 3.5, False, 1),
+    ],
+)
+def test_the_static_transformer_profile_fits_the_default_request(
+    dims: FluxDims, guidance: float, negative: bool, rows: int
+) -> None:
+    """CUDA graphs replay only the static profile: it holds the rows of the model's default
+    request (true CFG with a default negative prompt: 2)."""
+    spec = flux_component_specs(dims)["transformer"]
+    plan = _plan(dims, ModelLimits(256, 2048, 4, guidance, negative))
+    static = component_profiles(spec, plan)[0]
+    assert static.opt == ShapeRequest(rows, 1024, 1024)
 
 
 def test_flux_engines_build_in_bf16() -> None:
@@ -235,8 +254,9 @@ def test_a_bf16_build_sets_the_bf16_flag(tmp_path: Path) -> None:
 def test_transformer_profiles_cover_tokens_and_rows(dims: FluxDims, rows_per_image: int) -> None:
     spec = flux_component_specs(dims)["transformer"]
     static, dynamic = profile_shapes(spec, component_profiles(spec, _plan(dims)))
-    # The static profile: one image at 1024x1024 = 64 x 64 tokens.
-    assert static["hidden_states"] == ((rows_per_image, 4096, 64),) * 3
+    # The static profile: one image at 1024x1024 = 64 x 64 tokens, at the default request's
+    # rows (here guidance 7.5 without a negative prompt: one row either way).
+    assert static["hidden_states"] == ((1, 4096, 64),) * 3
     assert static["img_ids"] == ((4096, 3),) * 3
     assert static["txt_ids"] == ((512, 3),) * 3
     # Dynamic: 1 row at 256x256 (256 tokens) to 4 images at 1024x1024; a distilled model
@@ -321,9 +341,10 @@ def test_flux_tensorrt_build_records_bf16_engines(
     assert build is not None and set(build.components) == set(names)
     assert {c.precision for c in build.components.values()} == {"bf16"}
     # The tiny schnell-style model: 64x64 default, sizes from its 32-pixel minimum; no
-    # guidance embedding, so 2 rows per image (8 images, the default max_num_outputs).
+    # guidance embedding, so up to 2 rows per image (8 images, the default
+    # max_num_outputs), and its default request (guidance 1) takes one.
     transformer = build.components["transformer"].profiles
-    assert transformer[0].opt == ShapeRequest(2, 64, 64)
+    assert transformer[0].opt == ShapeRequest(1, 64, 64)
     assert transformer[1].min == ShapeRequest(1, 32, 32)
     assert transformer[1].max == ShapeRequest(16, 64, 64)
 
@@ -368,3 +389,21 @@ def test_a_tensorrt_transformer_runs_any_size_of_its_token_range() -> None:
     assert len(engine._buffers._entries) == 1
     with pytest.raises(EngineError, match="no profile for batch 1 of 36 image tokens"):
         engine.infer(sample_inputs(spec, ShapeRequest(1, 96, 96), seed=2))
+
+
+def test_a_flux_tensorrt_build_on_a_gpu_without_bf16_names_the_alternatives(
+    tmp_path: Path, kiln_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kiln_server.engines.machine
+    from kiln_build.build import BuildOptions, run_build
+    from kiln_server.engines.manifest import MachineInfo
+    from kiln_server.models.tiny_flux import ensure_tiny_flux
+
+    t4 = MachineInfo("Tesla T4", "7.5", "10.3.0.26", "12.4")
+    machine = kiln_server.engines.machine
+    monkeypatch.setattr(machine, "require_tensorrt", lambda purpose: FakeTensorRT())
+    monkeypatch.setattr(machine, "probe_machine", lambda *args, **kwargs: t4)
+    folder = ensure_tiny_flux(kiln_cache_dir / "models", guidance=True)
+    with pytest.raises(EngineError, match=r"needs compute capability 8\.0 or newer; Tesla T4"):
+        run_build(BuildOptions(folder, tmp_path / "f", "tensorrt", "f", progress=False))
+    assert not (tmp_path / "f").exists()  # refused before anything was written

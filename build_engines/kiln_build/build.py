@@ -30,7 +30,7 @@ from kiln_build.profiles import (
     component_profiles,
     resolve_plan,
 )
-from kiln_build.targets import BuildTarget
+from kiln_build.targets import BuildTarget, read_target
 from kiln_server.engines.base import EngineError
 from kiln_server.engines.components import ComponentSpec
 from kiln_server.engines.manifest import (
@@ -49,6 +49,7 @@ from kiln_server.engines.manifest import (
     tensor_entries,
     write_manifest,
 )
+from kiln_server.models.family import FLUX
 
 T = TypeVar("T")
 
@@ -161,7 +162,6 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     elif options.fmt != "onnx":
         raise EngineError(f"--format {options.fmt!r}: choose onnx or tensorrt")
 
-    from kiln_build.targets import read_target
     from kiln_server.models.loader import model_content_hash
 
     target = read_target(
@@ -172,6 +172,8 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
         default_size=options.default_size,
     )
     specs, default = target.specs, target.default
+    if machine is not None and target.family == FLUX:
+        require_bf16(machine)
     plan: ProfilePlan | None = None
     if trt is not None:
         limits = options.limits or _folder_limits(options)
@@ -213,12 +215,24 @@ def run_build(options: BuildOptions, say: Callable[[str], None] | None = None) -
     return summary
 
 
+def require_bf16(machine: MachineInfo) -> None:
+    """EngineError unless `machine`'s GPU runs bf16 natively (compute capability 8.0 and
+    up): FLUX engines build in bf16, and older GPUs have no bf16 kernels for TensorRT."""
+    major = int(machine.compute_capability.split(".")[0])
+    if major < 8:
+        raise EngineError(
+            f"FLUX engines build in bf16 (fp16 overflows in FLUX), which needs compute "
+            f"capability 8.0 or newer; {machine.gpu_name} has {machine.compute_capability}: "
+            "serve FLUX models on this GPU with --backend torch (fp32) or onnxruntime"
+        )
+
+
 def _folder_limits(options: BuildOptions) -> ModelLimits:
     """The model's request limits as `kiln serve` would read them from its folder alone."""
     from kiln_server.models.registry import make_spec
 
     spec = make_spec(options.model_name or options.model_path.name, options.model_path, {})
-    return ModelLimits(spec.min_size, spec.max_size, spec.max_num_outputs)
+    return ModelLimits.of(spec)
 
 
 def _onnx_stages(
@@ -234,7 +248,7 @@ def _onnx_stages(
 
     specs, default = target.specs, target.default
     torch_modules = target.modules()
-    names = list(specs)  # COMPONENT_NAMES order, the optional ones only when present
+    names = list(specs)  # the family's component order, optional ones only when present
     out_dir = options.out_dir
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:

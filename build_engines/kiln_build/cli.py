@@ -82,7 +82,7 @@ def resolve_model(name: str | None, path: Path | None, config: Path | None) -> R
             spec.name,
             spec.path,
             (spec.default_height, spec.default_width),
-            ModelLimits(spec.min_size, spec.max_size, spec.max_num_outputs),
+            ModelLimits.of(spec),
             spec.preview_decoder,
             spec.checkpoint,
         )

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kiln_server.engines.components import ComponentSpec, ShapeRange, ShapeRequest
 from kiln_server.engines.flux_components import FluxComponentSpec
-from kiln_server.pipeline.families import most_rows_per_image
+from kiln_server.pipeline.families import most_rows_per_image, rows_per_image
 
 # The components that denoise: SDXL's UNet, FLUX's transformer.
 DENOISERS = ("unet", "transformer")
@@ -45,11 +46,25 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """The request limits of the model the engines serve (from its registry entry)."""
+    """The request limits of the model the engines serve (from its registry entry), and
+    the guidance its default request runs (which fixes the static profile's rows)."""
 
     min_size: int = 256
     max_size: int = 2048
     max_num_outputs: int = 8
+    default_guidance_scale: float = 7.5
+    default_negative_prompt: bool = False
+
+    @classmethod
+    def of(cls, spec: Any) -> ModelLimits:
+        """The limits of a registry ModelSpec."""
+        return cls(
+            spec.min_size,
+            spec.max_size,
+            spec.max_num_outputs,
+            spec.default_guidance_scale,
+            spec.default_negative_prompt is not None,
+        )
 
 
 @dataclass(frozen=True)
@@ -79,9 +94,10 @@ class ProfileFlags:
 class ProfilePlan:
     """The resolved ranges every component's profiles are built from.
 
-    `default` is one image at the model's default size; `images` the most images one UNet
-    call takes; `vae_images` the most one VAE call takes; `min_size`..`max_size` the image
-    sides, multiples of `size_multiple`.
+    `default` is one image at the model's default size; `images` the most images one
+    denoiser call takes; `vae_images` the most one VAE call takes; `min_size`..`max_size`
+    the image sides, multiples of `size_multiple`; `limits` the model's, whose default
+    guidance decides the denoiser rows of the static profile.
     """
 
     default: ShapeRequest
@@ -90,6 +106,7 @@ class ProfilePlan:
     min_size: int
     max_size: int
     size_multiple: int
+    limits: ModelLimits = ModelLimits()
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -103,7 +120,7 @@ def resolve_plan(
 
     Sizes default to the model's min_size (rounded up to `size_multiple`) up to its
     default size: every request the model's defaults allow, and smaller ones; larger sizes
-    need `--max-size`. UNet images default to its max_num_outputs, VAE images to
+    need `--max-size`. Denoiser images default to its max_num_outputs, VAE images to
     DEFAULT_VAE_BATCH.
     Raises ProfileError naming the flag when a value is unusable: batch sizes not positive,
     sizes not positive multiples of `size_multiple`, a range that excludes the default size,
@@ -122,7 +139,7 @@ def resolve_plan(
         if side % size_multiple:
             raise ProfileError(
                 f"the model's default size {default.width}x{default.height} is not a multiple "
-                f"of {size_multiple}, which its exported UNet graph needs; set default_width "
+                f"of {size_multiple}, which its exported graphs need; set default_width "
                 "and default_height to multiples of it"
             )
     low = min(default.height, default.width)
@@ -148,24 +165,32 @@ def resolve_plan(
         min_size=min_size,
         max_size=max_size,
         size_multiple=size_multiple,
+        limits=limits,
     )
 
 
-def rows_per_image(spec: ComponentSpec) -> int:
-    """Denoiser rows one image takes: two under classifier-free guidance (SDXL's UNet, and
-    a FLUX transformer without a guidance embedding, which serves guidance as true CFG),
-    one for a FLUX transformer with distilled guidance; 1 for every other component."""
+def image_rows(spec: ComponentSpec, plan: ProfilePlan) -> tuple[int, int]:
+    """(default, most) rows one image takes in a call of `spec`'s component: for a denoiser
+    the rows of the model's default request and the most any request takes
+    (pipeline.families counts them), 1 and 1 for every other component."""
     if spec.name not in DENOISERS:
-        return 1
+        return 1, 1
+    family, distilled = ("sdxl", False)
     if isinstance(spec, FluxComponentSpec):
-        return most_rows_per_image("flux", distilled_guidance=spec.flux.guidance_embeds)
-    return most_rows_per_image("sdxl", distilled_guidance=False)
+        family, distilled = "flux", spec.flux.guidance_embeds
+    default = rows_per_image(
+        family,
+        distilled_guidance=distilled,
+        guidance_scale=plan.limits.default_guidance_scale,
+        negative_prompt=plan.limits.default_negative_prompt,
+    )
+    return default, most_rows_per_image(family, distilled_guidance=distilled)
 
 
 def max_rows(spec: ComponentSpec, plan: ProfilePlan) -> int:
     """The most rows one call of `spec`'s component takes under `plan`."""
     if spec.name in DENOISERS:
-        return plan.images * rows_per_image(spec)
+        return plan.images * image_rows(spec, plan)[1]
     if spec.name.startswith("text_encoder"):
         return TEXT_ROWS_PER_REQUEST
     return plan.vae_images
@@ -174,17 +199,17 @@ def max_rows(spec: ComponentSpec, plan: ProfilePlan) -> int:
 def component_profiles(spec: ComponentSpec, plan: ProfilePlan) -> list[ShapeRange]:
     """The profiles to build for `spec`: static default first, then the dynamic range.
 
-    The static profile is one image at the default size (its denoiser rows: 2 under
-    guidance; 1 VAE image); the dynamic one spans 1 row to `max_rows` and min_size to
-    max_size on both sides, with the static shape as its optimum. Text encoders get one
-    profile of 1 to TEXT_ROWS_PER_REQUEST rows.
+    The static profile is one image at the default size, with the denoiser rows the
+    model's default request takes (2 under guidance; 1 VAE image); the dynamic one spans 1
+    row to `max_rows` and min_size to max_size on both sides, with the static shape as its
+    optimum. Text encoders get one profile of 1 to TEXT_ROWS_PER_REQUEST rows.
     """
     default = plan.default
     top = max_rows(spec, plan)
     if not spec.image_sized:
         opt = ShapeRequest(top, default.height, default.width)
         return [ShapeRange(min=ShapeRequest(1, default.height, default.width), opt=opt, max=opt)]
-    opt = ShapeRequest(min(rows_per_image(spec), top), default.height, default.width)
+    opt = ShapeRequest(min(image_rows(spec, plan)[0], top), default.height, default.width)
     static = ShapeRange(min=opt, opt=opt, max=opt)
     dynamic = ShapeRange(
         min=ShapeRequest(1, plan.min_size, plan.min_size),

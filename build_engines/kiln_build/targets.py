@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
     from kiln_server.engines.manifest import LoraRecord
 
 
-def _no_context(_component: str) -> AbstractContextManager[None]:
+def _no_context(_component: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
@@ -53,7 +52,9 @@ class BuildTarget:
     default: ShapeRequest
     size_multiple: int
     modules: Callable[[], dict[str, nn.Module]]
-    trace_context: Callable[[str], AbstractContextManager[None]] = field(default=_no_context)
+    trace_context: Callable[[str], contextlib.AbstractContextManager[None]] = field(
+        default=_no_context
+    )
 
 
 def read_target(

@@ -11,8 +11,9 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-# Output format name to MIME type. The server imports only the client's stubs, so clients
-# and the gateway read kiln_client.image_formats; tests/test_image_formats.py keeps the two equal.
+# Output format name to MIME type. The server's imports of the client are held to its stubs
+# (tests/test_client_package.py), so clients and the gateway read kiln_client.image_formats
+# and tests/test_image_formats.py keeps the two tables equal.
 MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PARAMETERS_KEY = "parameters"
 

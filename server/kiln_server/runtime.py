@@ -118,12 +118,6 @@ def load_model(
     if spec.family == "flux":
         if placement is not None:
             placement = placement.for_family("flux")
-            if placement.dtype == torch.float16 and placement.device.type == "cuda":
-                logger.warning(
-                    "FLUX in fp16 (--dtype fp16) can overflow to NaN, black images; "
-                    "bf16 is FLUX's own precision",
-                    extra={"model": spec.name},
-                )
         pipeline = load_flux_pipeline(spec, backend, engines_root, config, threads, placement)
         engines: Any = pipeline.engines
     else:
@@ -206,8 +200,9 @@ def warm_up(model: LoadedModel, unet_rows: Sequence[int] = ()) -> float:
         request = ShapeRequest(rows, spec.default_height, spec.default_width)
         inputs = sample_inputs(engine.spec, request)
         engine.infer({name: value.to(pipeline.device) for name, value in inputs.items()})
-    if isinstance(engines, EngineSet) and isinstance(engines.unet, TorchEngine):
-        engines.unet.seal()
+    if isinstance(denoiser, TorchEngine):
+        # No new CUDA graph captures while serving: they would stall the running batch.
+        denoiser.seal()
     seconds = time.perf_counter() - started
     logger.info("model warmed up", extra={"model": spec.name, "seconds": round(seconds, 3)})
     return seconds

@@ -50,7 +50,7 @@ class ServerSettings:
     backend: str | None = None  # None picks the fastest available
     engines: Path | None = None
     device: str | None = None  # None: cuda when torch sees a GPU, else cpu
-    dtype: str | None = None  # None: fp16 on a GPU, fp32 on the CPU
+    dtype: str | None = None  # None: fp16 on a GPU (FLUX: bf16), fp32 on the CPU
     compile: bool = False
     cuda_graphs: bool = False
     cache_dir: Path = field(default_factory=default_cache_dir)

@@ -592,7 +592,7 @@ def validate_request(
             FieldViolation(
                 "guidance_scale",
                 f"must be at most 1 for this model's engines: they run "
-                f"{limits.max_unet_rows} UNet row per call, and guidance above 1 needs two "
+                f"{limits.max_unet_rows} denoiser row per call, and guidance above 1 needs two "
                 f"per image; got {guidance:g}",
             )
         )

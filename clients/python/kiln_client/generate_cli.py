@@ -57,8 +57,6 @@ EXIT_INVALID = 2
 
 SERVER_ENV = "KILN_SERVER"
 
-# Extension (lower case, with dot) → --format value it implies.
-
 # GenerateRequest field → the flag that sets it, to point users at what to change.
 _FLAG_BY_FIELD = {
     "prompt": "PROMPT",

@@ -2,9 +2,10 @@
 
 `kiln serve --device` and `--dtype` (also KILN_DEVICE, KILN_DTYPE and the config file)
 name them; unset, the device is the first CUDA GPU torch sees, else the CPU, and the
-precision is fp16 on a GPU (what SDXL's weights are published in) and fp32 on the CPU
-(where fp16 kernels are slow or missing). Everything that cannot run here fails with a
-message naming the flag and the fix, before any model is loaded.
+precision is fp16 on a GPU (what SDXL's weights are published in; FLUX models get bf16,
+see `Placement.for_family`) and fp32 on the CPU (where fp16 kernels are slow or
+missing). Everything that cannot run here fails with a message naming the flag and the
+fix, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ class Placement:
             or self.dtype != torch.float16
         ):
             return self
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-        return replace(self, dtype=dtype)
+        # Native bf16 needs compute capability 8 (Ampere); older GPUs only emulate it, slowly.
+        native = torch.cuda.get_device_capability(self.device)[0] >= 8
+        return replace(self, dtype=torch.bfloat16 if native else torch.float32)
 
     def describe(self) -> str:
         """E.g. 'cuda:0 fp16, compiled, CUDA graphs' for logs and ListModels."""

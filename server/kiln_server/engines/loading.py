@@ -1,9 +1,10 @@
 """Choosing a backend and loading a model's engines on it, once, at start-up.
 
 `choose_backend` picks the fastest backend the device and the engines directory allow.
-`load_engine_set` checks the engines directory's manifest against the served model and
-this machine before it loads anything, then loads every engine once (the server's warm-up
-generation then pays the first-call costs before it reports SERVING).
+`load_engine_set` (SDXL) and `load_flux_engine_set` (FLUX) check the engines directory's
+manifest against the served model and this machine before they load anything, then load
+every engine once (the server's warm-up generation then pays the first-call costs before
+it reports SERVING).
 """
 
 from __future__ import annotations
@@ -340,8 +341,8 @@ def load_flux_engine_set(
     """`load_engine_set` for a FLUX model: every engine of the model in `files` on
     `backend`, once, after the same manifest checks (onnxruntime and tensorrt; the
     rebuild command in their errors is `kiln build-engines` for this model). torch loads
-    the diffusers modules in `placement`'s dtype (its VAE in fp32 when the VAE config
-    asks, as FLUX.1's does). The VAE encoder is loaded when the engines have it."""
+    the diffusers modules in `placement`'s dtype (under fp16 the VAE stays fp32 when its
+    config asks, as FLUX.1's does). The VAE encoder is loaded when the engines have it."""
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     from kiln_server.engines.flux_components import flux_component_specs
@@ -352,6 +353,11 @@ def load_flux_engine_set(
         from kiln_server.engines.flux_torch import load_flux_torch_engines
         from kiln_server.models.flux_loader import load_flux_modules
 
+        if placement.dtype == torch.float16 and placement.device.type == "cuda":
+            log.warning(
+                "FLUX in fp16 (--dtype fp16) can overflow to NaN, black images; bf16 is "
+                "FLUX's own precision (the default for FLUX models on a GPU)"
+            )
         modules = load_flux_modules(files.path, dtype=placement.dtype)
         return load_flux_torch_engines(
             modules, files.dims, placement, vae_upcast=files.vae_force_upcast

@@ -172,16 +172,15 @@ def _family_defaults(name: str, path: Path, checkpoint: Any) -> dict[str, Any]:
     if checkpoint is not None or not (path / "model_index.json").is_file():
         return {}
     from kiln_server.models.family import model_family
-    from kiln_server.models.loader import ModelFolderError, read_json
+    from kiln_server.models.loader import ModelFolderError
 
     try:
         family = model_family(path)
-        if family != "flux":
-            return {"family": family}
-        transformer = read_json(path / "transformer" / "config.json")
     except ModelFolderError as exc:
         raise RegistryError(f"model {name!r}: {exc}") from exc
-    distilled = bool(transformer.get("guidance_embeds", False))
+    if family != "flux":
+        return {"family": family}
+    distilled = _flux_distilled(name, path)
     return {
         "family": "flux",
         "default_scheduler": "FLOW_MATCH_EULER",
@@ -190,6 +189,18 @@ def _family_defaults(name: str, path: Path, checkpoint: Any) -> dict[str, Any]:
         "max_num_inference_steps": 50,
         "max_guidance_scale": 10.0,
     }
+
+
+def _flux_distilled(name: str, path: Path) -> bool:
+    """Whether the FLUX model in `path` embeds distilled guidance (dev-style); RegistryError
+    naming the model when its transformer config cannot be read."""
+    from kiln_server.models.loader import ModelFolderError, read_json
+
+    try:
+        transformer = read_json(path / "transformer" / "config.json")
+    except ModelFolderError as exc:
+        raise RegistryError(f"model {name!r}: {exc}") from exc
+    return bool(transformer.get("guidance_embeds", False))
 
 
 def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
@@ -213,14 +224,12 @@ def make_spec(name: str, path: Path, overrides: dict[str, Any]) -> ModelSpec:
     for size_field in ("default_width", "default_height", "min_size", "max_size"):
         if getattr(spec, size_field) % 8:
             raise RegistryError(f"model {name!r}: {size_field} must be a multiple of 8")
-    if spec.family == "flux" and spec.default_negative_prompt is not None:
-        from kiln_server.models.loader import read_json
-
-        if read_json(path / "transformer" / "config.json").get("guidance_embeds"):
-            raise RegistryError(
-                f"model {name!r}: default_negative_prompt is set, but the model embeds "
-                "distilled guidance and takes no negative prompt; remove the setting"
-            )
+    negative = spec.default_negative_prompt
+    if negative is not None and spec.family == "flux" and _flux_distilled(name, path):
+        raise RegistryError(
+            f"model {name!r}: default_negative_prompt is set, but the model embeds "
+            "distilled guidance and takes no negative prompt; remove the setting"
+        )
     return spec
 
 

@@ -1,6 +1,6 @@
 """What differs between the model families a request may name: their scheduler tables,
-and how many denoiser rows an image takes (the one place that counts them: validation,
-the batcher's row budget and the TensorRT profiles all ask here)."""
+and how many denoiser rows an image takes (validation, both pipelines' batch rows and
+the TensorRT profiles ask `rows_per_image`)."""
 
 from __future__ import annotations
 
