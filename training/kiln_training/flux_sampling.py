@@ -37,10 +37,7 @@ class FluxSampler:
 
         self.folder = Path(folder)
         files = read_flux_model_files(self.folder)
-        self.defaults: dict[str, Any] = {
-            "default_scheduler": FLUX_DEFAULT_SCHEDULER,
-            **files.kiln_config,
-        }
+        self.defaults = flux_defaults(files)
         self.backend = "torch" if engines_dir is None else "onnxruntime"
         engines = load_flux_engine_set(self.backend, files, engines_dir)
         self.pipeline = FluxPipeline(files, engines)
@@ -79,10 +76,7 @@ class FluxDiffusersSampler:
         from kiln_server.pipeline.flux_reference import FluxDiffusersReference
 
         files = read_flux_model_files(Path(folder))
-        self.defaults: dict[str, Any] = {
-            "default_scheduler": FLUX_DEFAULT_SCHEDULER,
-            **files.kiln_config,
-        }
+        self.defaults = flux_defaults(files)
         self.reference = FluxDiffusersReference(Path(folder), files.max_sequence_length)
 
     def generate(
@@ -99,6 +93,11 @@ class FluxDiffusersSampler:
         settings = RequestSettings(self.defaults, steps, guidance_scale, scheduler, size)
         requests = flux_requests(self.defaults, prompts, seeds, settings)
         return [self.reference.generate(params)[0] for params in requests]
+
+
+def flux_defaults(files: Any) -> dict[str, Any]:
+    """A FLUX folder's request defaults: its kiln.json over the family's scheduler."""
+    return {"default_scheduler": FLUX_DEFAULT_SCHEDULER, **files.kiln_config}
 
 
 def flux_requests(
